@@ -1,0 +1,178 @@
+"""Episodes on disk in the Memory Maze offline-dataset layout, checked reading, and a clip loader.
+
+One compressed NPZ per episode of T steps, every per-step array with T+1 rows (row 0 is the
+reset frame):
+
+    image        (T+1, 64, 64, 3) uint8   first-person frames
+    action       (T+1, 6) float32         one-hot action that *led to* image[t]; row 0 all zero
+    reward       (T+1,) float32           reward received on arriving at image[t]
+    terminal     (T+1,) bool              always False (the maze never terminates)
+    reset        (T+1,) bool              True at row 0
+    agent_pos    (T+1, 2) float32         (x, y) in tiles
+    agent_dir    (T+1, 2) float32         unit heading vector
+    agent_pose   (T+1, 3) int32           exact lattice pose (x, y in 1/12 tile, heading 0..15)
+    target_index (T+1,) int32; target_color (T+1, 3) uint8; target_pos (T+1, 2) float32
+    targets_pos  (T+1, K, 2) float32      all ball positions, in tiles
+    maze_layout  (S, S) uint8             1 = wall
+    seed, policy                          the reset seed of the maze and the policy name
+
+Real Memory Maze episodes (which have image/action/reward and more) load with the same reader.
+Our own API counts actions the other way round (`context_actions[i]` is taken *after* frame i);
+`episode_actions` converts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssm_gym.maze.sim import N_ACTIONS
+
+REQUIRED = ("image", "action", "reward")
+START_ACTION = N_ACTIONS  # the "no previous action" id used at the first frame of an episode
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, truncated or malformed. The message names the file."""
+
+
+def save_episode(path: str | Path, episode: dict[str, np.ndarray]) -> None:
+    """Write one episode atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **episode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _member_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of all arrays in an NPZ, reading only the .npy headers."""
+    headers = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            with zf.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            headers[name.removesuffix(".npy")] = (shape, dtype)
+    return headers
+
+
+def _check_layout(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> int:
+    missing = [k for k in REQUIRED if k not in shapes]
+    if missing:
+        raise DatasetError(f"{path}: missing arrays {missing} (has {sorted(shapes)})")
+    img = shapes["image"]
+    if len(img) != 4 or img[1:] != (64, 64, 3) or dtypes["image"] != np.uint8:
+        raise DatasetError(f"{path}: 'image' must be uint8 (T+1, 64, 64, 3), got {dtypes['image']} {img}")
+    n = img[0]
+    if n < 2:
+        raise DatasetError(f"{path}: episode has {n} frames, need at least 2")
+    if shapes["action"] != (n, N_ACTIONS):
+        raise DatasetError(f"{path}: 'action' must be one-hot ({n}, {N_ACTIONS}), got {shapes['action']}")
+    for key, shape in shapes.items():
+        if key in ("maze_layout", "seed", "policy", "image", "action"):
+            continue
+        if len(shape) == 0 or shape[0] != n:
+            raise DatasetError(f"{path}: '{key}' has {shape[0] if shape else 0} rows but 'image' has {n}")
+    return n - 1
+
+
+def check_episode_file(path: str | Path) -> int:
+    """Cheap check of one file (zip directory and array headers only); returns its T."""
+    path = Path(path)
+    try:
+        headers = _member_headers(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+        raise DatasetError(f"{path}: truncated or corrupt episode file ({type(e).__name__}: {e})") from None
+    return _check_layout(path, {k: s for k, (s, _) in headers.items()}, {k: d for k, (_, d) in headers.items()})
+
+
+def load_episode(path: str | Path) -> dict[str, np.ndarray]:
+    """Read and fully verify one episode (CRC of every array, shapes, one-hot actions)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            ep = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+        raise DatasetError(f"{path}: truncated or corrupt episode file ({type(e).__name__}: {e})") from None
+    _check_layout(path, {k: v.shape for k, v in ep.items()}, {k: v.dtype for k, v in ep.items()})
+    a = ep["action"]
+    if not (np.all((a == 0) | (a == 1)) and np.all(a[1:].sum(1) == 1)):
+        raise DatasetError(f"{path}: 'action' rows 1.. must be one-hot")
+    return ep
+
+
+def episode_actions(episode: dict[str, np.ndarray]) -> np.ndarray:
+    """(T,) int64 actions in our convention: actions[i] is taken after image[i]."""
+    return episode["action"][1:].argmax(-1).astype(np.int64)
+
+
+def list_episodes(directory: str | Path) -> list[tuple[Path, int]]:
+    """All episode files of a folder with their lengths; rejects any bad file by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"{directory}: not a directory")
+    files = sorted(directory.glob("*.npz"))
+    if not files:
+        raise DatasetError(f"{directory}: no episode files (*.npz); run `python -m training.collect` first")
+    return [(f, check_episode_file(f)) for f in files]
+
+
+class ClipDataset(torch.utils.data.IterableDataset):
+    """Endless random training clips of `clip_len` consecutive frames from a folder of episodes.
+
+    Each item is a dict of tensors: `frames` (L, 64, 64, 3) uint8, `prev_actions` (L,) int64 (the
+    action that led to each frame; `START_ACTION` at an episode's first frame), `rewards` (L,)
+    float32. Clips are drawn uniformly over all valid start positions from a seeded generator,
+    and the last `cache_size` episodes read are kept in memory.
+    """
+
+    def __init__(self, directory: str | Path, clip_len: int, seed: int = 0, cache_size: int = 256):
+        self.episodes = list_episodes(directory)
+        self.clip_len, self.seed, self.cache_size = clip_len, seed, cache_size
+        lengths = np.array([t + 1 for _, t in self.episodes])
+        if clip_len < 1 or clip_len > lengths.max():
+            raise ValueError(f"clip_len must be in [1, {lengths.max()}] for this data, got {clip_len}")
+        starts = np.maximum(lengths - clip_len + 1, 0)
+        self.weights = starts / starts.sum()
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def _episode(self, i: int) -> dict[str, np.ndarray]:
+        if i not in self._cache:
+            if len(self._cache) >= self.cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            ep = load_episode(self.episodes[i][0])
+            prev = np.concatenate([[START_ACTION], ep["action"][1:].argmax(-1)]).astype(np.int64)
+            self._cache[i] = {"frames": ep["image"], "prev_actions": prev, "rewards": ep["reward"].astype(np.float32)}
+        return self._cache[i]
+
+    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        i = int(rng.choice(len(self.episodes), p=self.weights))
+        ep = self._episode(i)
+        t0 = int(rng.integers(0, len(ep["frames"]) - self.clip_len + 1))
+        return {k: torch.from_numpy(np.ascontiguousarray(v[t0 : t0 + self.clip_len])) for k, v in ep.items()}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, 0 if info is None else info.id])
+        while True:
+            yield self.sample(rng)

@@ -1,0 +1,147 @@
+"""Diffusion forcing objective and the few-step sampler (EDM parameterisation).
+
+Parameterisation (Karras et al. 2022, "EDM", as used by DIAMOND for Atari world models):
+a noisy frame is ``x = x0 + sigma * eps`` with frames scaled to [-1, 1]; the network F sees
+``c_in(sigma) * x`` and the noise level ``c_noise(sigma)``, and the denoiser is
+``D(x; sigma) = c_skip(sigma) * x + c_out(sigma) * F``. Why EDM: the preconditioning keeps the
+network's input and target at unit variance at every noise level, so the same net works for
+clean context frames (sigma = 0 gives ``D = x`` exactly, with a distinct noise embedding) and
+for pure noise; and a deterministic Euler sampler gives usable frames in very few steps
+(DIAMOND: 3), with a 1-step mode that returns the network's direct x0 estimate.
+
+Diffusion forcing (Chen et al. 2024): every frame of a clip gets its own independent noise
+level; the causal network denoises all frames at once. Long-context training (Po et al. 2025):
+with probability 0.5 a clean prefix longer than half of the clip is kept noise-free and the
+frame loss covers the noised frames only, which forces use of distant context.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def frames_to_float(frames: Tensor) -> Tensor:
+    """uint8 frames -> float in [-1, 1] (floats are passed through)."""
+    return frames.float().div(127.5).sub(1.0) if frames.dtype == torch.uint8 else frames
+
+
+def float_to_frames(x: Tensor) -> Tensor:
+    """float in [-1, 1] -> uint8 frames."""
+    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def edm_scalings(sigma: Tensor, sigma_data: float):
+    """c_skip, c_out, c_in, c_noise for noise levels ``sigma`` (any shape). sigma = 0 is allowed
+    (clean context frame): c_skip = 1, c_out = 0, and c_noise a distinct value below every
+    training level."""
+    s2, d2 = sigma * sigma, sigma_data * sigma_data
+    c_skip = d2 / (s2 + d2)
+    c_out = sigma * sigma_data / (s2 + d2).sqrt()
+    c_in = 1.0 / (s2 + d2).sqrt()
+    c_noise = sigma.clamp(min=1e-4).log() / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+def sample_train_sigmas(shape, p_mean: float, p_std: float, generator=None, device=None) -> Tensor:
+    """EDM's log-normal training noise levels, independent per frame (diffusion forcing)."""
+    return (torch.randn(shape, generator=generator, device=device) * p_std + p_mean).exp()
+
+
+def long_context_prefix(batch: int, length: int, prob: float = 0.5, generator=None, device=None) -> Tensor:
+    """Per sample, the number of leading frames kept clean: with probability ``prob`` a length
+    drawn uniformly in (length/2, length-1] (at least one noised frame remains), else 0."""
+    lo = length // 2 + 1
+    if length < 2 or lo > length - 1:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    use = torch.rand(batch, generator=generator, device=device) < prob
+    n = torch.randint(lo, length, (batch,), generator=generator, device=device)
+    return torch.where(use, n, torch.zeros_like(n))
+
+
+def diffusion_forcing_loss(
+    model,
+    frames: Tensor,
+    actions: Tensor,
+    rewards: Optional[Tensor] = None,
+    terminals: Optional[Tensor] = None,
+    valid: Optional[Tensor] = None,
+    long_context: bool = True,
+    long_context_prob: float = 0.5,
+    generator: Optional[torch.Generator] = None,
+    state=None,
+):
+    """Training loss for a batch of clips.
+
+    frames (B, T, H, W, C) uint8 or float in [-1, 1]; actions (B, T) long: ``actions[:, t]`` is
+    the action that led to frame t (``model.START`` for a first frame); rewards (B, T) float and
+    terminals (B, T) bool/float for the transition into frame t (optional); valid (B, T) bool
+    masks padding. Returns ``(loss, stats)``; ``stats`` holds detached floats.
+    """
+    cfg = model.config
+    x0 = frames_to_float(frames)
+    b, t = x0.shape[:2]
+    dev = x0.device
+    sigma = sample_train_sigmas((b, t), cfg.p_mean, cfg.p_std, generator, dev)
+    if long_context:
+        prefix = long_context_prefix(b, t, long_context_prob, generator, dev)
+        sigma = torch.where(torch.arange(t, device=dev)[None] < prefix[:, None], torch.zeros_like(sigma), sigma)
+    noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    xn = x0 + sigma[:, :, None, None, None] * noise
+    out = model(xn, sigma, actions, state=state, update="copy" if state is not None else "none")
+
+    c_skip, c_out, _, _ = edm_scalings(sigma, cfg.sigma_data)
+    noised = sigma > 0
+    if valid is not None:
+        noised = noised & valid
+    cs, co = c_skip[:, :, None, None, None], c_out[:, :, None, None, None].clamp(min=1e-8)
+    target = (x0 - cs * xn) / co
+    per_frame = (out.raw.float() - target).pow(2).flatten(2).mean(-1)  # (B, T)
+    w = noised.float()
+    frame_loss = (per_frame * w).sum() / w.sum().clamp(min=1.0)
+    loss = frame_loss
+    stats = {"frame_loss": frame_loss.detach().item(), "noised_frac": w.mean().item()}
+    m = torch.ones(b, t, device=dev) if valid is None else valid.float()
+    if rewards is not None:
+        r_loss = ((out.reward.float() - rewards.float()).pow(2) * m).sum() / m.sum().clamp(min=1.0)
+        loss = loss + r_loss
+        stats["reward_loss"] = r_loss.detach().item()
+    if terminals is not None:
+        bce = F.binary_cross_entropy_with_logits(out.term_logit.float(), terminals.float(), reduction="none")
+        t_loss = (bce * m).sum() / m.sum().clamp(min=1.0)
+        loss = loss + t_loss
+        stats["term_loss"] = t_loss.detach().item()
+    stats["loss"] = loss.detach().item()
+    return loss, stats
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None) -> Tensor:
+    """Decreasing noise levels sigma_0 = sigma_max > ... > sigma_{steps-1} >= sigma_min, then 0."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if steps == 1:
+        s = torch.tensor([sigma_max], dtype=torch.float64)
+    else:
+        i = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+        s = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float().to(device)
+
+
+@torch.no_grad()
+def sample(denoise: Callable[[Tensor, Tensor], Tensor], shape, steps: int, sigma_min: float, sigma_max: float,
+           rho: float = 7.0, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> Tensor:
+    """Deterministic Euler sampler (EDM ODE). ``denoise(x, sigma)`` returns the x0 estimate for a
+    batch at scalar noise level ``sigma``. All randomness is the initial noise, drawn from
+    ``generator``: the same seed gives the same frame. ``steps=1``: one network call, the
+    direct x0 estimate from pure noise (fast mode)."""
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * sigmas[0]
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, s)
+        x = x0 if s_next == 0 else x + (x - x0) / s * (s_next - s)
+    return x
