@@ -1,7 +1,7 @@
 """Collect episodes from the ground-truth maze with scripted policies.
 
     python -m training.collect --out-dir data/maze --num-episodes 200 --episode-len 1000 \
-        --policy-mix explore 0.8 oracle 0.1 random 0.1 --workers 2
+        --policy-mix.explore 0.8 --policy-mix.oracle 0.1 --policy-mix.random 0.1 --workers 2
 
 Writes one NPZ per episode (Memory Maze layout, see `ssm_gym.maze.dataset`) named
 `ep_{index:06d}.npz`; episode i is the maze of `reset(seed=seed + i)`. Existing valid files are

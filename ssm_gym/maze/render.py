@@ -185,9 +185,12 @@ def render_top_down(
         cx, cy = np.asarray(center_xy, dtype=np.float64) * px_per_unit
         img[(xs - cx) ** 2 + (ys - cy) ** 2 < radius_px**2] = rgb
 
-    if trail is not None:
-        for x, y in np.asarray(trail)[:, :2]:
-            disk((x, y), max(1.0, scale / 10), (110, 110, 120))
+    if trail is not None and len(trail):
+        pts = (np.asarray(trail)[:, :2] * px_per_unit).astype(np.int64)
+        r = max(1, scale // 10)
+        for dy in range(-r, r):
+            for dx in range(-r, r):
+                img[np.clip(pts[:, 1] + dy, 0, img.shape[0] - 1), np.clip(pts[:, 0] + dx, 0, img.shape[1] - 1)] = (110, 110, 120)
     for k, (pos, rgb) in enumerate(zip(object_pos, object_rgb)):
         if k == target:
             disk(pos, scale * 0.45, (255, 255, 255))

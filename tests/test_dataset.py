@@ -1,0 +1,135 @@
+"""Episode files: round trip, replay against the simulator, bad files rejected by name."""
+
+import json
+import zipfile
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ssm_gym  # noqa: F401
+from ssm_gym.maze.dataset import (
+    START_ACTION,
+    ClipDataset,
+    DatasetError,
+    check_episode_file,
+    episode_actions,
+    list_episodes,
+    load_episode,
+    save_episode,
+)
+from ssm_gym.maze.record import record_episodes
+from training.collect import Args, collect
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    return record_episodes([11, 12, 13], ["explore", "oracle", "random"], steps=40)
+
+
+def test_round_trip_and_layout(tmp_path, episodes):
+    path = tmp_path / "ep.npz"
+    save_episode(path, episodes[0])
+    assert check_episode_file(path) == 40
+    ep = load_episode(path)
+    assert set(ep) == set(episodes[0])
+    for k, v in episodes[0].items():
+        assert np.array_equal(ep[k], v) and ep[k].dtype == v.dtype, k
+    assert ep["image"].shape == (41, 64, 64, 3) and ep["action"].shape == (41, 6)
+    assert ep["action"][0].sum() == 0 and ep["reset"][0] and not ep["reset"][1:].any()
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file left behind"
+
+
+def test_episode_replays_in_the_env(episodes):
+    ep = episodes[1]
+    env = gym.make("SSMWorld-MazeReal-v0")
+    obs, info = env.reset(seed=int(ep["seed"]))
+    assert np.array_equal(obs, ep["image"][0]) and np.array_equal(info["maze_layout"], ep["maze_layout"])
+    for t, a in enumerate(episode_actions(ep)):
+        obs, r, *_ = env.step(a)
+        assert np.array_equal(obs, ep["image"][t + 1]) and r == ep["reward"][t + 1]
+
+
+def test_truncated_file_rejected_by_name(tmp_path, episodes):
+    path = tmp_path / "ep_000007.npz"
+    save_episode(path, episodes[0])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="ep_000007.npz.*truncated or corrupt"):
+        check_episode_file(path)
+    with pytest.raises(DatasetError, match="ep_000007.npz"):
+        load_episode(path)
+    with pytest.raises(DatasetError, match="ep_000007.npz"):
+        list_episodes(tmp_path)
+
+
+def test_corrupted_bytes_rejected_by_name(tmp_path, episodes):
+    path = tmp_path / "ep.npz"
+    save_episode(path, episodes[0])
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("image.npy")
+    mid = info.header_offset + 100 + info.compress_size // 2
+    data[mid : mid + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="ep.npz"):
+        load_episode(path)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda e: e.pop("action"), "missing arrays"),
+        (lambda e: e.update(image=e["image"][:, :32]), "image"),
+        (lambda e: e.update(image=e["image"].astype(np.float32)), "uint8"),
+        (lambda e: e.update(reward=e["reward"][:-3]), "'reward' has 38 rows"),
+        (lambda e: e.update(action=e["action"] * 2), "one-hot"),
+    ],
+)
+def test_malformed_episode_rejected(tmp_path, episodes, change, match):
+    ep = {k: v.copy() for k, v in episodes[0].items()}
+    change(ep)
+    path = tmp_path / "bad.npz"
+    save_episode(path, ep)
+    with pytest.raises(DatasetError, match=match):
+        load_episode(path)
+
+
+def test_missing_dir_and_empty_dir(tmp_path):
+    with pytest.raises(DatasetError, match="not a directory"):
+        list_episodes(tmp_path / "nope")
+    with pytest.raises(DatasetError, match="no episode files"):
+        list_episodes(tmp_path)
+
+
+def test_collect_cli_writes_resumes_and_loader_yields_clips(tmp_path):
+    args = Args(out_dir=tmp_path, num_episodes=5, episode_len=30, batch=2, workers=1)
+    collect(args)
+    files = sorted(tmp_path.glob("ep_*.npz"))
+    assert len(files) == 5 and json.loads((tmp_path / "dataset.json").read_text())["num_episodes"] == 5
+    # A deleted and a truncated episode are redone; good ones are kept as they are.
+    mtime = files[0].stat().st_mtime_ns
+    files[1].unlink()
+    files[2].write_bytes(files[2].read_bytes()[:100])
+    collect(args)
+    assert files[0].stat().st_mtime_ns == mtime
+    assert check_episode_file(files[1]) == 30 and check_episode_file(files[2]) == 30
+    policies = {str(load_episode(f)["policy"]) for f in files}
+    assert policies <= {"explore", "oracle", "random"}
+
+    ds = ClipDataset(tmp_path, clip_len=8, seed=0)
+    it = iter(ds)
+    clips = [next(it) for _ in range(20)]
+    for c in clips:
+        assert c["frames"].shape == (8, 64, 64, 3) and c["prev_actions"].shape == (8,)
+        assert c["frames"].dtype.is_floating_point is False
+        assert ((c["prev_actions"] >= 0) & (c["prev_actions"] <= START_ACTION)).all()
+    again = [next(iter(ClipDataset(tmp_path, clip_len=8, seed=0))) for _ in range(1)]
+    assert np.array_equal(again[0]["frames"], clips[0]["frames"])
+    with pytest.raises(ValueError, match="clip_len"):
+        ClipDataset(tmp_path, clip_len=100)
+
+
+def test_collect_rejects_bad_policy_mix(tmp_path):
+    with pytest.raises(ValueError, match="policy_mix"):
+        collect(Args(out_dir=tmp_path, policy_mix={"explore": -1.0}))

@@ -1,0 +1,144 @@
+"""Ground-truth maze: generation, dynamics, rendering."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssm_gym.maze.layout import N_HEADINGS, STEP, TILE, generate_maze, tile_center
+from ssm_gym.maze.policies import tile_distances
+from ssm_gym.maze.sim import MOVES, MazeBatch, apply_actions, check_actions
+
+
+def make_sim(seed=0, n=1, **kw):
+    sim = MazeBatch(n, **kw)
+    for i in range(n):
+        sim.reset_env(i, np.random.default_rng(seed + i))
+    return sim
+
+
+@given(seed=st.integers(0, 10_000), size=st.sampled_from([5, 7, 9, 11, 15]))
+@settings(max_examples=30, deadline=None)
+def test_generated_maze_is_connected_bordered_and_seeded(seed, size):
+    maze = generate_maze(np.random.default_rng(seed), size, n_objects=3)
+    assert maze.walls.shape == (size, size)
+    assert maze.walls[0].all() and maze.walls[-1].all() and maze.walls[:, 0].all() and maze.walls[:, -1].all()
+    start = (int(maze.start_pose[1]) // TILE, int(maze.start_pose[0]) // TILE)
+    dist = tile_distances(maze.walls, start)
+    assert ((dist >= 0) == ~maze.walls).all(), "every free tile is reachable"
+    for x, y in maze.object_pos:
+        assert not maze.walls[y // TILE, x // TILE]
+    again = generate_maze(np.random.default_rng(seed), size, n_objects=3)
+    assert (again.walls == maze.walls).all() and (again.object_pos == maze.object_pos).all()
+    assert (again.start_pose == maze.start_pose).all() and (again.wall_rgb == maze.wall_rgb).all()
+
+
+def test_bad_maze_arguments_are_rejected():
+    with pytest.raises(ValueError, match="odd"):
+        MazeBatch(1, maze_size=8)
+    with pytest.raises(ValueError, match="n_objects"):
+        MazeBatch(1, n_objects=0)
+    with pytest.raises(ValueError, match="too few"):
+        MazeBatch(1, maze_size=5, n_objects=4)
+
+
+def test_moves_are_odd_symmetric_so_paths_retrace_exactly():
+    for h in range(N_HEADINGS):
+        assert (MOVES[h] == -MOVES[(h + N_HEADINGS // 2) % N_HEADINGS]).all()
+        assert abs(np.hypot(*MOVES[h]) - STEP) < 0.5
+
+
+def test_collision_with_walls_stops_the_agent():
+    sim = make_sim(3)
+    walls = sim.walls[0]
+    free = np.argwhere(~walls)
+    # A free tile with a wall to the east and open to the west; face east and push forward.
+    r, c = next((r, c) for r, c in free if walls[r, c + 1] and not walls[r, c - 1])
+    x, y = tile_center(np.array([r, c]))
+    pose = np.array([[x, y, 0]])
+    for _ in range(5):
+        pose = apply_actions(walls[None], pose, np.array([1]))
+    # From the tile center a full step would push the agent square into the wall: it stays.
+    assert pose[0, 0] == x and pose[0, 1] == y
+    # Facing west into the open tile it moves.
+    assert apply_actions(walls[None], np.array([[x, y, 8]]), np.array([1]))[0, 0] == x - STEP
+    # Turning is never blocked.
+    assert apply_actions(walls[None], pose, np.array([3]))[0, 2] == 1
+
+
+@given(seed=st.integers(0, 1000), actions=st.lists(st.integers(0, 5), min_size=1, max_size=300))
+@settings(max_examples=25, deadline=None)
+def test_agent_never_overlaps_a_wall(seed, actions):
+    sim = make_sim(seed)
+    for a in actions:
+        sim.step(np.array([a]))
+        x, y, _ = sim.pose[0]
+        for cx in (x - 3, x + 2):
+            for cy in (y - 3, y + 2):
+                assert not sim.walls[0, cy // TILE, cx // TILE]
+
+
+def test_same_pose_renders_identical_frame_after_a_loop():
+    sim = make_sim(1)
+    first = sim.render()[0]
+    pose0 = sim.pose.copy()
+    for _ in range(N_HEADINGS):  # a full turn in place
+        sim.step(np.array([3]))
+    assert (sim.pose == pose0).all()
+    assert np.array_equal(sim.render()[0], first)
+
+
+def test_frames_differ_between_poses_and_mazes():
+    a, b = make_sim(0), make_sim(1)
+    assert not np.array_equal(a.render(), b.render())
+    before = a.render()
+    a.step(np.array([2]))
+    assert not np.array_equal(before, a.render())
+
+
+def test_target_border_and_reward_on_touch():
+    sim = make_sim(2)
+    target = int(sim.target[0])
+    frame = sim.render()[0]
+    assert (frame[0, :] == sim.object_rgb[0, target]).all() and (frame[:, -1] == sim.object_rgb[0, target]).all()
+    # Teleport the agent next to the target ball, facing it, and walk into it.
+    ox, oy = sim.object_pos[0, target]
+    walls = sim.walls[0]
+    r, c = oy // TILE, ox // TILE
+    (dr, dc), heading = next(((dr, dc), h) for (dr, dc), h in (((0, -1), 0), ((-1, 0), 4), ((0, 1), 8), ((1, 0), 12))
+                             if not walls[r + dr, c + dc])
+    sim.pose[0] = [ox + dc * TILE, oy + dr * TILE, heading]
+    rewards = [sim.step(np.array([1]))[0] for _ in range(3)]
+    assert sum(rewards) == 1.0 and rewards[-1] == 0.0
+    assert sim.target[0] != target, "a new target is drawn after a touch"
+    assert (sim.render()[0][0, 0] == sim.object_rgb[0, sim.target[0]]).all()
+
+
+def test_batch_equals_separate_simulators():
+    batch = make_sim(10, n=5)
+    singles = [make_sim(10 + i) for i in range(5)]
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        acts = rng.integers(0, 6, size=5)
+        rb = batch.step(acts)
+        for i, s in enumerate(singles):
+            assert s.step(acts[i : i + 1])[0] == rb[i]
+        frames = batch.render()
+        for i, s in enumerate(singles):
+            assert np.array_equal(s.render()[0], frames[i])
+
+
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        (np.array([1, 2]), ValueError, "shape"),
+        (np.array([[1]]), ValueError, "shape"),
+        (np.array([6]), ValueError, "out of range"),
+        (np.array([-1]), ValueError, "out of range"),
+        (np.array([0.5]), TypeError, "integers"),
+        (np.array(["a"]), TypeError, "integers"),
+    ],
+)
+def test_bad_actions_rejected(bad, err, match):
+    with pytest.raises(err, match=match):
+        check_actions(bad, 1)
