@@ -148,13 +148,22 @@ class ClipDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, directory: str | Path, clip_len: int, seed: int = 0, cache_size: int = 256):
         self.episodes = list_episodes(directory)
-        self.clip_len, self.seed, self.cache_size = clip_len, seed, cache_size
+        self.seed, self.cache_size = seed, cache_size
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self.set_clip_len(clip_len)
+
+    def set_clip_len(self, clip_len: int) -> None:
+        """Change the clip length (curriculum stages share one dataset and its episode cache)."""
         lengths = np.array([t + 1 for _, t in self.episodes])
         if clip_len < 1 or clip_len > lengths.max():
             raise ValueError(f"clip_len must be in [1, {lengths.max()}] for this data, got {clip_len}")
         starts = np.maximum(lengths - clip_len + 1, 0)
-        self.weights = starts / starts.sum()
-        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self.clip_len, self.weights = clip_len, starts / starts.sum()
+
+    def sample_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """`batch_size` clips stacked along a new first dimension."""
+        clips = [self.sample(rng) for _ in range(batch_size)]
+        return {k: torch.stack([c[k] for c in clips]) for k in clips[0]}
 
     def _episode(self, i: int) -> dict[str, np.ndarray]:
         if i not in self._cache:

@@ -63,7 +63,9 @@ class FrameLocalAttention(nn.Module):
         assert window is None or window >= 1
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.n_tok, self.window, self.rope_base = tokens_per_frame, window, rope_base
-        self.chunk_frames = chunk_frames or (window if window is not None else 16)
+        # query frames per attention call: each call sees chunk + window - 1 key frames, so
+        # smaller chunks waste less masked work but make more calls; k/2 (as the paper) is a good middle
+        self.chunk_frames = chunk_frames or (max(1, (window + 1) // 2) if window is not None else 16)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 

@@ -74,6 +74,8 @@ def diffusion_forcing_loss(
     long_context_prob: float = 0.5,
     generator: Optional[torch.Generator] = None,
     state=None,
+    sigma: Optional[Tensor] = None,
+    return_state: bool = False,
 ):
     """Training loss for a batch of clips.
 
@@ -82,14 +84,12 @@ def diffusion_forcing_loss(
     terminals (B, T) bool/float for the transition into frame t (optional); valid (B, T) bool
     masks padding. Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
-    cfg = model.config
+    cfg = getattr(model, "module", model).config  # (model may be wrapped in DDP)
     x0 = frames_to_float(frames)
     b, t = x0.shape[:2]
     dev = x0.device
-    sigma = sample_train_sigmas((b, t), cfg.p_mean, cfg.p_std, generator, dev)
-    if long_context:
-        prefix = long_context_prefix(b, t, long_context_prob, generator, dev)
-        sigma = torch.where(torch.arange(t, device=dev)[None] < prefix[:, None], torch.zeros_like(sigma), sigma)
+    if sigma is None:
+        sigma = sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev)
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     xn = x0 + sigma[:, :, None, None, None] * noise
     out = model(xn, sigma, actions, state=state, update="copy" if state is not None else "none")
@@ -116,7 +116,19 @@ def diffusion_forcing_loss(
         loss = loss + t_loss
         stats["term_loss"] = t_loss.detach().item()
     stats["loss"] = loss.detach().item()
-    return loss, stats
+    return (loss, stats, out.state) if return_state else (loss, stats)
+
+
+def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, long_context_prob: float = 0.5,
+                       generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+    """(batch, length) training noise levels for whole clips: independent per frame (diffusion
+    forcing), with the long-context clean prefix applied. Drawn for the whole clip up front so a
+    clip trained in temporal chunks (truncated BPTT) gets the same noise pattern as in one piece."""
+    sigma = sample_train_sigmas((batch, length), cfg.p_mean, cfg.p_std, generator, device)
+    if long_context:
+        prefix = long_context_prefix(batch, length, long_context_prob, generator, device)
+        sigma = torch.where(torch.arange(length, device=device)[None] < prefix[:, None], torch.zeros_like(sigma), sigma)
+    return sigma
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None) -> Tensor:
@@ -133,13 +145,18 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 
 @torch.no_grad()
 def sample(denoise: Callable[[Tensor, Tensor], Tensor], shape, steps: int, sigma_min: float, sigma_max: float,
-           rho: float = 7.0, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> Tensor:
+           rho: float = 7.0, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32,
+           noise: Optional[Tensor] = None) -> Tensor:
     """Deterministic Euler sampler (EDM ODE). ``denoise(x, sigma)`` returns the x0 estimate for a
     batch at scalar noise level ``sigma``. All randomness is the initial noise, drawn from
     ``generator``: the same seed gives the same frame. ``steps=1``: one network call, the
     direct x0 estimate from pure noise (fast mode)."""
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device)
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype) * sigmas[0]
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    elif tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(noise.shape)}")
+    x = noise.to(device=device, dtype=dtype) * sigmas[0]
     for i in range(steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = denoise(x, s)

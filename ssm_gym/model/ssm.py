@@ -77,30 +77,65 @@ def ssd_sequential(x, dt, A, B, C, D=None, initial_state=None):
 # ---------------------------------------------------------------------------------------------
 # 2. chunked SSD (pure PyTorch)
 # ---------------------------------------------------------------------------------------------
-def segsum(a: Tensor) -> Tensor:
-    """out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, -inf above the diagonal.
+def segsum_exp(a: Tensor, col_scale: Optional[Tensor] = None) -> Tensor:
+    """out[..., i, j] = exp(a[..., j+1] + ... + a[..., i]) * col_scale[..., j] for i >= j, else 0.
 
-    Computed as a masked cumulative sum (not as a difference of cumsums), so that exp(out)
-    keeps full relative precision even when the total decay over a chunk is large.
+    The exponent is a masked cumulative sum (not a difference of two cumsums), so the decay
+    factors keep full relative precision even when the total decay over a chunk is large.
     """
     q = a.shape[-1]
-    rep = a[..., :, None].expand(*a.shape, q)  # rep[..., i, j] = a_i
-    strict = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=-1)
-    out = rep.masked_fill(~strict, 0).cumsum(dim=-2)
-    lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device))
-    return out.masked_fill(~lower, -math.inf)
+    strict = torch.ones(q, q, dtype=torch.bool, device=a.device).tril_(-1)
+    out = a[..., :, None].expand(*a.shape, q).masked_fill(~strict, 0).cumsum_(dim=-2)  # [i, j]: a_{j+1..i}
+    lower = torch.ones(q, q, dtype=a.dtype, device=a.device).tril_()
+    scale = lower if col_scale is None else lower * col_scale[..., None, :]
+    return out.exp_() * scale
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None):
+def _ssd_chunked_segment(x, dt, A, B, C, q: int, state: Tensor):
+    """Chunked SSD over one segment whose length is a multiple of ``q``; state (b, g, hg, p, n)."""
+    b, l, g, hg, p = x.shape
+    n = B.shape[-1]
+    c = l // q
+    xh = x.reshape(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, g, hg, q, p)
+    dth = dt.reshape(b, c, q, g, hg).permute(0, 1, 3, 4, 2).contiguous()  # (b, c, g, hg, q)
+    Bg = B.reshape(b, c, q, g, n).transpose(2, 3)[:, :, :, None]  # (b, c, g, 1, q, n)
+    Cg = C.reshape(b, c, q, g, n).transpose(2, 3)[:, :, :, None]
+    ah = dth * A.reshape(g, hg, 1)  # log-decay per token
+    acum = ah.cumsum(-1)
+
+    # 1. intra-chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
+    scores = (Cg @ Bg.transpose(-1, -2)) * segsum_exp(ah, dth)  # (b, c, g, hg, q, q)
+    y = scores @ xh  # (b, c, g, hg, q, p)
+    # 2. state each chunk leaves from a zero start: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
+    Bw = Bg * (torch.exp(acum[..., -1:] - acum) * dth)[..., None]  # (b, c, g, hg, q, n)
+    chunk_states = xh.transpose(-1, -2) @ Bw  # (b, c, g, hg, p, n)
+    # 3. recurrence over chunks: S_0 = state, S_{m+1} = exp(sum of a over chunk m) S_m + chunk_states_m
+    chunk_decay = torch.exp(acum[..., -1])[..., None, None]  # (b, c, g, hg, 1, 1)
+    s, starts = state, []
+    for m in range(c):
+        starts.append(s)
+        s = torch.addcmul(chunk_states[:, m], chunk_decay[:, m], s)
+    prev = torch.stack(starts, dim=1)  # (b, c, g, hg, p, n): state entering each chunk
+    # 4. carried-in state seen by token i: exp(a_0 + ... + a_i) C_i . S_chunk, fused into y
+    Cw = Cg * torch.exp(acum)[..., None]  # (b, c, g, hg, q, n)
+    y = torch.baddbmm(y.reshape(-1, q, p), Cw.reshape(-1, q, n), prev.reshape(-1, p, n).transpose(-1, -2))
+    y = y.reshape(b, c, g, hg, q, p).permute(0, 1, 4, 2, 3, 5).reshape(b, l, g, hg, p)
+    return y, s
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, segment: int = 1024):
     """Chunked SSD: same inputs and outputs as :func:`ssd_sequential`.
 
     The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the output is a
-    masked (decay-weighted) ``C B^T`` product applied to ``dt * x``; each chunk also emits the
-    state it would leave behind from a zero start; a recurrence over chunks (done as one small
-    matrix product over chunk indices) adds the state carried in from earlier chunks.
+    masked, decay-weighted ``C B^T`` product applied to ``dt * x`` (batched matmuls); each chunk
+    also emits the state it would leave behind from a zero start; a short recurrence over chunks
+    carries the state in, and its contribution ``exp(cumsum a) C . S`` is added to every token.
+    Work O(L * chunk_size) per head. Long sequences are processed ``segment`` tokens at a time
+    (state carried), which keeps the working set in cache on CPUs.
     """
     b, l, h, p = x.shape
-    n = B.shape[-1]
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
     q = max(1, min(chunk_size, l))
     pad = (-l) % q
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
@@ -108,35 +143,20 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
         dt = F.pad(dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    c = (l + pad) // q
-    xdt = (x * dt[..., None]).reshape(b, c, q, h, p)
-    Bh = _expand_groups(B, h).reshape(b, c, q, h, n)
-    Ch = _expand_groups(C, h).reshape(b, c, q, h, n)
-    a = (dt * A).reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
-
-    seg = segsum(a)  # (b, h, c, q, q)
-    decay_in = torch.exp(seg)  # token j -> token i inside a chunk
-    # 1. intra-chunk (diagonal blocks)
-    scores = torch.einsum("bcihn,bcjhn->bhcij", Ch, Bh) * decay_in
-    y = torch.einsum("bhcij,bcjhp->bcihp", scores, xdt)
-    # 2. state each chunk produces from a zero start: decay from token j to the chunk's end
-    decay_to_end = decay_in[..., -1, :]  # (b, h, c, q)
-    chunk_states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", Bh, decay_to_end, xdt)
-    # 3. recurrence over chunks: S_0 = initial, S_{m+1} = exp(sum a in chunk m) S_m + chunk_states_m
-    init = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(x.dtype)
-    z = torch.cat([init[:, None], chunk_states], dim=1)  # (b, c+1, h, p, n)
-    chunk_decay = seg[..., -1, 0] + a[..., 0]  # total log-decay of each chunk, (b, h, c)
-    decay_chunks = torch.exp(segsum(F.pad(chunk_decay, (1, 0))))  # (b, h, c+1, c+1)
-    states = torch.einsum("bhij,bjhpn->bihpn", decay_chunks, z)
-    prev_states, final_state = states[:, :-1], states[:, -1]
-    # 4. contribution of the carried-in state to each token: decay from chunk start to token i
-    decay_from_start = torch.exp(seg[..., :, 0] + a[..., :1])  # (b, h, c, q)
-    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", Ch, prev_states, decay_from_start)
-
-    y = y.reshape(b, c * q, h, p)[:, :l]
+    lp = l + pad
+    xg = x.reshape(b, lp, g, hg, p)
+    dtg = dt.reshape(b, lp, g, hg)
+    state = x.new_zeros(b, g, hg, p, n) if initial_state is None else initial_state.to(x.dtype).reshape(b, g, hg, p, n)
+    seg = max(q, (segment // q) * q)
+    ys = []
+    for s0 in range(0, lp, seg):
+        s1 = min(lp, s0 + seg)
+        y, state = _ssd_chunked_segment(xg[:, s0:s1], dtg[:, s0:s1], A, B[:, s0:s1], C[:, s0:s1], q, state)
+        ys.append(y)
+    y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)).reshape(b, lp, h, p)[:, :l]
     if D is not None:
         y = y + (D[:, None] if D.dim() == 1 else D) * x[:, :l]
-    return y, final_state
+    return y, state.reshape(b, h, p, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +171,13 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
     if backend == "auto":
         backend = "mamba" if (HAS_MAMBA_SSM and x.is_cuda) else "torch"
     if backend == "torch":
-        return ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state)
+        # the scan runs in fp32 (or fp64) even under bf16 autocast: decays and states need the range
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            y, final = ssd_chunked(x.to(dtype), dt.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype),
+                                   chunk_size=chunk_size, D=None if D is None else D.to(dtype),
+                                   initial_state=initial_state)
+        return y.to(x.dtype), final
     if backend == "sequential":
         return ssd_sequential(x, dt, A, B, C, D=D, initial_state=initial_state)
     if backend == "mamba":
@@ -170,6 +196,18 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
 # ---------------------------------------------------------------------------------------------
 # 4. the Mamba-2 layer with the block-wise scan
 # ---------------------------------------------------------------------------------------------
+def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Depthwise 1-D convolution without padding: x (b, c, L + k - 1), weight (c, k) -> (b, c, L).
+    Written as k shifted multiply-adds: on CPU this is much faster than ``F.conv1d(groups=c)``
+    in the backward pass, and identical in value."""
+    k = weight.shape[-1]
+    length = x.shape[-1] - k + 1
+    y = x[..., :length] * weight[:, 0, None]
+    for i in range(1, k):
+        y = y + x[..., i:i + length] * weight[:, i, None]
+    return y if bias is None else y + bias[:, None]
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm(y * silu(z)) * weight, as in Mamba-2's output norm."""
 
@@ -278,7 +316,7 @@ class BlockwiseSSM(nn.Module):
                     else conv_state.reshape(b * nb, self.conv_dim, k).to(xBC.dtype))
             xBC = torch.cat([prev, xBC], dim=-1)
             new_conv = xBC[..., -k:].reshape(b, nb, self.conv_dim, k) if k > 0 else xBC[..., :0].reshape(b, nb, self.conv_dim, 0)
-            xBC = F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim).transpose(1, 2)
+            xBC = causal_depthwise_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2)
         elif conv_state is not None:
             new_conv = conv_state
         xBC = F.silu(xBC)
@@ -289,7 +327,7 @@ class BlockwiseSSM(nn.Module):
         dt = F.softplus(dt + self.dt_bias)
         A = -torch.exp(self.A_log.float())
         init = None if ssm_state is None else ssm_state.reshape(b * nb, self.nheads, self.headdim, self.d_state)
-        y, final = ssd(xs, dt, A.to(xs.dtype), Bm, Cm, D=self.D.to(xs.dtype), initial_state=init,
+        y, final = ssd(xs, dt, A, Bm, Cm, D=self.D, initial_state=init,
                        chunk_size=self.chunk_size, backend=self.backend)
         y = self.norm(y.reshape(b * nb, L, self.d_inner), z)
         y = self.out_proj(y).reshape(b, nb, L, self.d_model)

@@ -1,0 +1,173 @@
+"""SSD scan and world-model training throughput on this machine.
+
+    python benchmarks/ssm_scan.py            # human-readable tables
+    python benchmarks/ssm_scan.py --json     # one JSON object with the same figures
+
+JSON keys
+- ``device``: str, ``threads``: int, ``torch``: torch version.
+- ``scan``: list, one entry per sequence length L:
+  ``L`` (tokens), ``sequential_ms`` (plain recurrence, forward), ``chunked_ms`` (pure-PyTorch
+  chunked SSD, forward), ``speedup`` (sequential / chunked), ``max_rel_err`` (normwise, fp32).
+  Shape: batch ``scan_batch`` sequences, 8 heads x 32 headdim, d_state 16 (the default layer).
+- ``matmul_gflops``: {"fp32": ..., "bf16": ...}: measured square matmul (``matmul_n``) GFLOP/s.
+- ``train``: list, one entry per precision ("fp32", "bf16" = bf16 autocast): ``precision``,
+  ``batch``, ``frames_per_clip``, ``step_s`` (mean seconds per optimizer step, after warm-up),
+  ``frames_per_s``, ``gflop_per_step`` (FlopCounterMode count of one train step, forward +
+  backward; the CPU flash-attention op counted as dense attention over the keys it is given),
+  ``achieved_gflops``, ``frac_of_matmul`` (achieved / matmul GFLOP/s of the same precision).
+- ``model``: {"params": int, "config": WorldModelConfig as a dict}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from ssm_gym.model import WorldModel, WorldModelConfig, diffusion_forcing_loss, ssd_chunked, ssd_sequential
+
+
+@dataclass
+class Args:
+    json: bool = False
+    """print one JSON object instead of tables"""
+    threads: int = 0
+    """torch threads (0 = torch default)"""
+    lengths: tuple[int, ...] = (256, 1024, 4096)
+    scan_batch: int = 4
+    chunk_size: int = 64
+    matmul_n: int = 1024
+    batch: int = 4
+    """clips per train step"""
+    frames: int = 16
+    """frames per clip"""
+    steps: int = 3
+    """timed train steps per precision"""
+    repeats: int = 3
+    """timed repeats for scans / matmuls (best of)"""
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_scan(args: Args) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    h, p, n, b = 8, 32, 16, args.scan_batch
+    for L in args.lengths:
+        x = torch.randn(b, L, h, p, generator=g)
+        dt = torch.rand(b, L, h, generator=g) * 0.1 + 1e-3
+        A = -(torch.rand(h, generator=g) * 4 + 0.5)
+        B = torch.randn(b, L, 1, n, generator=g)
+        C = torch.randn(b, L, 1, n, generator=g)
+        D = torch.ones(h)
+        with torch.no_grad():
+            t_seq = best_time(lambda: ssd_sequential(x, dt, A, B, C, D), 1 if L >= 4096 else args.repeats)
+            t_chk = best_time(lambda: ssd_chunked(x, dt, A, B, C, args.chunk_size, D), args.repeats)
+            y_ref = ssd_sequential(x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())[0]
+            y = ssd_chunked(x, dt, A, B, C, args.chunk_size, D)[0]
+        err = ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item()
+        rows.append({"L": L, "sequential_ms": 1e3 * t_seq, "chunked_ms": 1e3 * t_chk,
+                     "speedup": t_seq / t_chk, "max_rel_err": err})
+    return rows
+
+
+def bench_matmul(args: Args) -> dict:
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(args.matmul_n, args.matmul_n).to(dtype)
+        b = torch.randn(args.matmul_n, args.matmul_n).to(dtype)
+        reps = 10
+        t = best_time(lambda: [a @ b for _ in range(reps)], args.repeats)
+        out[name] = 2 * args.matmul_n ** 3 * reps / t / 1e9
+    return out
+
+
+def _sdpa_cpu_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+FLOP_EXTRA = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_fwd,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_bwd,
+}
+
+
+def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
+    torch.manual_seed(0)
+    cfg = WorldModelConfig()
+    model = WorldModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    b, t = args.batch, args.frames
+    frames = torch.randint(0, 256, (b, t, cfg.image_size, cfg.image_size, cfg.channels), generator=g, dtype=torch.uint8)
+    actions = torch.randint(0, cfg.n_actions + 1, (b, t), generator=g)
+    rewards = torch.zeros(b, t)
+
+    def step(bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = diffusion_forcing_loss(model, frames, actions, rewards, rewards, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False, custom_mapping=FLOP_EXTRA) as fc:
+        step(False)
+    flops = fc.get_total_flops()
+    rows = []
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        step(bf16)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(bf16)
+        dt = (time.perf_counter() - t0) / args.steps
+        achieved = flops / dt / 1e9
+        rows.append({"precision": name, "batch": b, "frames_per_clip": t, "step_s": dt, "frames_per_s": b * t / dt,
+                     "gflop_per_step": flops / 1e9, "achieved_gflops": achieved,
+                     "frac_of_matmul": achieved / matmul[name]})
+    model_info = {"params": model.num_params(), "config": dataclasses.asdict(cfg)}
+    return rows, model_info
+
+
+def main(args: Args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scan = bench_scan(args)
+    matmul = bench_matmul(args)
+    train, model_info = bench_train(args, matmul)
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "scan": scan, "matmul_gflops": matmul, "train": train, "model": model_info}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("\nSSD scan, forward, fp32 (batch %d, 8 heads x 32, d_state 16, chunk %d)" % (args.scan_batch, args.chunk_size))
+    print(f"{'L':>6} {'sequential ms':>14} {'chunked ms':>11} {'speedup':>8} {'rel err':>9}")
+    for r in scan:
+        print(f"{r['L']:>6} {r['sequential_ms']:>14.1f} {r['chunked_ms']:>11.2f} {r['speedup']:>7.1f}x {r['max_rel_err']:>9.1e}")
+    print(f"\nmatmul {args.matmul_n}^3: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
+    print(f"\ntrain step, default config ({model_info['params'] / 1e6:.2f}M params), {args.batch} clips x {args.frames} frames")
+    print(f"{'precision':>9} {'s/step':>7} {'frames/s':>9} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")
+    for r in train:
+        print(f"{r['precision']:>9} {r['step_s']:>7.3f} {r['frames_per_s']:>9.1f} {r['gflop_per_step']:>11.1f} "
+              f"{r['achieved_gflops']:>8.1f} {100 * r['frac_of_matmul']:>9.1f}%")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

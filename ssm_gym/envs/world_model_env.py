@@ -1,0 +1,243 @@
+"""`SSMWorld-Maze-v0`: the learned world model as a single and a native vector Gymnasium env.
+
+Both are thin layers over `ssm_gym.rollout.RolloutEngine` (a batch of 1 and of N). Episodes
+start from the real maze's first frame (`reset(seed=s)` shows the same first frame as
+`SSMWorld-MazeReal-v0` reset with seed s) or after real history passed as context.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.envs.maze_real import ACTION_SPACE, OBSERVATION_SPACE, MazeRealEnv, _check_single_action
+from ssm_gym.maze.sim import MazeBatch, check_actions
+from ssm_gym.model.checkpoint import load_model
+from ssm_gym.model.world_model import WorldModel
+from ssm_gym.rollout.engine import RolloutEngine
+
+
+def _load(checkpoint: str | Path | None, model: Optional[WorldModel], device: str) -> WorldModel:
+    if model is not None:
+        return model.to(device).eval()
+    return load_model(shipped_checkpoint() if checkpoint is None else checkpoint, device)
+
+
+def check_context(options: dict, n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate reset options {"context_obs": (T, 64, 64, 3) uint8, "context_actions": (T-1,) int}
+    (with a leading env dimension n for the vector env). Raises an error naming the problem."""
+    if "context_obs" not in options or "context_actions" not in options:
+        raise ValueError("reset options need both 'context_obs' and 'context_actions'")
+    obs, acts = np.asarray(options["context_obs"]), np.asarray(options["context_actions"])
+    lead = () if n is None else (n,)
+    if obs.dtype != np.uint8:
+        raise TypeError(f"context_obs must be uint8, got {obs.dtype}")
+    if obs.ndim != len(lead) + 4 or obs.shape[:len(lead)] != lead or obs.shape[-3:] != OBSERVATION_SPACE.shape or obs.shape[len(lead)] < 1:
+        raise ValueError(f"context_obs must have shape {lead + ('T',) + OBSERVATION_SPACE.shape} with T >= 1, got {obs.shape}")
+    t = obs.shape[len(lead)]
+    if acts.shape != lead + (t - 1,):
+        raise ValueError(f"context_actions must have shape {lead + (t - 1,)} (one action between consecutive "
+                         f"context frames: context_actions[i] is taken after context_obs[i]), got {acts.shape}")
+    if acts.size:
+        check_actions(acts.reshape(-1), acts.size)
+    return obs, acts.astype(np.int64)
+
+
+class WorldModelEnv(gym.Env):
+    """The maze imagined by the learned world model.
+
+    ## Description
+    Each `step` is one batched denoising pass of the world model (block-wise Mamba-2 scan + frame-
+    local attention); its state carries the memory of the episode at a constant cost per step.
+
+    ## Action Space
+    `Discrete(6)`, as `SSMWorld-MazeReal-v0`: noop, forward, left, right, forward+left, forward+right.
+
+    ## Observation Space
+    `Box(0, 255, (64, 64, 3), uint8)`: the imagined first-person frame.
+
+    ## Starting State
+    `reset(seed=s)`: the first frame of the real maze for seed s (same as `SSMWorld-MazeReal-v0`).
+    `reset(options={"context_obs": (T, 64, 64, 3) uint8, "context_actions": (T-1,) int})`: the model is
+    warmed up on real history (`context_actions[i]` was taken after `context_obs[i]`); the returned
+    observation is the last context frame and the next `step` predicts frame T.
+
+    ## Rewards
+    The model's reward head: 1.0 when its prediction exceeds `reward_threshold` (the real maze pays
+    +1 for touching the target), else 0.0; the raw prediction is in `info["reward_raw"]`.
+
+    ## Episode End
+    Terminates when the termination head says so (the maze itself never terminates); truncates
+    after `max_episode_steps`.
+
+    ## Arguments
+    - `checkpoint`: folder with config.json + model.safetensors (default: the shipped model).
+    - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
+    - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
+    - `max_episode_steps` (1000), `reward_threshold` (0.5).
+    - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
+    - `render_mode`: `"rgb_array"` returns the imagined frame.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", sampling_steps: Optional[int] = None,
+                 max_episode_steps: int = 1000, reward_threshold: float = 0.5, maze_size: int = 9, n_objects: int = 3,
+                 render_mode: Optional[str] = None, model: Optional[WorldModel] = None):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps)
+        self.real = MazeRealEnv(maze_size, n_objects)
+        self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
+        self.observation_space, self.action_space = OBSERVATION_SPACE, ACTION_SPACE
+        self._obs: Optional[np.ndarray] = None
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
+        super().reset(seed=seed)
+        maze_seed = seed if seed is not None else int(self.np_random.integers(2**31))
+        noise_seed = int(self.np_random.integers(2**62))
+        info: dict[str, Any] = {"step": 0}
+        if options and ("context_obs" in options or "context_actions" in options):
+            obs, acts = check_context(options)
+            self.engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None],
+                              torch.from_numpy(acts)[None], seeds=[noise_seed])
+            info["context_len"] = len(obs)
+        else:
+            first, real_info = self.real.reset(seed=maze_seed)
+            self.engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(first)[None], seeds=[noise_seed])
+            info["maze_layout"] = real_info["maze_layout"]
+        info["maze_seed"] = maze_seed
+        self._elapsed = 0
+        self._obs = self.engine.frames[0].cpu().numpy()
+        return self._obs.copy(), info
+
+    def step(self, action):
+        if self._obs is None:
+            raise RuntimeError("call reset() before step()")
+        a = _check_single_action(action)
+        frames, rewards, terminated = self.engine.step(torch.from_numpy(a))
+        self._elapsed += 1
+        self._obs = frames[0].cpu().numpy()
+        raw = float(rewards[0])
+        return (self._obs.copy(), float(raw > self.reward_threshold), bool(terminated[0]),
+                self._elapsed >= self.max_episode_steps, {"step": self._elapsed, "reward_raw": raw})
+
+    def render(self):
+        return None if self.render_mode is None or self._obs is None else self._obs.copy()
+
+
+class WorldModelVectorEnv(VectorEnv):
+    """N imagined mazes in one batched model call per step (`gym.make_vec("SSMWorld-Maze-v0", N)`).
+
+    Sub-env i reset with seed s behaves like `WorldModelEnv` reset with seed s + i. Arguments as
+    `WorldModelEnv`, plus `num_envs` and `autoreset_mode` (`NEXT_STEP`, Gymnasium's default, or
+    `SAME_STEP`: the last frame of a finished episode goes to `info["final_obs"]`, as
+    stable-baselines3 expects). Reset options: `reset_mask` (N,) bool to reset a subset, and
+    `context_obs` (N, T, 64, 64, 3) / `context_actions` (N, T-1) to start after real history.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10, "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs: int = 1, checkpoint: str | Path | None = None, device: str = "cpu",
+                 sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
+                 maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None):
+        autoreset_mode = AutoresetMode(autoreset_mode)
+        if autoreset_mode == AutoresetMode.DISABLED:
+            raise ValueError("autoreset_mode DISABLED is not supported; use NEXT_STEP or SAME_STEP")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
+        self.num_envs = num_envs
+        self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps)
+        self.real = MazeBatch(num_envs, maze_size, n_objects)
+        self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
+        self.single_observation_space, self.single_action_space = OBSERVATION_SPACE, ACTION_SPACE
+        self.observation_space = batch_space(OBSERVATION_SPACE, num_envs)
+        self.action_space = batch_space(ACTION_SPACE, num_envs)
+        self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
+        self._elapsed = np.zeros(num_envs, dtype=np.int64)
+        self._needs_reset = np.zeros(num_envs, dtype=bool)
+        self._obs: Optional[np.ndarray] = None
+
+    def _start(self, idx: np.ndarray, maze_seeds: Optional[list[int]] = None,
+               context: Optional[tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
+        """(Re)start episodes in envs idx, exactly as `WorldModelEnv.reset` does for one env: the
+        maze seed is given (a seeded reset) or drawn from the env's generator, then the noise seed."""
+        if maze_seeds is None:
+            maze_seeds = [int(self._rngs[i].integers(2**31)) for i in idx]
+        noise_seeds = [int(self._rngs[i].integers(2**62)) for i in idx]
+        mask = torch.zeros(self.num_envs, dtype=torch.bool)
+        mask[torch.from_numpy(idx)] = True
+        if context is None:
+            for i, s in zip(idx, maze_seeds):
+                self.real.reset_env(i, np.random.default_rng(s))
+            self.engine.reset(mask, torch.from_numpy(self.real.render()[idx]), seeds=noise_seeds)
+        else:
+            obs, acts = context
+            self.engine.reset(mask, torch.from_numpy(obs[idx]), torch.from_numpy(acts[idx]), seeds=noise_seeds)
+        self._elapsed[idx] = 0
+        return np.array(maze_seeds, dtype=np.int64)
+
+    def reset(self, *, seed: int | list | None = None, options: Optional[dict[str, Any]] = None):
+        options = options or {}
+        mask = np.asarray(options.get("reset_mask", np.ones(self.num_envs, bool)), dtype=bool)
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
+        context = check_context(options, self.num_envs) if ("context_obs" in options or "context_actions" in options) else None
+        idx = np.flatnonzero(mask)
+        maze_seeds = None
+        if seed is not None:
+            seeds = [int(seed) + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+            for i in idx:
+                self._rngs[i] = seeding.np_random(seeds[i])[0]
+            maze_seeds = [seeds[i] for i in idx]
+        used = self._start(idx, maze_seeds, context)
+        full = np.full(self.num_envs, -1, dtype=np.int64)
+        full[idx] = used
+        self._needs_reset[idx] = False
+        self._obs = self.engine.frames.cpu().numpy()
+        return self._obs.copy(), {"maze_seed": full, "_maze_seed": mask.copy()}
+
+    def step(self, actions):
+        if self._obs is None:
+            raise RuntimeError("call reset() before step()")
+        a = check_actions(actions, self.num_envs)
+        frames, raw, terminated = self.engine.step(torch.from_numpy(a))
+        raw = raw.float().cpu().numpy()
+        rewards = (raw > self.reward_threshold).astype(np.float32)
+        terminated = terminated.cpu().numpy()
+        self._elapsed += 1
+        truncated = self._elapsed >= self.max_episode_steps
+        info: dict[str, Any] = {"reward_raw": raw, "_reward_raw": np.ones(self.num_envs, bool)}
+        mode = self.metadata["autoreset_mode"]
+        if mode == AutoresetMode.NEXT_STEP:
+            redo = np.flatnonzero(self._needs_reset)
+            if len(redo):
+                self._start(redo)
+                rewards[redo], terminated[redo], truncated[redo] = 0.0, False, False
+            self._needs_reset = terminated | truncated
+            obs = self.engine.frames.cpu().numpy()
+        else:
+            done = terminated | truncated
+            obs = frames.cpu().numpy()
+            if done.any():
+                info["final_obs"] = obs.copy()
+                info["_final_obs"] = done.copy()
+                self._start(np.flatnonzero(done))
+                obs = self.engine.frames.cpu().numpy()
+        self._obs = obs
+        return obs.copy(), rewards, terminated, truncated, info
+
+    def render(self):
+        return None if self.render_mode is None or self._obs is None else self._obs.copy()

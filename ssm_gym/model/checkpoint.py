@@ -1,0 +1,145 @@
+"""World-model checkpoints: safetensors weights plus a JSON config, written atomically, read
+with checks that name the problem (missing file, corrupt file, config from other code).
+
+A checkpoint is a folder:
+
+    config.json         {"format": "ssm-gym-world-model", "format_version": 1,
+                         "model": {...WorldModelConfig fields...}, "meta": {...free-form...}}
+    model.safetensors   the weights used for sampling (the EMA weights of a training run)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .world_model import WorldModel, WorldModelConfig
+
+FORMAT = "ssm-gym-world-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match this code. The message says which."""
+
+
+def config_to_dict(config: WorldModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict[str, Any], where: str = "config") -> WorldModelConfig:
+    """Strict: unknown or missing fields are an error, never silently defaulted."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: 'model' must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(WorldModelConfig)}
+    unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+    if unknown or missing:
+        raise CheckpointError(
+            f"{where}: model config does not match this code"
+            + (f"; fields unknown to this code: {unknown}" if unknown else "")
+            + (f"; fields missing from the checkpoint: {missing}" if missing else "")
+        )
+    try:
+        return WorldModelConfig(**d)
+    except (AssertionError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid model config ({e})") from None
+
+
+def write_folder_atomically(path: Path, write) -> None:
+    """Write into a temporary sibling folder, then swap it in, so a crash never leaves a
+    half-written checkpoint under `path` (the previous one stays intact until the swap)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(path: str | Path, model: WorldModel, meta: dict | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save `model`'s config and weights (or `state_dict`, e.g. EMA weights) to folder `path`."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or model.state_dict()).items()}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config_to_dict(model.config), "meta": meta or {}}
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+    write_folder_atomically(path, write)
+    return path
+
+
+def read_config(path: str | Path) -> tuple[WorldModelConfig, dict]:
+    """(model config, meta) of the checkpoint folder `path`."""
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder not found")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing (a checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not an ssm-gym world-model checkpoint (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {doc.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    return config_from_dict(doc.get("model"), str(cfg_path)), doc.get("meta", {})
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    w_path = Path(path) / WEIGHTS_FILE
+    if not w_path.is_file():
+        raise CheckpointError(f"{w_path}: missing")
+    try:
+        return load_file(str(w_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{w_path}: corrupt or truncated weights file ({e})") from None
+
+
+def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensors (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"shape mismatches (checkpoint vs config): {wrong[:3]}")
+        raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(parts))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> WorldModel:
+    """Build the model described by the checkpoint folder `path` and load its weights (eval mode)."""
+    config, _ = read_config(path)
+    model = WorldModel(config)
+    tensors = read_weights(path)
+    check_state_dict(model, tensors, str(Path(path) / WEIGHTS_FILE))
+    model.load_state_dict(tensors)
+    return model.to(device).eval()

@@ -1,0 +1,401 @@
+"""The video world model: block-wise SSM + frame-local attention, diffusion-forcing denoiser.
+
+Frames (64 x 64 x 3 uint8) enter as 8 x 8 pixel patches -> an 8 x 8 grid of tokens per frame.
+Each layer = adaLN-modulated [block-wise Mamba-2 scan] -> [frame-local attention] -> [MLP],
+conditioned per frame on (noise level embedding + embedding of the action that led to the frame).
+Heads: the denoised frame (EDM preconditioning, see diffusion.py), a reward and a termination
+logit for the transition into the frame.
+
+Conventions
+- ``actions[:, t]`` is the action that led to frame t; a first frame gets ``model.START``
+  (= n_actions). With the Gymnasium convention (``context_actions[i]`` taken after
+  ``context_obs[i]``) use :func:`incoming_actions`.
+- ``forward`` runs a clip (or a piece of one, after ``state``) in parallel; ``observe`` /
+  ``generate`` are the step API on a batch of N environments: constant-size state
+  (except the "attn_full" baseline, whose KV cache grows).
+
+Variants (``config.variant``): "full" (block-wise SSM + frame-local attention), "attn_local"
+(frame-local attention only), "ssm_flat" (SSM over the flattened frame, no block-wise scan, +
+local attention), "attn_full" (causal attention over all past frames, growing KV cache).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import FrameLocalAttention, KVCache
+from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
+from .ssm import BlockwiseSSM
+
+VARIANTS = ("full", "attn_local", "ssm_flat", "attn_full")
+
+
+@dataclass
+class WorldModelConfig:
+    variant: str = "full"
+    image_size: int = 64
+    channels: int = 3
+    patch_size: int = 8  # 64x64 frame -> 8x8 token grid of 8x8x3 pixel patches
+    d_model: int = 128
+    n_layers: int = 6
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    # SSM (Mamba-2)
+    block_sizes: tuple = ((2, 2), (4, 4), (8, 8))  # per layer, cycled ("full" variant)
+    d_state: int = 16
+    ssm_expand: int = 2
+    ssm_headdim: int = 32
+    d_conv: int = 4
+    ssm_chunk_size: int = 64
+    backend: str = "auto"  # "auto" | "torch" | "mamba" | "sequential"
+    # attention
+    attn_window: int = 10  # k: own frame + k-1 previous ("attn_full" ignores it)
+    attn_chunk_frames: Optional[int] = None  # query frames per attention call (default: ceil(k/2))
+    # conditioning
+    n_actions: int = 6
+    # diffusion (EDM)
+    sigma_data: float = 0.5
+    sigma_min: float = 2e-3
+    sigma_max: float = 5.0
+    rho: float = 7.0
+    p_mean: float = -0.4
+    p_std: float = 1.2
+    sample_steps: int = 3
+
+    def __post_init__(self):
+        assert self.variant in VARIANTS, f"variant must be one of {VARIANTS}"
+        self.block_sizes = tuple(tuple(b) if b is not None else None for b in self.block_sizes)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+    @property
+    def has_ssm(self) -> bool:
+        return self.variant in ("full", "ssm_flat")
+
+    @property
+    def window(self) -> Optional[int]:
+        return None if self.variant == "attn_full" else self.attn_window
+
+    def block_size(self, layer: int):
+        if self.variant == "ssm_flat":
+            return None
+        return self.block_sizes[layer % len(self.block_sizes)]
+
+
+def incoming_actions(context_actions: Tensor, start: int) -> Tensor:
+    """Gymnasium convention -> model convention. context_actions (..., T-1) (``[i]`` taken after
+    obs i) -> (..., T) action that led to each frame, ``start`` for the first."""
+    first = torch.full_like(context_actions[..., :1], start)
+    return torch.cat([first, context_actions], dim=-1)
+
+
+class WorldModelOutput(NamedTuple):
+    denoised: Tensor  # (B, T, H, W, C) x0 estimate in [-1, 1] scale
+    raw: Tensor  # (B, T, H, W, C) network output F before EDM preconditioning
+    reward: Tensor  # (B, T)
+    term_logit: Tensor  # (B, T)
+    state: Optional["WorldModelState"]
+
+
+@dataclass
+class WorldModelState:
+    """Inference state of a batch of N environments, all preallocated tensors.
+
+    t: (N,) frames seen per env; ssm[l]: (conv_state, ssm_state) per spatial block, or None;
+    kv[l]: :class:`KVCache` ring of the last k-1 frames (growing for "attn_full").
+    """
+
+    t: Tensor
+    ssm: list
+    kv: list
+
+    def _map(self, fn) -> "WorldModelState":
+        ssm = [None if s is None else tuple(fn(x) for x in s) for s in self.ssm]
+        kv = [KVCache(fn(c.k), fn(c.v), fn(c.pos)) for c in self.kv]
+        return WorldModelState(fn(self.t), ssm, kv)
+
+    def clone(self) -> "WorldModelState":
+        return self._map(lambda x: x.clone())
+
+    def detach(self) -> "WorldModelState":
+        return self._map(lambda x: x.detach())
+
+    def index_select(self, idx: Tensor) -> "WorldModelState":
+        """New state with envs ``idx`` (forking for planners: idx may repeat)."""
+        return self._map(lambda x: x.index_select(0, idx.to(x.device)))
+
+    def copy_(self, other: "WorldModelState") -> "WorldModelState":
+        """In-place update from ``other`` (same batch size); a grown KV cache is rebound."""
+        self.t.copy_(other.t)
+        for mine, theirs in zip(self.ssm, other.ssm):
+            if mine is not None:
+                for a, b in zip(mine, theirs):
+                    if a is not b:
+                        a.copy_(b)
+        for i, (mine, theirs) in enumerate(zip(self.kv, other.kv)):
+            if mine is theirs:
+                continue
+            if mine.k.shape == theirs.k.shape:
+                mine.k.copy_(theirs.k), mine.v.copy_(theirs.v), mine.pos.copy_(theirs.pos)
+            else:
+                self.kv[i] = theirs
+        return self
+
+    def index_copy_(self, idx: Tensor, other: "WorldModelState") -> "WorldModelState":
+        """In place: env ``idx[j]`` takes the state of env j of ``other`` (resets with context)."""
+        idx = idx.to(self.t.device)
+        self.t.index_copy_(0, idx, other.t)
+        for mine, theirs in zip(self.ssm, other.ssm):
+            if mine is not None:
+                for a, b in zip(mine, theirs):
+                    a.index_copy_(0, idx, b.to(a.dtype))
+        for i, (mine, theirs) in enumerate(zip(self.kv, other.kv)):
+            slots = max(mine.k.shape[1], theirs.k.shape[1])  # only "attn_full" caches differ in size
+            mine, theirs = _pad_cache(mine, slots), _pad_cache(theirs, slots)
+            for a, b in ((mine.k, theirs.k), (mine.v, theirs.v), (mine.pos, theirs.pos)):
+                a.index_copy_(0, idx, b.to(a.dtype))
+            self.kv[i] = mine
+        return self
+
+    def reset_(self, mask: Tensor) -> "WorldModelState":
+        """Reset the envs where ``mask`` (N,) bool is set, in place."""
+        m = mask.to(self.t.device).bool()
+        self.t.masked_fill_(m, 0)
+        for s in self.ssm:
+            if s is not None:
+                for x in s:
+                    x[m] = 0
+        for c in self.kv:
+            c.pos[m] = -1
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        return self.t.shape[0]
+
+    def nbytes(self) -> int:
+        total = 0
+        for s in self.ssm:
+            if s is not None:
+                total += sum(x.numel() * x.element_size() for x in s)
+        for c in self.kv:
+            total += sum(x.numel() * x.element_size() for x in (c.k, c.v, c.pos))
+        return total
+
+
+def _pad_cache(c: KVCache, slots: int) -> KVCache:
+    """A full-attention cache grown to ``slots`` slots (new slots empty); unchanged if big enough."""
+    extra = slots - c.k.shape[1]
+    if extra <= 0:
+        return c
+    pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), v)], 1)  # noqa: E731
+    return KVCache(pad(c.k, 0), pad(c.v, 0), pad(c.pos, -1))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, ratio: float):
+        super().__init__()
+        h = int(d * ratio)
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Layer(nn.Module):
+    """adaLN-Zero block: [SSM] -> attention -> MLP, each pre-normed, modulated (shift, scale) and
+    gated by the per-frame conditioning vector."""
+
+    def __init__(self, cfg: WorldModelConfig, idx: int):
+        super().__init__()
+        d = cfg.d_model
+        self.ssm = None
+        if cfg.has_ssm:
+            self.ssm = BlockwiseSSM(d, cfg.grid, cfg.block_size(idx), d_state=cfg.d_state, expand=cfg.ssm_expand,
+                                    headdim=cfg.ssm_headdim, d_conv=cfg.d_conv, chunk_size=cfg.ssm_chunk_size,
+                                    backend=cfg.backend)
+        self.attn = FrameLocalAttention(d, cfg.n_heads, cfg.grid[0] * cfg.grid[1], window=cfg.window,
+                                        chunk_frames=cfg.attn_chunk_frames)
+        self.mlp = MLP(d, cfg.mlp_ratio)
+        self.n_sub = 3 if self.ssm is not None else 2
+        self.ada = nn.Linear(d, 3 * self.n_sub * d)
+        nn.init.zeros_(self.ada.weight), nn.init.zeros_(self.ada.bias)
+        self.eps = 1e-6
+
+    def _norm(self, x):
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def forward(self, x, cond, pos, ssm_state, kv, update):
+        # x (B, T, N, D); cond (B, T, D) already SiLU'd
+        b, t, n, d = x.shape
+        mods = self.ada(cond)[:, :, None].chunk(3 * self.n_sub, dim=-1)
+        new_ssm = None
+        i = 0
+        if self.ssm is not None:
+            h = modulate(self._norm(x), mods[0], mods[1])
+            h, new_ssm = self.ssm(h.reshape(b, t, *self.ssm.grid, d), ssm_state)
+            x = torch.addcmul(x, mods[2], h.reshape(b, t, n, d))  # x + gate * h
+            i = 3
+        h, kv = self.attn(modulate(self._norm(x), mods[i], mods[i + 1]), pos, kv, update=update)
+        x = torch.addcmul(x, mods[i + 2], h)
+        x = torch.addcmul(x, mods[i + 5], self.mlp(modulate(self._norm(x), mods[i + 3], mods[i + 4])))
+        return x, new_ssm, kv
+
+
+class WorldModel(nn.Module):
+    def __init__(self, config: WorldModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        d, p, c = cfg.d_model, cfg.patch_size, cfg.channels
+        self.grid = cfg.grid
+        self.n_tok = self.grid[0] * self.grid[1]
+        self.patch_dim = p * p * c
+        self.START = cfg.n_actions
+        self.patch_in = nn.Linear(self.patch_dim, d)
+        self.pos_emb = nn.Parameter(torch.randn(self.n_tok, d) * 0.02)
+        self.register_buffer("noise_freqs", torch.randn(d // 2) * 4.0, persistent=True)  # Fourier features
+        self.noise_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.action_emb = nn.Embedding(cfg.n_actions + 1, d)
+        self.layers = nn.ModuleList([Layer(cfg, i) for i in range(cfg.n_layers)])
+        self.final_ada = nn.Linear(d, 2 * d)
+        self.patch_out = nn.Linear(d, self.patch_dim)
+        self.head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2))  # reward, termination
+        for m in (self.final_ada, self.patch_out):
+            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def receptive_field(self) -> Optional[int]:
+        """Frames back (incl. the current) that can influence an output: None = unbounded."""
+        cfg = self.config
+        if cfg.has_ssm or cfg.window is None:
+            return None
+        return cfg.n_layers * (cfg.window - 1) + 1
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> WorldModelState:
+        device = device if device is not None else self.pos_emb.device
+        ssm = [l.ssm.init_state(batch_size, device, dtype) if l.ssm is not None else None for l in self.layers]
+        kv = [l.attn.init_cache(batch_size, device, dtype) for l in self.layers]
+        return WorldModelState(torch.zeros(batch_size, dtype=torch.long, device=device), ssm, kv)
+
+    # -- tokens --------------------------------------------------------------------------------
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, T, H, W, C) -> (B, T, N, p*p*C)"""
+        b, t, hh, ww, c = x.shape
+        p = self.config.patch_size
+        x = x.reshape(b, t, hh // p, p, ww // p, p, c).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, self.n_tok, self.patch_dim)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        b, t = x.shape[:2]
+        p, c = self.config.patch_size, self.config.channels
+        gh, gw = self.grid
+        x = x.reshape(b, t, gh, gw, p, p, c).permute(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, gh * p, gw * p, c)
+
+    # -- network -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, sigma: Tensor, actions: Tensor, state: Optional[WorldModelState] = None,
+                update: str = "copy") -> WorldModelOutput:
+        """Denoise a clip (or a piece following ``state``) in parallel.
+
+        x (B, T, H, W, C) noisy frames in [-1, 1] scale (uint8 accepted: clean frames); sigma (B, T)
+        noise level per frame (0 = clean); actions (B, T) long, the action that led to each frame.
+        update: with a state, "copy" returns a new state after these frames (autograd-safe),
+        "inplace" advances ``state`` itself, "none" leaves it (denoising passes).
+        """
+        cfg = self.config
+        x = frames_to_float(x)
+        b, t = x.shape[:2]
+        sigma = sigma.to(x.dtype).expand(b, t)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, cfg.sigma_data)
+        tok = self.patch_in(self.patchify(x * c_in[:, :, None, None, None])) + self.pos_emb
+        ang = c_noise[..., None] * self.noise_freqs
+        cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + self.action_emb(actions)
+        cond = F.silu(cond)
+
+        if state is None:
+            pos = torch.arange(t, device=x.device)[None].expand(b, t)
+        else:
+            pos = state.t[:, None] + torch.arange(t, device=x.device)
+        attn_update = "none" if (state is None or update == "none") else update
+        new_ssm, new_kv = [], []
+        for i, layer in enumerate(self.layers):
+            ssm_s = state.ssm[i] if state is not None else None
+            kv = state.kv[i] if state is not None else None
+            tok, s_new, kv_new = layer(tok, cond, pos, ssm_s, kv, attn_update)
+            new_ssm.append(s_new), new_kv.append(kv_new)
+
+        shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
+        hfin = F.layer_norm(tok, tok.shape[-1:], eps=1e-6)
+        raw = self.unpatchify(self.patch_out(modulate(hfin, shift, scale)))
+        rt = self.head(hfin.mean(dim=2))
+        denoised = c_skip[:, :, None, None, None] * x + c_out[:, :, None, None, None] * raw
+
+        new_state = None
+        if state is not None and update != "none":
+            ssm_out = [None if s is None else tuple(z.to(state.ssm[i][j].dtype) for j, z in enumerate(s))
+                       for i, s in enumerate(new_ssm)]
+            new_state = WorldModelState(state.t + t, ssm_out, new_kv)
+            if update == "inplace":
+                new_state = state.copy_(new_state)
+        elif state is not None:
+            new_state = state
+        return WorldModelOutput(denoised, raw, rt[..., 0], rt[..., 1], new_state)
+
+    # -- step API (inference on a batch of N envs) ---------------------------------------------
+    @torch.no_grad()
+    def observe(self, state: WorldModelState, frame: Tensor, action) -> WorldModelOutput:
+        """Advance ``state`` (in place) on real clean frames. frame (N, H, W, C) uint8 (or float in
+        [-1, 1]); action (N,) long: the action that led to this frame (``START`` after a reset).
+        Returns the outputs for this frame (reward/termination predictions included)."""
+        frame = frame[:, None]
+        return self.observe_clip(state, frame, self._actions(action, frame.shape[0])[:, None])
+
+    @torch.no_grad()
+    def observe_clip(self, state: WorldModelState, frames: Tensor, actions: Tensor) -> WorldModelOutput:
+        """Warm up on T real frames at once (parallel form): frames (N, T, H, W, C), actions (N, T)."""
+        sigma = torch.zeros(frames.shape[:2], device=frames.device)
+        return self(frames, sigma, actions.to(frames.device), state=state, update="inplace")
+
+    @torch.no_grad()
+    def generate(self, state: WorldModelState, action, steps: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None):
+        """Imagine the next frame after taking ``action`` (N,) long, then advance ``state`` once on
+        the generated (uint8-quantised, clean) frame. ``steps`` denoising steps (default
+        ``config.sample_steps``; 1 = fast mode). Returns ``(frame (N, H, W, C) uint8,
+        reward (N,) float, terminated (N,) bool)``."""
+        cfg = self.config
+        n = state.batch_size
+        a = self._actions(action, n)[:, None]
+        shape = (n, 1, cfg.image_size, cfg.image_size, cfg.channels)
+        dev = self.pos_emb.device
+
+        def denoise(x, s):
+            return self(x, s.expand(n, 1), a, state=state, update="none").denoised
+
+        x = sample(denoise, shape, steps or cfg.sample_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
+                   generator=generator, device=dev, dtype=self.pos_emb.dtype, noise=noise)
+        frame = float_to_frames(x)
+        out = self(frame, torch.zeros(n, 1, device=dev), a, state=state, update="inplace")
+        return frame[:, 0], out.reward[:, 0], out.term_logit[:, 0] > 0
+
+    def _actions(self, action, n: int) -> Tensor:
+        a = torch.as_tensor(action, dtype=torch.long, device=self.pos_emb.device)
+        return a.expand(n) if a.dim() == 0 else a

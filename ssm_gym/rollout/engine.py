@@ -1,0 +1,135 @@
+"""Batched rollout engine: N imagined environments stepped by one batched model call per step.
+
+All per-environment state lives in preallocated tensors on one device: the model's inference
+state (per layer: the SSM state of every spatial block and the last-k-frames attention cache),
+the last frame, step counters, and one noise generator per environment. Memory and time per
+step do not depend on how long an episode has run (the SSM state and the attention window have
+fixed sizes). Environment i's sampling noise comes from its own generator, so its rollout does
+not depend on which other environments share the batch.
+
+    engine = RolloutEngine(model, num_envs=64)
+    engine.reset(torch.ones(64, dtype=torch.bool), first_frames)      # or with real context
+    frames, rewards, terminated = engine.step(actions)                 # (64, 64, 64, 3) uint8, ...
+    planner = engine.fork(torch.tensor([3, 3, 3, 3]))                  # 4 copies of env 3
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ssm_gym.maze.sim import N_ACTIONS
+from ssm_gym.model.world_model import WorldModel, WorldModelState
+
+
+class RolloutEngine:
+    def __init__(self, model: WorldModel, num_envs: int, device: str | torch.device | None = None,
+                 sampling_steps: Optional[int] = None, seed: int = 0):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.num_envs = num_envs
+        self.sampling_steps = sampling_steps or model.config.sample_steps
+        if self.sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+        cfg = model.config
+        self.frame_shape = (cfg.image_size, cfg.image_size, cfg.channels)
+        self.state: WorldModelState = model.init_state(num_envs, self.device)
+        self.frames = torch.zeros((num_envs, *self.frame_shape), dtype=torch.uint8, device=self.device)
+        self.steps = torch.zeros(num_envs, dtype=torch.long, device=self.device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(num_envs)]
+
+    # -- episode starts ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def reset(self, mask: Tensor, first_frames: Tensor, context_actions: Optional[Tensor] = None,
+              seeds: Optional[list[int]] = None) -> Tensor:
+        """Start new episodes in the envs where `mask` (N,) is True.
+
+        first_frames: (M, H, W, C) uint8, one first frame per reset env, or (M, T, H, W, C) real
+        context frames with `context_actions` (M, T-1) (`context_actions[:, i]` was taken after
+        frame i): the model is warmed up on the real history and the next `step` predicts frame T.
+        seeds: reseed the reset envs' noise generators. Returns the current frames (N, H, W, C).
+        """
+        mask = torch.as_tensor(mask, dtype=torch.bool, device=self.device)
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"reset mask must have shape ({self.num_envs},), got {tuple(mask.shape)}")
+        idx = mask.nonzero().flatten()
+        m = len(idx)
+        if m == 0:
+            return self.frames
+        frames = torch.as_tensor(first_frames, device=self.device)
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"frames must be uint8, got {frames.dtype}")
+        if frames.dim() == 4:
+            frames = frames[:, None]
+        if frames.dim() != 5 or frames.shape[0] != m or tuple(frames.shape[2:]) != self.frame_shape:
+            raise ValueError(f"expected {m} first frames of shape {self.frame_shape} (or ({m}, T, *{self.frame_shape}) "
+                             f"context), got {tuple(first_frames.shape)}")
+        t = frames.shape[1]
+        if context_actions is None:
+            if t != 1:
+                raise ValueError(f"{t} context frames given without context_actions")
+            context_actions = torch.zeros((m, 0), dtype=torch.long)
+        acts = self.check_actions(context_actions, (m, t - 1), "context_actions")
+        prev = torch.cat([torch.full((m, 1), self.model.START, dtype=torch.long, device=self.device), acts], 1)
+        sub = self.model.init_state(m, self.device)
+        self.model.observe_clip(sub, frames, prev)
+        self.state.index_copy_(idx, sub)
+        self.frames[idx] = frames[:, -1]
+        self.steps[idx] = 0
+        if seeds is not None:
+            if len(seeds) != m:
+                raise ValueError(f"expected {m} seeds, got {len(seeds)}")
+            for i, s in zip(idx.tolist(), seeds):
+                self.generators[i].manual_seed(int(s))
+        return self.frames
+
+    # -- one step for all envs -----------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, actions) -> tuple[Tensor, Tensor, Tensor]:
+        """Take one action in every env: returns (frames (N, H, W, C) uint8, rewards (N,) float,
+        terminated (N,) bool), all on the engine's device."""
+        a = self.check_actions(actions, (self.num_envs,), "actions")
+        noise = torch.stack([torch.randn((1, *self.frame_shape), generator=g, device=self.device)
+                             for g in self.generators])
+        frames, rewards, terminated = self.model.generate(self.state, a, steps=self.sampling_steps, noise=noise)
+        self.frames.copy_(frames)
+        self.steps += 1
+        return self.frames, rewards, terminated
+
+    # -- planners ------------------------------------------------------------------------------
+    def fork(self, idx) -> "RolloutEngine":
+        """A new engine whose env j is a copy of this engine's env idx[j] (idx may repeat): state,
+        frame, step count and noise stream. The copies then evolve independently."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device).flatten()
+        if len(idx) == 0 or idx.min() < 0 or idx.max() >= self.num_envs:
+            raise ValueError(f"fork indices must be in [0, {self.num_envs}), got {idx.tolist()}")
+        new = RolloutEngine.__new__(RolloutEngine)
+        new.device, new.model, new.num_envs = self.device, self.model, len(idx)
+        new.sampling_steps, new.frame_shape = self.sampling_steps, self.frame_shape
+        new.state = self.state.index_select(idx)
+        new.frames = self.frames.index_select(0, idx).clone()
+        new.steps = self.steps.index_select(0, idx).clone()
+        new.generators = []
+        for i in idx.tolist():
+            g = torch.Generator(device=self.device)
+            g.set_state(self.generators[i].get_state())
+            new.generators.append(g)
+        return new
+
+    def state_nbytes(self) -> int:
+        """Bytes of per-environment state held for all envs (model state, frames, counters)."""
+        return self.state.nbytes() + self.frames.numel() + self.steps.numel() * 8
+
+    def check_actions(self, actions, shape: tuple[int, ...], name: str) -> Tensor:
+        a = torch.as_tensor(actions, device=self.device)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(a.shape)}")
+        if a.is_floating_point() or a.is_complex() or a.dtype == torch.bool:
+            raise TypeError(f"{name} must be integers in [0, {N_ACTIONS}), got dtype {a.dtype}")
+        if a.numel() and (a.min() < 0 or a.max() >= N_ACTIONS):
+            raise ValueError(f"{name} out of range: values must be in [0, {N_ACTIONS}), got min {int(a.min())} max {int(a.max())}")
+        return a.long()

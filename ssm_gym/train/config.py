@@ -1,0 +1,124 @@
+"""Training configuration: one dataclass (tyro turns it into the CLI) and the named presets.
+
+The curriculum over sequence length is a list of stages, each a clip length and a number of
+optimizer steps. Frames per optimizer step stay about constant (`frames_per_step`), so the
+batch shrinks as clips grow; clips longer than `tbptt_frames` are trained with truncated
+back-propagation over temporal chunks, the SSM state (and attention cache) carried between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ssm_gym.model.world_model import WorldModelConfig
+
+
+@dataclass
+class TrainConfig:
+    # -- data and output
+    data_dir: Path = Path("data/maze")
+    """Folder of training episodes (python -m training.collect)."""
+    val_dir: Optional[Path] = Path("data/maze-val")
+    """Folder of held-out episodes (other maze seeds) for validation; None to skip validation."""
+    out_dir: Path = Path("runs/maze-cpu")
+    """Run folder: checkpoints/, metrics.csv, tb/ (TensorBoard), samples/ (videos), model/ (final EMA)."""
+    # -- model
+    model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    # -- curriculum over clip length
+    stage_clip_lens: tuple[int, ...] = (16, 32, 64, 128)
+    """Clip length (frames) of each curriculum stage."""
+    stage_steps: tuple[int, ...] = (1000, 1000, 1000, 1000)
+    """Optimizer steps of each stage."""
+    frames_per_step: int = 128
+    """Frames per optimizer step over all processes (batch = frames_per_step // clip_len, at least 1)."""
+    tbptt_frames: int = 64
+    """Clips longer than this are split into temporal chunks with the state carried (truncated BPTT)."""
+    # -- objective
+    long_context: bool = True
+    """Paper's long-context training: a clean prefix longer than half the clip, loss on the rest."""
+    long_context_prob: float = 0.5
+    # -- optimisation
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    """EMA of the weights; the EMA weights are the ones saved for sampling."""
+    amp: bool = True
+    """bf16 autocast on CPU (and CUDA)."""
+    compile: bool = False
+    """torch.compile the model."""
+    # -- bookkeeping
+    seed: int = 0
+    device: str = "cpu"
+    threads: Optional[int] = None
+    """torch threads per process (default: torch's choice)."""
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    val_every: int = 500
+    val_episodes: int = 4
+    val_context: int = 32
+    """Real frames the model sees before predicting, in validation."""
+    val_horizon: int = 100
+    """Frames generated open-loop in validation (the n-step PSNR is at this horizon)."""
+    sample_every: int = 1000
+    """Write a real-vs-predicted video every this many steps (0: never)."""
+    resume: bool = False
+    """Continue the run in out_dir from its latest checkpoint."""
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage_steps)
+
+    def stage_at(self, step: int) -> int:
+        edge = 0
+        for i, n in enumerate(self.stage_steps):
+            edge += n
+            if step < edge:
+                return i
+        return len(self.stage_steps) - 1
+
+    def validate(self) -> None:
+        if len(self.stage_clip_lens) != len(self.stage_steps) or not self.stage_steps:
+            raise ValueError(f"stage_clip_lens {self.stage_clip_lens} and stage_steps {self.stage_steps} must be non-empty and of equal length")
+        if min(self.stage_clip_lens) < 2:
+            raise ValueError("clips need at least 2 frames")
+        if self.tbptt_frames < 1 or self.frames_per_step < 1:
+            raise ValueError("tbptt_frames and frames_per_step must be >= 1")
+
+
+def _tiny_model() -> WorldModelConfig:
+    return WorldModelConfig(d_model=32, n_layers=2, n_heads=2, d_state=8, ssm_headdim=16, ssm_chunk_size=16,
+                            block_sizes=((2, 2), (4, 4)), attn_window=3, sample_steps=2)
+
+
+PRESETS: dict[str, tuple[str, TrainConfig]] = {
+    "tiny": (
+        "A few-second run on a tiny model, for tests and smoke checks.",
+        TrainConfig(out_dir=Path("runs/tiny"), model=_tiny_model(), stage_clip_lens=(4, 8), stage_steps=(6, 6),
+                    frames_per_step=16, tbptt_frames=4, warmup_steps=2, ckpt_every=4, val_every=6,
+                    val_episodes=2, val_context=4, val_horizon=4, sample_every=0, log_every=2, amp=False),
+    ),
+    "maze-cpu": (
+        "The shipped model: about 3 hours on a 2-core CPU.",
+        TrainConfig(),
+    ),
+    "maze-gpu": (
+        "A bigger model for one GPU.",
+        TrainConfig(out_dir=Path("runs/maze-gpu"), device="cuda",
+                    model=WorldModelConfig(d_model=384, n_layers=12, n_heads=6, d_state=64, ssm_headdim=64),
+                    stage_clip_lens=(16, 32, 64, 128, 256, 512), stage_steps=(5000, 5000, 5000, 5000, 5000, 5000),
+                    frames_per_step=1024, tbptt_frames=256),
+    ),
+}
+
+
+def config_to_json(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

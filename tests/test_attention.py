@@ -1,0 +1,111 @@
+"""Frame-local attention: mask, window, cache (ring buffer / growing) == parallel form."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssm_gym.model.attention import FrameLocalAttention, apply_rope, rope_tables
+
+N_TOK, D, HEADS = 6, 32, 4
+
+
+def dense_reference(m, x, window):
+    """Attention over the flattened clip with an explicit (T*N x T*N) frame-window mask."""
+    b, t, n, d = x.shape
+    hd = d // HEADS
+    pos = torch.arange(t)[None].expand(b, t)
+    q, k, v = m.qkv(x).reshape(b, t, n, 3, HEADS, hd).unbind(3)
+    cos, sin = rope_tables(pos, hd, m.rope_base, q.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    fi = torch.arange(t).repeat_interleave(n)
+    allowed = fi[None, :] <= fi[:, None]
+    if window is not None:
+        allowed &= fi[:, None] - fi[None, :] < window
+    heads = lambda z: z.permute(0, 3, 1, 2, 4).reshape(b, HEADS, t * n, hd)  # noqa: E731
+    y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=allowed)
+    return m.proj(y.reshape(b, HEADS, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, d))
+
+
+@pytest.mark.parametrize("window,chunk", [(1, None), (3, None), (3, 2), (10, None), (10, 4), (None, 4), (None, 32)])
+def test_parallel_matches_dense_mask(window, chunk):
+    torch.manual_seed(0)
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=window, chunk_frames=chunk)
+    x = torch.randn(2, 13, N_TOK, D)
+    y, _ = m(x, torch.arange(13)[None].expand(2, 13))
+    torch.testing.assert_close(y, dense_reference(m, x, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 2, 4, None])
+def test_cache_steps_and_pieces_equal_parallel(window):
+    torch.manual_seed(0)
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=window, chunk_frames=3)
+    t = 11
+    x = torch.randn(2, t, N_TOK, D)
+    pos = torch.arange(t)[None].expand(2, t)
+    y, _ = m(x, pos)
+    cache, ys = m.init_cache(2), []
+    for i in range(t):
+        yi, cache = m(x[:, i:i + 1], pos[:, i:i + 1], cache, update="inplace")
+        ys.append(yi)
+    torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-4, atol=1e-5)
+    if window is not None:
+        assert cache.k.shape[1] == window - 1  # ring buffer: constant size
+    cache, ys = m.init_cache(2), []
+    for a, b in [(0, 4), (4, 5), (5, 11)]:
+        yi, cache = m(x[:, a:b], pos[:, a:b], cache, update="copy")
+        ys.append(yi)
+    torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-4, atol=1e-5)
+
+
+def test_update_none_leaves_cache_untouched():
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=4)
+    cache = m.init_cache(2)
+    x = torch.randn(2, 1, N_TOK, D)
+    _, c2 = m(x, torch.zeros(2, 1, dtype=torch.long), cache, update="none")
+    assert c2 is cache and (cache.pos == -1).all()
+
+
+@pytest.mark.parametrize("window", [2, 5])
+def test_window_respected(window):
+    torch.manual_seed(0)
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=window)
+    t = 12
+    x = torch.randn(1, t, N_TOK, D)
+    pos = torch.arange(t)[None]
+    y, _ = m(x, pos)
+    last = t - 1
+    old = x.clone()
+    old[:, : last - window + 1] = torch.randn_like(old[:, : last - window + 1])  # older than the window
+    assert torch.equal(m(old, pos)[0][:, last], y[:, last])
+    inside = x.clone()
+    inside[:, last - window + 1] += 1.0  # oldest frame inside the window
+    assert not torch.allclose(m(inside, pos)[0][:, last], y[:, last])
+    future = x.clone()
+    future[:, last] += 1.0
+    assert torch.equal(m(future, pos)[0][:, : last], y[:, : last])  # causal over frames
+
+
+def test_full_attention_sees_everything_and_cache_grows():
+    torch.manual_seed(0)
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=None)
+    t = 40
+    x = torch.randn(1, t, N_TOK, D)
+    pos = torch.arange(t)[None]
+    y, _ = m(x, pos)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    assert not torch.allclose(m(x2, pos)[0][:, -1], y[:, -1])
+    cache = m.init_cache(1, capacity=4)
+    for i in range(t):
+        _, cache = m(x[:, i:i + 1], pos[:, i:i + 1], cache, update="inplace")
+    assert cache.k.shape[1] >= t and int(cache.pos.max()) == t - 1
+
+
+def test_rope_is_relative_in_time():
+    hd = 8
+    q, k = torch.randn(1, 1, 1, 1, hd), torch.randn(1, 1, 1, 1, hd)
+    def score(pq, pk):
+        cq, sq = rope_tables(torch.tensor([[pq]]), hd, 1e4, q.dtype)
+        ck, sk = rope_tables(torch.tensor([[pk]]), hd, 1e4, k.dtype)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+    torch.testing.assert_close(score(5, 2), score(1_000_005, 1_000_002), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,147 @@
+"""Trainer: a tiny run end to end, exact resume after a kill, DDP on 2 CPU processes, safe checkpoints."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssm_gym.maze.dataset import save_episode
+from ssm_gym.maze.record import record_episodes
+from ssm_gym.model.checkpoint import CheckpointError, load_model
+from ssm_gym.train.config import PRESETS
+from ssm_gym.train.trainer import latest_checkpoint, lr_at, temporal_chunks, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for folder, seeds in (("train", range(6)), ("val", range(100, 102))):
+        eps = record_episodes(list(seeds), ["explore"] * len(seeds), steps=30)
+        for s, ep in zip(seeds, eps):
+            save_episode(root / folder / f"ep_{s:06d}.npz", ep)
+    return root
+
+
+def tiny(data, out_dir, **kw):
+    cfg = dataclasses.replace(PRESETS["tiny"][1], data_dir=data / "train", val_dir=data / "val", out_dir=out_dir)
+    return dataclasses.replace(cfg, **kw)
+
+
+def cli(data, out_dir, *extra):
+    return [sys.executable, "-m", "training.train", "tiny", "--data-dir", str(data / "train"),
+            "--val-dir", str(data / "val"), "--out-dir", str(out_dir), *extra]
+
+
+def test_schedule_and_chunks():
+    cfg = PRESETS["tiny"][1]
+    assert lr_at(cfg, 0) < lr_at(cfg, cfg.warmup_steps - 1) <= cfg.lr
+    assert abs(lr_at(cfg, cfg.total_steps - 1) - cfg.lr * cfg.min_lr_ratio) < 0.05 * cfg.lr
+    assert temporal_chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert [cfg.stage_at(s) for s in range(cfg.total_steps)] == [0] * 6 + [1] * 6
+
+
+def test_tiny_run_end_to_end(data, tmp_path):
+    out = tmp_path / "run"
+    final = train(tiny(data, out))
+    model = load_model(final)
+    assert model.config == PRESETS["tiny"][1].model
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and int(rows[-1].split(",")[0]) == 12
+    assert all(np.isfinite(float(r.split(",")[4])) for r in rows[1:])
+    val = (out / "val.csv").read_text().splitlines()
+    assert len(val) >= 2 and 0 < float(val[-1].split(",")[1]) < 100
+    assert latest_checkpoint(out).name == "step_0000012"
+    assert len(list((out / "checkpoints").glob("step_*"))) <= 3
+    # The curriculum changed the clip length and kept frames per step about constant.
+    stages = {r.split(",")[2]: r.split(",")[3] for r in rows[1:]}
+    assert stages == {"4": "4", "8": "2"}
+    # A new run never overwrites an old one.
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(data, out))
+    with pytest.raises(ValueError, match="config differs"):
+        train(tiny(data, out, resume=True, lr=1.0))
+
+
+def test_resume_after_kill_loses_at_most_one_interval_and_matches(data, tmp_path):
+    steps = ["--stage-steps", "15", "15", "--ckpt-every", "5", "--val-every", "100", "--log-every", "1"]
+    ref = tmp_path / "ref"
+    subprocess.run(cli(data, ref, *steps), check=True, cwd=ROOT, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cli(data, run, *steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = latest_checkpoint(run) if (run / "checkpoints" / "latest").exists() else None
+        if ck is not None and int(ck.name.split("_")[1]) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(r.split(",")[0]) for r in (run / "metrics.csv").read_text().splitlines()[1:])
+    resumed_from = int(latest_checkpoint(run).name.split("_")[1])
+    assert 10 <= resumed_from and killed_at - resumed_from <= 5
+    if resumed_from < 30:
+        subprocess.run(cli(data, run, *steps, "--resume"), check=True, cwd=ROOT, capture_output=True)
+    a = load_file(str(ref / "model" / "model.safetensors"))
+    b = load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    steps_logged = [int(r.split(",")[0]) for r in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps_logged == list(range(1, 31)), "rows after the checkpoint are replaced, not duplicated"
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(data, tmp_path):
+    out = tmp_path / "run"
+    final = train(tiny(data, out, stage_steps=(2, 2), val_every=100))
+    weights = final / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(final)
+    weights.write_bytes(blob)
+    cfg = json.loads((final / "config.json").read_text())
+    cfg["model"]["d_model"] = 48
+    (final / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match the config"):
+        load_model(final)
+    cfg["model"]["new_knob"] = 1
+    (final / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="new_knob"):
+        load_model(final)
+    (final / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(final)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nowhere")
+    # A damaged training checkpoint stops --resume with the file named.
+    ck = latest_checkpoint(out)
+    (ck / "train_state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="train_state|corrupt"):
+        train(tiny(data, out, stage_steps=(2, 2), val_every=100, resume=True))
+
+
+def test_ddp_two_cpu_processes(data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "training.train", "tiny", "--data-dir", str(data / "train"), "--val-dir", str(data / "val"),
+           "--out-dir", str(out), "--stage-steps", "3", "3", "--val-every", "100"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = load_model(out / "model")
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert int(rows[-1].split(",")[0]) == 6
+    assert rows[1].split(",")[3] == "4", "batch counts clips over both processes"
+    assert model.num_params() > 0
