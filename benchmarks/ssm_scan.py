@@ -6,8 +6,9 @@
 JSON keys
 - ``device``: str, ``threads``: int, ``torch``: torch version.
 - ``scan``: list, one entry per sequence length L:
-  ``L`` (tokens), ``sequential_ms`` (plain recurrence, forward), ``chunked_ms`` (pure-PyTorch
-  chunked SSD, forward), ``speedup`` (sequential / chunked), ``max_rel_err`` (normwise, fp32).
+  ``L`` (tokens), ``chunk_size``, ``sequential_ms`` (plain recurrence, forward), ``chunked_ms``
+  (pure-PyTorch chunked SSD, forward), ``speedup`` (sequential / chunked), ``max_rel_err``
+  (chunked fp32 vs sequential fp64, normwise: max|diff| / max|ref|). Times are best of ``repeats``.
   Shape: batch ``scan_batch`` sequences, 8 heads x 32 headdim, d_state 16 (the default layer).
 - ``matmul_gflops``: {"fp32": ..., "bf16": ...}: measured square matmul (``matmul_n``) GFLOP/s.
 - ``train``: list, one entry per precision ("fp32", "bf16" = bf16 autocast): ``precision``,
@@ -40,7 +41,7 @@ class Args:
     """torch threads (0 = torch default)"""
     lengths: tuple[int, ...] = (256, 1024, 4096)
     scan_batch: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 16
     matmul_n: int = 1024
     batch: int = 4
     """clips per train step"""
@@ -79,7 +80,7 @@ def bench_scan(args: Args) -> list[dict]:
             y_ref = ssd_sequential(x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())[0]
             y = ssd_chunked(x, dt, A, B, C, args.chunk_size, D)[0]
         err = ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item()
-        rows.append({"L": L, "sequential_ms": 1e3 * t_seq, "chunked_ms": 1e3 * t_chk,
+        rows.append({"L": L, "chunk_size": args.chunk_size, "sequential_ms": 1e3 * t_seq, "chunked_ms": 1e3 * t_chk,
                      "speedup": t_seq / t_chk, "max_rel_err": err})
     return rows
 

@@ -1,9 +1,11 @@
-"""The ssm-gym demo: a short episode of the ground-truth maze, as a video and a top-down map.
+"""The ssm-gym demo: the ground-truth maze, then (once a model ships) real vs imagined.
 
     make demo        # or: python examples/demo.py --steps 300 --seed 0
 
-Writes outputs/demo/real_maze.mp4 (first-person view beside the map, the agent's trail drawn)
-and outputs/demo/real_maze_map.png, and prints the simulator's measured speed.
+1. Writes outputs/demo/real_maze.mp4 (first-person view beside the map, the agent's trail
+   drawn) and outputs/demo/real_maze_map.png, and prints the simulator's measured speed.
+2. If the package ships a world model (ssm_gym/checkpoints/), runs the real and the imagined
+   maze side by side on the same actions (examples/real_vs_imagined.py) and prints its speed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import numpy as np
 import tyro
 
 import ssm_gym  # noqa: F401  (registers the env ids)
+from ssm_gym.checkpoints import shipped_checkpoint
 from ssm_gym.maze.policies import ExplorePolicy
+from ssm_gym.model.checkpoint import CheckpointError
 
 
 @dataclass
@@ -60,6 +64,20 @@ def main(args: Args) -> None:
     print(f"  top-down map with trail:    {map_png}")
     print(f"  {args.steps / elapsed:,.0f} steps/s including the policy and map drawing")
     print("  simulator alone: python benchmarks/maze_sim.py")
+
+    try:
+        checkpoint = shipped_checkpoint()
+    except CheckpointError as e:
+        print(f"\nNo world model ships with this version yet ({e}).")
+        return
+    import real_vs_imagined  # the example beside this file
+
+    res = real_vs_imagined.run(real_vs_imagined.Args(checkpoint=checkpoint, steps=args.steps, seed=args.seed,
+                                                     out=args.out_dir / "real_vs_imagined.mp4"))
+    print(f"\nSSMWorld-Maze-v0 (shipped model), same actions as the real maze:")
+    print(f"  video (real | imagined): {res['video']}")
+    print(f"  {res['env_steps_per_s']:.1f} imagined env-steps/s (1 env); PSNR vs real: "
+          f"{res['psnr_first_10']:.1f} dB over the first 10 steps, {res['psnr_last_10']:.1f} dB over the last 10")
 
 
 if __name__ == "__main__":

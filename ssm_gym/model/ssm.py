@@ -91,8 +91,9 @@ def segsum_exp(a: Tensor, col_scale: Optional[Tensor] = None) -> Tensor:
     return out.exp_() * scale
 
 
-def _ssd_chunked_segment(x, dt, A, B, C, q: int, state: Tensor):
-    """Chunked SSD over one segment whose length is a multiple of ``q``; state (b, g, hg, p, n)."""
+def _ssd_chunked_segment(x, dt, A, B, C, D, q: int, state: Tensor):
+    """Chunked SSD over one segment whose length is a multiple of ``q``; state (b, g, hg, p, n).
+    Returns y in layout (b, c, g, hg, q, p) and the final state."""
     b, l, g, hg, p = x.shape
     n = B.shape[-1]
     c = l // q
@@ -105,6 +106,8 @@ def _ssd_chunked_segment(x, dt, A, B, C, q: int, state: Tensor):
 
     # 1. intra-chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
     scores = (Cg @ Bg.transpose(-1, -2)) * segsum_exp(ah, dth)  # (b, c, g, hg, q, q)
+    if D is not None:  # skip connection D * x folded into the diagonal
+        scores.diagonal(dim1=-2, dim2=-1).add_(D.reshape(g, hg, 1))
     y = scores @ xh  # (b, c, g, hg, q, p)
     # 2. state each chunk leaves from a zero start: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
     Bw = Bg * (torch.exp(acum[..., -1:] - acum) * dth)[..., None]  # (b, c, g, hg, q, n)
@@ -119,11 +122,10 @@ def _ssd_chunked_segment(x, dt, A, B, C, q: int, state: Tensor):
     # 4. carried-in state seen by token i: exp(a_0 + ... + a_i) C_i . S_chunk, fused into y
     Cw = Cg * torch.exp(acum)[..., None]  # (b, c, g, hg, q, n)
     y = torch.baddbmm(y.reshape(-1, q, p), Cw.reshape(-1, q, n), prev.reshape(-1, p, n).transpose(-1, -2))
-    y = y.reshape(b, c, g, hg, q, p).permute(0, 1, 4, 2, 3, 5).reshape(b, l, g, hg, p)
-    return y, s
+    return y.reshape(b, c, g, hg, q, p), s
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, segment: int = 1024):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, segment: int = 256):
     """Chunked SSD: same inputs and outputs as :func:`ssd_sequential`.
 
     The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the output is a
@@ -148,14 +150,20 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     dtg = dt.reshape(b, lp, g, hg)
     state = x.new_zeros(b, g, hg, p, n) if initial_state is None else initial_state.to(x.dtype).reshape(b, g, hg, p, n)
     seg = max(q, (segment // q) * q)
-    ys = []
-    for s0 in range(0, lp, seg):
-        s1 = min(lp, s0 + seg)
-        y, state = _ssd_chunked_segment(xg[:, s0:s1], dtg[:, s0:s1], A, B[:, s0:s1], C[:, s0:s1], q, state)
-        ys.append(y)
-    y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)).reshape(b, lp, h, p)[:, :l]
-    if D is not None:
-        y = y + (D[:, None] if D.dim() == 1 else D) * x[:, :l]
+    Dd = None if D is None or D.dim() != 1 else D.to(x.dtype)
+    if lp <= seg:
+        y, state = _ssd_chunked_segment(xg, dtg, A, B, C, Dd, q, state)
+        y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, lp, h, p)
+    else:  # segments written straight into the output (one copy instead of permute + cat)
+        y = x.new_empty(b, lp // q, q, g, hg, p)
+        for s0 in range(0, lp, seg):
+            s1 = min(lp, s0 + seg)
+            ys, state = _ssd_chunked_segment(xg[:, s0:s1], dtg[:, s0:s1], A, B[:, s0:s1], C[:, s0:s1], Dd, q, state)
+            y[:, s0 // q:s1 // q] = ys.permute(0, 1, 4, 2, 3, 5)
+        y = y.reshape(b, lp, h, p)
+    y = y[:, :l]
+    if D is not None and Dd is None:  # D given per (head, headdim)
+        y = y + D * x[:, :l]
     return y, state.reshape(b, h, p, n)
 
 

@@ -179,7 +179,7 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
             raise FileNotFoundError(f"--resume: {cfg_file} not found; nothing to resume in {cfg.out_dir}")
         before = json.loads(cfg_file.read_text())
         config_from_dict(before["model"], str(cfg_file))  # the old model config must still be readable
-        ignore = {"resume"}
+        ignore = {"resume", "threads"}  # how this process runs, not what it trains
         diff = sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
         if diff:
             raise ValueError(f"--resume: config differs from the run in {cfg.out_dir} in {diff}; "

@@ -1,0 +1,159 @@
+"""Rollout engine speed and memory: env-steps/s, step time vs episode length, bytes per env.
+
+    python benchmarks/rollout.py                          # shipped model
+    python benchmarks/rollout.py --checkpoint runs/maze-cpu/model --json
+
+JSON keys (same figures as the tables):
+  "throughput": [{"num_envs", "env_steps_per_s", "ms_per_step"}] at the default sampling steps;
+  "flat": [{"variant", "episode_step", "ms_per_step", "state_bytes_per_env"}] for the model's own
+      variant and the full-causal-attention variant of the same width and depth (num_envs=1), with
+      "ratio_last_first" per variant;
+  "flops": {"num_envs", "gflop_per_step", "achieved_gflops", "matmul_gflops_fp32"} for one step at the
+      largest num_envs, next to this machine's matmul throughput measured in the same run;
+  "sampling_steps", "threads", "targets".
+Step times at a late episode step are measured by placing the engine there: the SSM state and the
+attention ring have fixed sizes, so only the step counter moves; the full-attention cache is filled
+with that many frames, which is exactly what its cost depends on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from torch.utils.flop_counter import FlopCounterMode
+
+import ssm_gym  # noqa: F401
+from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.model.attention import KVCache
+from ssm_gym.model.checkpoint import load_model
+from ssm_gym.model.world_model import WorldModel
+from ssm_gym.rollout.engine import RolloutEngine
+
+TARGETS = {"env_steps_per_s_at_64": 1000, "flat_within": 0.10, "matmul_fraction": 0.5}
+
+
+@dataclass
+class Args:
+    checkpoint: Optional[Path] = None
+    """Checkpoint folder (default: the shipped model)."""
+    num_envs: tuple[int, ...] = (1, 16, 64, 256)
+    episode_steps: tuple[int, ...] = (64, 1024, 8192)
+    sampling_steps: Optional[int] = None
+    """Denoising steps (default: the model's own)."""
+    seconds: float = 3.0
+    """Measuring time per throughput row."""
+    json: bool = False
+
+
+def first_frames(n: int) -> torch.Tensor:
+    venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=n)
+    return torch.from_numpy(venv.reset(seed=0)[0])
+
+
+def time_steps(engine: RolloutEngine, min_seconds: float, min_steps: int = 3) -> float:
+    """Seconds per engine step (after one warm-up step)."""
+    rng = np.random.default_rng(0)
+    engine.step(torch.from_numpy(rng.integers(0, 6, engine.num_envs)))
+    n, t0 = 0, time.perf_counter()
+    while n < min_steps or time.perf_counter() - t0 < min_seconds:
+        engine.step(torch.from_numpy(rng.integers(0, 6, engine.num_envs)))
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def place_at_step(engine: RolloutEngine, step: int) -> None:
+    """Put a 1-env engine at episode step `step` (see the module docstring)."""
+    state = engine.state
+    state.t.fill_(step)
+    for i, c in enumerate(state.kv):
+        if c.k.shape[1] >= step or engine.model.config.window is not None:
+            c.pos.copy_(torch.where(c.pos >= 0, c.pos + step - int(c.pos.max().clamp(min=0)), c.pos))
+            continue
+        b, _, *rest = c.k.shape
+        k = torch.randn(b, step, *rest, dtype=c.k.dtype) * c.k.std().clamp(min=1e-3)
+        v = torch.randn(b, step, *rest, dtype=c.v.dtype) * c.v.std().clamp(min=1e-3)
+        state.kv[i] = KVCache(k, v, torch.arange(step).expand(b, step).clone())
+
+
+def matmul_gflops(seconds: float = 1.0, n: int = 1024) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    k, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
+
+
+def main(args: Args) -> dict:
+    model = load_model(args.checkpoint or shipped_checkpoint())
+    steps = args.sampling_steps or model.config.sample_steps
+    frames = first_frames(max(args.num_envs))
+    out: dict = {"sampling_steps": steps, "threads": torch.get_num_threads(), "targets": TARGETS}
+
+    rows = []
+    for n in args.num_envs:
+        eng = RolloutEngine(model, n, sampling_steps=steps)
+        eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
+        sec = time_steps(eng, args.seconds)
+        rows.append({"num_envs": n, "env_steps_per_s": round(n / sec, 1), "ms_per_step": round(1000 * sec, 2)})
+    out["throughput"] = rows
+
+    flat = []
+    attn_cfg = dataclasses.replace(model.config, variant="attn_full")
+    for variant, m in ((model.config.variant, model), ("attn_full", WorldModel(attn_cfg).eval())):
+        times = []
+        for t in args.episode_steps:
+            eng = RolloutEngine(m, 1, sampling_steps=steps)
+            eng.reset(torch.ones(1, dtype=torch.bool), frames[:1])
+            place_at_step(eng, t)
+            sec = time_steps(eng, min(1.0, args.seconds))
+            times.append(sec)
+            flat.append({"variant": variant, "episode_step": t, "ms_per_step": round(1000 * sec, 2),
+                         "state_bytes_per_env": eng.state.nbytes()})
+        for r in flat[-len(times):]:
+            r["ratio_last_first"] = round(times[-1] / times[0], 3)
+    out["flat"] = flat
+
+    n = max(args.num_envs)
+    eng = RolloutEngine(model, n, sampling_steps=steps)
+    eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
+    with FlopCounterMode(display=False) as counter:
+        eng.step(torch.zeros(n, dtype=torch.long))
+    gflop = counter.get_total_flops() / 1e9
+    sec = next(r["ms_per_step"] for r in rows if r["num_envs"] == n) / 1000
+    out["flops"] = {"num_envs": n, "gflop_per_step": round(gflop, 2), "achieved_gflops": round(gflop / sec, 1),
+                    "matmul_gflops_fp32": round(matmul_gflops(), 1)}
+
+    if args.json:
+        print(json.dumps(out))
+        return out
+    print(f"Rollout engine, {model.config.variant} model ({model.num_params() / 1e6:.2f}M params), "
+          f"{steps} denoising steps + 1 state update per env-step, {out['threads']} threads")
+    print(f"{'num_envs':>8} | {'env-steps/s':>11} | {'ms/step':>8}")
+    for r in rows:
+        print(f"{r['num_envs']:>8} | {r['env_steps_per_s']:>11,.1f} | {r['ms_per_step']:>8.1f}")
+    print(f"\nstep time vs episode step (num_envs=1)")
+    print(f"{'variant':>10} | {'episode step':>12} | {'ms/step':>8} | {'state bytes/env':>15}")
+    for r in flat:
+        print(f"{r['variant']:>10} | {r['episode_step']:>12,} | {r['ms_per_step']:>8.1f} | {r['state_bytes_per_env']:>15,}")
+    for v in (model.config.variant, "attn_full"):
+        r = next(x for x in flat if x["variant"] == v)
+        print(f"{v}: step {args.episode_steps[-1]} / step {args.episode_steps[0]} time = {r['ratio_last_first']:.2f}x")
+    f = out["flops"]
+    print(f"\nnum_envs={f['num_envs']}: {f['gflop_per_step']} GFLOP per step, {f['achieved_gflops']} GFLOP/s achieved; "
+          f"matmul {f['matmul_gflops_fp32']} GFLOP/s fp32 -> {f['achieved_gflops'] / f['matmul_gflops_fp32']:.0%}")
+    return out
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
