@@ -142,7 +142,7 @@ def main(args: Args) -> dict:
     print(f"{'num_envs':>8} | {'env-steps/s':>11} | {'ms/step':>8}")
     for r in rows:
         print(f"{r['num_envs']:>8} | {r['env_steps_per_s']:>11,.1f} | {r['ms_per_step']:>8.1f}")
-    print(f"\nstep time vs episode step (num_envs=1)")
+    print("\nstep time vs episode step (num_envs=1)")
     print(f"{'variant':>10} | {'episode step':>12} | {'ms/step':>8} | {'state bytes/env':>15}")
     for r in flat:
         print(f"{r['variant']:>10} | {r['episode_step']:>12,} | {r['ms_per_step']:>8.1f} | {r['state_bytes_per_env']:>15,}")

@@ -74,7 +74,7 @@ def main(args: Args) -> None:
 
     res = real_vs_imagined.run(real_vs_imagined.Args(checkpoint=checkpoint, steps=args.steps, seed=args.seed,
                                                      out=args.out_dir / "real_vs_imagined.mp4"))
-    print(f"\nSSMWorld-Maze-v0 (shipped model), same actions as the real maze:")
+    print("\nSSMWorld-Maze-v0 (shipped model), same actions as the real maze:")
     print(f"  video (real | imagined): {res['video']}")
     print(f"  {res['env_steps_per_s']:.1f} imagined env-steps/s (1 env); PSNR vs real: "
           f"{res['psnr_first_10']:.1f} dB over the first 10 steps, {res['psnr_last_10']:.1f} dB over the last 10")

@@ -11,7 +11,7 @@ from gymnasium.utils.env_checker import check_env
 
 import ssm_gym  # noqa: F401
 from ssm_gym.envs.sb3 import SB3VecEnv
-from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv
+from ssm_gym.envs.world_model_env import WorldModelEnv
 from ssm_gym.model.checkpoint import CheckpointError, save_model
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine

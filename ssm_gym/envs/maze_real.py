@@ -22,6 +22,22 @@ OBSERVATION_SPACE = spaces.Box(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 ACTION_SPACE = spaces.Discrete(N_ACTIONS)
 
 
+def setup_vector_env(env: VectorEnv, num_envs: int, render_mode, autoreset_mode) -> None:
+    """What every native vector env here shares: checked arguments, metadata and spaces."""
+    autoreset_mode = AutoresetMode(autoreset_mode)
+    if autoreset_mode == AutoresetMode.DISABLED:
+        raise ValueError("autoreset_mode DISABLED is not supported; use NEXT_STEP or SAME_STEP")
+    if render_mode not in (None, "rgb_array"):
+        raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    env.metadata = {**env.metadata, "autoreset_mode": autoreset_mode}
+    env.num_envs, env.render_mode = num_envs, render_mode
+    env.single_observation_space, env.single_action_space = OBSERVATION_SPACE, ACTION_SPACE
+    env.observation_space = batch_space(OBSERVATION_SPACE, num_envs)
+    env.action_space = batch_space(ACTION_SPACE, num_envs)
+
+
 def _check_single_action(action) -> np.ndarray:
     a = np.asarray(action)
     if a.shape != ():
@@ -146,20 +162,9 @@ class MazeRealVectorEnv(VectorEnv):
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
     ):
-        autoreset_mode = AutoresetMode(autoreset_mode)
-        if autoreset_mode == AutoresetMode.DISABLED:
-            raise ValueError("autoreset_mode DISABLED is not supported; use NEXT_STEP or SAME_STEP")
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
-        self.num_envs = num_envs
+        setup_vector_env(self, num_envs, render_mode, autoreset_mode)
         self.sim = MazeBatch(num_envs, maze_size, n_objects, fov_deg)
         self.max_episode_steps = max_episode_steps
-        self.render_mode = render_mode
-        self.single_observation_space = OBSERVATION_SPACE
-        self.single_action_space = ACTION_SPACE
-        self.observation_space = batch_space(OBSERVATION_SPACE, num_envs)
-        self.action_space = batch_space(ACTION_SPACE, num_envs)
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.ones(num_envs, dtype=bool)
         self._obs: np.ndarray | None = None

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
 
 from ssm_gym.checkpoints import shipped_checkpoint
-from ssm_gym.envs.maze_real import ACTION_SPACE, OBSERVATION_SPACE, MazeRealEnv, _check_single_action
+from ssm_gym.envs.maze_real import ACTION_SPACE, OBSERVATION_SPACE, MazeRealEnv, _check_single_action, setup_vector_env
 from ssm_gym.maze.sim import MazeBatch, check_actions
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.world_model import WorldModel
@@ -150,19 +149,10 @@ class WorldModelVectorEnv(VectorEnv):
                  sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None):
-        autoreset_mode = AutoresetMode(autoreset_mode)
-        if autoreset_mode == AutoresetMode.DISABLED:
-            raise ValueError("autoreset_mode DISABLED is not supported; use NEXT_STEP or SAME_STEP")
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
-        self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
-        self.num_envs = num_envs
+        setup_vector_env(self, num_envs, render_mode, autoreset_mode)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps)
         self.real = MazeBatch(num_envs, maze_size, n_objects)
-        self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
-        self.single_observation_space, self.single_action_space = OBSERVATION_SPACE, ACTION_SPACE
-        self.observation_space = batch_space(OBSERVATION_SPACE, num_envs)
-        self.action_space = batch_space(ACTION_SPACE, num_envs)
+        self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.zeros(num_envs, dtype=bool)
