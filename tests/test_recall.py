@@ -1,0 +1,67 @@
+"""Recall benchmark: the protocol's ground truth, the metrics, and the CLI end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ssm_gym.eval.metrics import psnr, ssim
+from ssm_gym.eval.recall import Args, reasoning_episode, retrieval_episode, run
+from ssm_gym.maze.render import BORDER
+from ssm_gym.model.checkpoint import save_model
+from ssm_gym.model.world_model import WorldModel
+from ssm_gym.train.config import PRESETS
+
+
+def test_retrieval_frames_are_revisits_of_the_context():
+    ep = retrieval_episode(seed=2_000_000, context=60, n_revisits=3, retrace_len=10)
+    later = np.flatnonzero(ep.retrace)
+    assert len(later) == 30 and (later >= ep.context).all()
+    earlier = ep.source[later]
+    assert (earlier < ep.context).all()
+    inner = np.s_[:, BORDER:-BORDER, BORDER:-BORDER]
+    assert np.array_equal(ep.frames[later][inner], ep.frames[earlier][inner]), "same pose, same view"
+    assert (ep.gaps[later] > 0).all() and (ep.gaps[later] <= later - earlier).all()
+    assert len(ep.actions) == len(ep.frames) - 1
+
+
+def test_reasoning_episode_layout():
+    ep = reasoning_episode(seed=5, context=30, horizon=20)
+    assert len(ep.frames) == 30 + 20 and not ep.retrace.any()
+
+
+def test_metrics_on_known_inputs():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    assert np.allclose(ssim(a, a), 1.0) and (psnr(a, a) == 100.0).all()
+    b = a.copy()
+    b[0, 0, 0, 0] ^= 0xFF
+    noisy = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert (psnr(b, a)[0] > psnr(noisy, a)).all() and (ssim(noisy, a) < 1).all()
+    mse = ((noisy.astype(float) - a) ** 2).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(psnr(noisy, a), 10 * np.log10(255**2 / mse), rtol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        psnr(a.astype(np.float32), a)
+
+
+def test_cli_end_to_end_on_tiny_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    ckpts = []
+    for variant in ("full", "attn_local"):
+        cfg = PRESETS["tiny"][1].model
+        model = WorldModel(type(cfg)(**{**cfg.__dict__, "variant": variant}))
+        ckpts.append(save_model(tmp_path / variant, model))
+    args = Args(checkpoints=tuple(ckpts), names=("ours", "local"), num_mazes=2, context=12, n_revisits=1,
+                retrace_len=4, reasoning_horizon=3, sampling_steps=1, out_dir=tmp_path / "out")
+    res = run(args)
+    for f in ("recall.json", "recall.md", "recall_psnr_vs_gap.png", "recall_ssim_vs_gap.png"):
+        assert (tmp_path / "out" / f).is_file(), f
+    saved = json.loads((tmp_path / "out" / "recall.json").read_text())
+    assert set(saved["models"]) == {"ours", "local"}
+    r = res["models"]["ours"]["retrieval"]
+    assert r["frames"] == 2 * 4 and 0 < r["psnr"] < 100 and sum(b["frames"] for b in r["by_gap"]) == r["frames"]
+    assert res["models"]["local"]["reasoning"]["frames"] == 2 * 3
+    assert "| ours | full |" in (tmp_path / "out" / "recall.md").read_text()
+    with pytest.raises(ValueError, match="names"):
+        run(Args(checkpoints=tuple(ckpts), names=("one",)))
