@@ -100,6 +100,20 @@ class RolloutEngine:
         self.steps += 1
         return self.frames, rewards, terminated
 
+    @torch.inference_mode()
+    def observe(self, frames: Tensor, actions) -> Tensor:
+        """Advance every env on a *real* frame (N, H, W, C) uint8 reached by `actions` (N,) instead
+        of a generated one: keeps the model in sync with a real environment (planners)."""
+        a = self.check_actions(actions, (self.num_envs,), "actions")
+        frames = torch.as_tensor(frames, device=self.device)
+        if frames.dtype != torch.uint8 or tuple(frames.shape) != (self.num_envs, *self.frame_shape):
+            raise ValueError(f"frames must be uint8 of shape {(self.num_envs, *self.frame_shape)}, "
+                             f"got {frames.dtype} {tuple(frames.shape)}")
+        self.model.observe(self.state, frames, a)
+        self.frames.copy_(frames)
+        self.steps += 1
+        return self.frames
+
     # -- planners ------------------------------------------------------------------------------
     def fork(self, idx) -> "RolloutEngine":
         """A new engine whose env j is a copy of this engine's env idx[j] (idx may repeat): state,

@@ -1,0 +1,117 @@
+"""Evaluate agents in the real maze: mean return and standard error over K maze seeds, next to a
+random policy and the shortest-path oracle.
+
+    python -m agents.evaluate --agent outputs/agents/ppo-imagination/agent.zip --episodes 16
+
+Seeds are held out from training data (`--first-seed`, default 3,000,000). Every episode has the
+same length (`--max-steps`), so returns are comparable across agents.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import gymnasium as gym
+import numpy as np
+import tyro
+
+import ssm_gym  # noqa: F401
+from ssm_gym.maze.policies import make_policy
+
+# act(observations (N, 64, 64, 3) uint8, episode_starts (N,) bool) -> actions (N,)
+ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def real_returns(act: ActFn, seeds: list[int], max_steps: int) -> np.ndarray:
+    """Return of each episode (one per seed, all run together as a vector env)."""
+    venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=len(seeds), max_episode_steps=max_steps)
+    obs, _ = venv.reset(seed=list(seeds))
+    total = np.zeros(len(seeds))
+    starts = np.ones(len(seeds), dtype=bool)
+    for _ in range(max_steps):
+        obs, rewards, _, _, _ = venv.step(np.asarray(act(obs, starts)).reshape(len(seeds)))
+        total += rewards
+        starts[:] = False
+    return total
+
+
+def scripted_returns(name: str, seeds: list[int], max_steps: int) -> np.ndarray:
+    """Return of a scripted policy (random, oracle) that reads the simulator state."""
+    venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=len(seeds), max_episode_steps=max_steps)
+    venv.reset(seed=list(seeds))
+    sim = venv.sim
+    policies = [make_policy(name) for _ in seeds]
+    for i, p in enumerate(policies):
+        p.reset(sim, i, np.random.default_rng([seeds[i], 3]))
+    total = np.zeros(len(seeds))
+    for _ in range(max_steps):
+        total += venv.step(np.array([p.act(sim, i) for i, p in enumerate(policies)]))[1]
+    return total
+
+
+def sb3_act_fn(agent, deterministic: bool = False) -> ActFn:
+    """Wrap a stable-baselines3 (or sb3-contrib recurrent) model as an ActFn."""
+    state = {"lstm": None}
+
+    def act(obs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        actions, state["lstm"] = agent.predict(obs, state=state["lstm"], episode_start=starts, deterministic=deterministic)
+        return actions
+
+    return act
+
+
+def load_agent(path: Path):
+    """Load a saved SB3 agent (PPO or RecurrentPPO) with SB3's own `load`."""
+    from stable_baselines3 import PPO
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no saved agent (expected an SB3 .zip)")
+    try:
+        return PPO.load(path, device="cpu")
+    except Exception as first:  # a recurrent agent saved by sb3-contrib
+        try:
+            from sb3_contrib import RecurrentPPO
+
+            return RecurrentPPO.load(path, device="cpu")
+        except Exception:
+            raise ValueError(f"{path}: not a loadable SB3 PPO/RecurrentPPO agent ({first})") from None
+
+
+def summary(returns: np.ndarray) -> dict:
+    r = np.asarray(returns, dtype=float)
+    return {"mean": float(r.mean()), "stderr": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
+            "episodes": int(len(r))}
+
+
+@dataclass
+class Args:
+    agent: Optional[Path] = None
+    """Saved SB3 agent (.zip); omit to evaluate only the references."""
+    episodes: int = 16
+    max_steps: int = 500
+    first_seed: int = 3_000_000
+    deterministic: bool = False
+    out: Optional[Path] = None
+    """Write the results as JSON here."""
+
+
+def main(args: Args) -> dict:
+    seeds = list(range(args.first_seed, args.first_seed + args.episodes))
+    res = {"random": summary(scripted_returns("random", seeds, args.max_steps)),
+           "oracle": summary(scripted_returns("oracle", seeds, args.max_steps))}
+    if args.agent is not None:
+        res["agent"] = summary(real_returns(sb3_act_fn(load_agent(args.agent), args.deterministic), seeds, args.max_steps))
+    print(f"real maze, {args.episodes} seeds from {args.first_seed}, {args.max_steps} steps per episode")
+    for name, s in res.items():
+        print(f"  {name:>7}: return {s['mean']:.2f} +- {s['stderr']:.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,100 @@
+"""Model-predictive control with the world model: the cross-entropy method over action sequences.
+
+    python -m agents.plan --checkpoint runs/maze-cpu/model --episodes 4 --max-steps 200
+
+At every real step the planner forks the engine's state once per candidate sequence, imagines
+`horizon` steps for all candidates in one batch, scores them by predicted reward, refits a
+per-step action distribution to the best ones (`iterations` times) and takes the first action
+of the best sequence in the real maze; the model is then re-synced on the real frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+
+import ssm_gym  # noqa: F401
+from agents.evaluate import scripted_returns, summary
+from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.maze.sim import N_ACTIONS
+from ssm_gym.model.checkpoint import load_model
+from ssm_gym.rollout.engine import RolloutEngine
+
+
+def cem_plan(engine, env: int, horizon: int, population: int, elites: int, iterations: int,
+             rng: np.random.Generator, smoothing: float = 0.2, discount: float = 0.95) -> tuple[int, float]:
+    """Best first action for env `env` of `engine` (anything with `fork(idx)` and `step(actions)`
+    returning (frames, rewards, terminated)), and the predicted discounted return of the best
+    sequence. Discounting prefers reward sooner (a receding-horizon plan would otherwise put it
+    off); imagined episodes stop collecting reward once they terminate."""
+    probs = np.full((horizon, N_ACTIONS), 1.0 / N_ACTIONS)
+    best_seq, best_ret = None, -np.inf
+    for _ in range(iterations):
+        seqs = np.stack([[rng.choice(N_ACTIONS, p=probs[h]) for h in range(horizon)] for _ in range(population)])
+        if best_seq is not None:
+            seqs[0] = best_seq  # keep the incumbent
+        sim = engine.fork(torch.full((population,), env, dtype=torch.long))
+        total, alive = np.zeros(population), np.ones(population, dtype=bool)
+        for h in range(horizon):
+            _, rewards, term = sim.step(torch.from_numpy(seqs[:, h]))
+            total += discount**h * np.asarray(torch.as_tensor(rewards).float().cpu()) * alive
+            alive &= ~np.asarray(torch.as_tensor(term).cpu(), dtype=bool)
+        order = np.argsort(-total, kind="stable")
+        if total[order[0]] > best_ret:
+            best_seq, best_ret = seqs[order[0]].copy(), float(total[order[0]])
+        top = seqs[order[:elites]]
+        counts = np.stack([np.bincount(top[:, h], minlength=N_ACTIONS) for h in range(horizon)]) / elites
+        probs = (1 - smoothing) * counts + smoothing * probs
+    return int(best_seq[0]), best_ret
+
+
+@dataclass
+class Args:
+    checkpoint: Optional[Path] = None
+    """World model (default: the shipped model)."""
+    episodes: int = 4
+    max_steps: int = 200
+    first_seed: int = 3_000_000
+    horizon: int = 8
+    population: int = 32
+    elites: int = 4
+    iterations: int = 2
+    sampling_steps: Optional[int] = 1
+    seed: int = 0
+
+
+def run_planner(model, seed: int, args: Args) -> float:
+    real = gym.make("SSMWorld-MazeReal-v0", max_episode_steps=args.max_steps)
+    obs, _ = real.reset(seed=seed)
+    engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed)
+    engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None])
+    rng = np.random.default_rng([args.seed, seed])
+    total = 0.0
+    for _ in range(args.max_steps):
+        a, _ = cem_plan(engine, 0, args.horizon, args.population, args.elites, args.iterations, rng)
+        obs, r, _, trunc, _ = real.step(a)
+        total += r
+        engine.observe(torch.from_numpy(obs)[None], torch.tensor([a]))
+        if trunc:
+            break
+    return total
+
+
+def main(args: Args) -> dict:
+    model = load_model(args.checkpoint or shipped_checkpoint())
+    seeds = list(range(args.first_seed, args.first_seed + args.episodes))
+    res = {"planner": summary([run_planner(model, s, args) for s in seeds]),
+           "random": summary(scripted_returns("random", seeds, args.max_steps))}
+    for name, s in res.items():
+        print(f"{name:>8}: real-maze return {s['mean']:.2f} +- {s['stderr']:.2f} ({s['episodes']} episodes)")
+    return res
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,146 @@
+"""Train a PPO agent in imagination (the world model) or in the real maze, with stable-baselines3.
+
+    python -m agents.ppo --checkpoint runs/maze-cpu/model --total-steps 100000          # imagination
+    python -m agents.ppo --env real --total-steps 100000                                  # real maze
+    python -m agents.ppo --checkpoint ... --recurrent                                     # RecurrentPPO (LSTM)
+
+The agent is evaluated in the *real* maze every `--eval-every` env steps (held-out seeds); the
+learning curve (real-maze return vs env steps) goes to `curve.csv` and `curve.png`, the agent to
+`agent.zip` (load it with `PPO.load` / `RecurrentPPO.load`), all in `--out-dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import tyro
+from stable_baselines3.common.callbacks import BaseCallback
+
+import ssm_gym  # noqa: F401
+from agents.evaluate import real_returns, sb3_act_fn, summary
+from ssm_gym.envs.sb3 import SB3VecEnv
+
+
+@dataclass
+class Args:
+    env: Literal["imagination", "real"] = "imagination"
+    checkpoint: Optional[Path] = None
+    """World model for --env imagination (default: the shipped model)."""
+    total_steps: int = 100_000
+    num_envs: int = 16
+    max_episode_steps: int = 200
+    """Episode length while training (shorter than the maze's 1000 keeps returns informative)."""
+    sampling_steps: Optional[int] = 1
+    """Denoising steps of the world model (1 = fast mode)."""
+    recurrent: bool = False
+    """sb3-contrib RecurrentPPO with an LSTM (the maze rewards memory)."""
+    n_steps: int = 64
+    batch_size: int = 256
+    n_epochs: int = 4
+    learning_rate: float = 3e-4
+    ent_coef: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 10_000
+    eval_episodes: int = 8
+    eval_max_steps: int = 200
+    eval_first_seed: int = 3_000_000
+    out_dir: Path = Path("outputs/agents/ppo")
+
+
+def make_env(args: Args) -> SB3VecEnv:
+    common = dict(num_envs=args.num_envs, max_episode_steps=args.max_episode_steps, autoreset_mode="SameStep")
+    if args.env == "real":
+        return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", **common))
+    return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", checkpoint=args.checkpoint, device=args.device,
+                                  sampling_steps=args.sampling_steps, **common))
+
+
+class RealMazeCurve(BaseCallback):
+    """Evaluates the agent in the real maze every `every` env steps; writes curve.csv."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args, self.next_eval = args, 0
+        self.seeds = list(range(args.eval_first_seed, args.eval_first_seed + args.eval_episodes))
+        self.rows: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def evaluate(self) -> None:
+        s = summary(real_returns(sb3_act_fn(self.model), self.seeds, self.args.eval_max_steps))
+        row = {"env_steps": self.num_timesteps, "real_return": round(s["mean"], 3), "stderr": round(s["stderr"], 3),
+               "wall_s": round(time.perf_counter() - self.t0, 1)}
+        self.rows.append(row)
+        path = self.args.out_dir / "curve.csv"
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            w.writeheader()
+            w.writerows(self.rows)
+        if self.verbose:
+            print(f"env steps {row['env_steps']}: real-maze return {row['real_return']:.2f} +- {row['stderr']:.2f}")
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_eval:
+            self.evaluate()
+            self.next_eval += self.args.eval_every
+        return True
+
+
+def plot_curve(rows: list[dict], path: Path, label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["env_steps"] for r in rows]
+    y = np.array([r["real_return"] for r in rows])
+    e = np.array([r["stderr"] for r in rows])
+    ax.plot(x, y, marker="o", label=label)
+    ax.fill_between(x, y - e, y + e, alpha=0.2)
+    ax.set_xlabel("env steps (training)")
+    ax.set_ylabel("return in the real maze")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(args: Args) -> Path:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    venv = make_env(args)
+    venv.seed(args.seed)
+    common = dict(n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs, learning_rate=args.learning_rate,
+                  ent_coef=args.ent_coef, seed=args.seed, device=args.device, verbose=0)
+    if args.recurrent:
+        from sb3_contrib import RecurrentPPO
+
+        agent = RecurrentPPO("CnnLstmPolicy", venv, **common)
+    else:
+        from stable_baselines3 import PPO
+
+        agent = PPO("CnnPolicy", venv, **common)
+    curve = RealMazeCurve(args)
+    t0 = time.perf_counter()
+    agent.learn(total_timesteps=args.total_steps, callback=curve, progress_bar=True)
+    train_s = time.perf_counter() - t0
+    curve.evaluate()
+    path = args.out_dir / "agent.zip"
+    agent.save(path)
+    label = f"{'RecurrentPPO' if args.recurrent else 'PPO'} in {args.env}"
+    plot_curve(curve.rows, args.out_dir / "curve.png", label)
+    print(f"{label}: {agent.num_timesteps} env steps in {train_s:.0f} s "
+          f"({train_s / max(agent.num_timesteps, 1) * 1e6 / 3600:.1f} h per 1M env steps incl. evaluation); "
+          f"final real-maze return {curve.rows[-1]['real_return']:.2f}; saved {path}")
+    return path
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args))
