@@ -225,3 +225,30 @@ def test_default_config_size():
     m = WorldModel(WorldModelConfig())
     assert 1e6 <= m.num_params() <= 5e6
     assert m.n_tok == 64
+
+
+def test_generate_with_explicit_noise_matches_generator():
+    m = randomized(tiny_config("full"))
+    frames, actions = clip(t=3)
+    base = m.init_state(2)
+    m.observe_clip(base, frames, actions)
+    a = torch.tensor([1, 4])
+    f1, r1, _ = m.generate(base.clone(), a, steps=2, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn((2, 1, 16, 16, 3), generator=torch.Generator().manual_seed(5))
+    f2, r2, _ = m.generate(base.clone(), a, steps=2, noise=noise)
+    assert torch.equal(f1, f2) and torch.equal(r1, r2)
+
+
+@pytest.mark.parametrize("variant", ["full", "attn_full"])
+def test_index_copy_installs_warm_envs(variant):
+    m = randomized(tiny_config(variant))
+    frames, actions = clip(b=3, t=6)
+    state = m.init_state(3)
+    m.observe_clip(state, frames[:, :2], actions[:, :2])
+    sub = m.init_state(1)
+    m.observe_clip(sub, frames[1:2], actions[1:2])  # a longer warm-up for env 1
+    state.index_copy_(torch.tensor([1]), sub)
+    assert state.t.tolist() == [2, 6, 2]
+    ref = m.observe(sub, frames[1:2, 0], actions[1:2, 1])
+    out = m.observe(state, frames[:, 0], actions[:, 1])
+    assert max_err(out.raw[1:2], ref.raw) < 1e-5
