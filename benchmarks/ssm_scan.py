@@ -28,9 +28,19 @@ from dataclasses import dataclass
 
 import torch
 import tyro
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
-from ssm_gym.model import WorldModel, WorldModelConfig, diffusion_forcing_loss, ssd_chunked, ssd_sequential
+from ssm_gym.model import (
+    WorldModel,
+    WorldModelConfig,
+    diffusion_forcing_loss,
+    ssd_chunked,
+    ssd_sequential,
+)
 
 
 @dataclass
@@ -75,8 +85,9 @@ def bench_scan(args: Args) -> list[dict]:
         C = torch.randn(b, L, 1, n, generator=g)
         D = torch.ones(h)
         with torch.no_grad():
-            t_seq = best_time(lambda: ssd_sequential(x, dt, A, B, C, D), 1 if L >= 4096 else args.repeats)
-            t_chk = best_time(lambda: ssd_chunked(x, dt, A, B, C, args.chunk_size, D), args.repeats)
+            inputs = (x, dt, A, B, C)
+            t_seq = best_time(lambda: ssd_sequential(*inputs, D), 1 if L >= 4096 else args.repeats)  # noqa: B023
+            t_chk = best_time(lambda: ssd_chunked(*inputs, args.chunk_size, D), args.repeats)  # noqa: B023
             y_ref = ssd_sequential(x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())[0]
             y = ssd_chunked(x, dt, A, B, C, args.chunk_size, D)[0]
         err = ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item()
@@ -91,7 +102,7 @@ def bench_matmul(args: Args) -> dict:
         a = torch.randn(args.matmul_n, args.matmul_n).to(dtype)
         b = torch.randn(args.matmul_n, args.matmul_n).to(dtype)
         reps = 10
-        t = best_time(lambda: [a @ b for _ in range(reps)], args.repeats)
+        t = best_time(lambda: [a @ b for _ in range(reps)], args.repeats)  # noqa: B023
         out[name] = 2 * args.matmul_n ** 3 * reps / t / 1e9
     return out
 
@@ -158,7 +169,7 @@ def main(args: Args):
         print(json.dumps(result))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("\nSSD scan, forward, fp32 (batch %d, 8 heads x 32, d_state 16, chunk %d)" % (args.scan_batch, args.chunk_size))
+    print(f"\nSSD scan, forward, fp32 (batch {args.scan_batch}, 8 heads x 32, d_state 16, chunk {args.chunk_size})")
     print(f"{'L':>6} {'sequential ms':>14} {'chunked ms':>11} {'speedup':>8} {'rel err':>9}")
     for r in scan:
         print(f"{r['L']:>6} {r['sequential_ms']:>14.1f} {r['chunked_ms']:>11.2f} {r['speedup']:>7.1f}x {r['max_rel_err']:>9.1e}")

@@ -6,6 +6,15 @@ import torch.nn.functional as F
 
 from ssm_gym.model.attention import FrameLocalAttention, apply_rope, rope_tables
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These tests use tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 N_TOK, D, HEADS = 6, 32, 4
 
 
@@ -21,7 +30,7 @@ def dense_reference(m, x, window):
     allowed = fi[None, :] <= fi[:, None]
     if window is not None:
         allowed &= fi[:, None] - fi[None, :] < window
-    heads = lambda z: z.permute(0, 3, 1, 2, 4).reshape(b, HEADS, t * n, hd)  # noqa: E731
+    heads = lambda z: z.permute(0, 3, 1, 2, 4).reshape(b, HEADS, t * n, hd)
     y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=allowed)
     return m.proj(y.reshape(b, HEADS, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, d))
 

@@ -4,14 +4,30 @@ state helpers, sampler determinism, and a tiny training smoke test."""
 import pytest
 import torch
 
-from ssm_gym.model import (VARIANTS, WorldModel, WorldModelConfig, diffusion_forcing_loss, incoming_actions,
-                           karras_sigmas)
+from ssm_gym.model import (
+    VARIANTS,
+    WorldModel,
+    WorldModelConfig,
+    diffusion_forcing_loss,
+    incoming_actions,
+    karras_sigmas,
+)
 from ssm_gym.model.diffusion import long_context_prefix
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These tests use tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(variant, **kw):
-    base = dict(variant=variant, image_size=16, patch_size=4, d_model=32, n_layers=3, n_heads=2, ssm_headdim=16,
-                d_state=8, attn_window=3, block_sizes=((2, 2), (1, 2), (4, 4)), ssm_chunk_size=8)
+    base = {"variant": variant, "image_size": 16, "patch_size": 4, "d_model": 32, "n_layers": 3, "n_heads": 2,
+            "ssm_headdim": 16, "d_state": 8, "attn_window": 3, "block_sizes": ((2, 2), (1, 2), (4, 4)),
+            "ssm_chunk_size": 8}
     base.update(kw)
     return WorldModelConfig(**base)
 
@@ -213,7 +229,7 @@ def test_training_smoke_loss_decreases():
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
-        loss, stats = diffusion_forcing_loss(m, frames, actions, rewards, terms, generator=g)
+        loss, _ = diffusion_forcing_loss(m, frames, actions, rewards, terms, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,12 +1,40 @@
 """World model core: block-wise Mamba-2 (SSD) scan, frame-local attention, diffusion forcing."""
 
 from .attention import FrameLocalAttention, KVCache
-from .diffusion import diffusion_forcing_loss, float_to_frames, frames_to_float, karras_sigmas, sample
+from .diffusion import (
+    diffusion_forcing_loss,
+    float_to_frames,
+    frames_to_float,
+    karras_sigmas,
+    sample,
+)
 from .ssm import HAS_MAMBA_SSM, BlockwiseSSM, ssd, ssd_chunked, ssd_sequential
-from .world_model import VARIANTS, WorldModel, WorldModelConfig, WorldModelOutput, WorldModelState, incoming_actions
+from .world_model import (
+    VARIANTS,
+    WorldModel,
+    WorldModelConfig,
+    WorldModelOutput,
+    WorldModelState,
+    incoming_actions,
+)
 
 __all__ = [
-    "BlockwiseSSM", "FrameLocalAttention", "HAS_MAMBA_SSM", "KVCache", "VARIANTS", "WorldModel",
-    "WorldModelConfig", "WorldModelOutput", "WorldModelState", "diffusion_forcing_loss", "float_to_frames",
-    "frames_to_float", "incoming_actions", "karras_sigmas", "sample", "ssd", "ssd_chunked", "ssd_sequential",
+    "HAS_MAMBA_SSM",
+    "VARIANTS",
+    "BlockwiseSSM",
+    "FrameLocalAttention",
+    "KVCache",
+    "WorldModel",
+    "WorldModelConfig",
+    "WorldModelOutput",
+    "WorldModelState",
+    "diffusion_forcing_loss",
+    "float_to_frames",
+    "frames_to_float",
+    "incoming_actions",
+    "karras_sigmas",
+    "sample",
+    "ssd",
+    "ssd_chunked",
+    "ssd_sequential",
 ]

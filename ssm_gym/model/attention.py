@@ -16,12 +16,10 @@ Two forms, one module:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -54,8 +52,8 @@ class FrameLocalAttention(nn.Module):
         d_model: int,
         n_heads: int,
         tokens_per_frame: int,
-        window: Optional[int] = 10,
-        chunk_frames: Optional[int] = None,
+        window: int | None = 10,
+        chunk_frames: int | None = None,
         rope_base: float = 10000.0,
     ):
         super().__init__()
@@ -102,7 +100,7 @@ class FrameLocalAttention(nn.Module):
                        cache.pos.index_put((bidx, slots), pos))
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, pos: Tensor, cache: Optional[KVCache] = None, update: str = "none"):
+    def forward(self, x: Tensor, pos: Tensor, cache: KVCache | None = None, update: str = "none"):
         """x (B, T, N, D); pos (B, T) int frame indices of these frames (consecutive).
         cache: past frames (or None: no past). update: "none" (return the cache unchanged),
         "copy" (return a new cache holding these frames too; autograd-safe), "inplace"

@@ -17,8 +17,7 @@ frame loss covers the noised frames only, which forces use of distant context.
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +66,14 @@ def diffusion_forcing_loss(
     model,
     frames: Tensor,
     actions: Tensor,
-    rewards: Optional[Tensor] = None,
-    terminals: Optional[Tensor] = None,
-    valid: Optional[Tensor] = None,
+    rewards: Tensor | None = None,
+    terminals: Tensor | None = None,
+    valid: Tensor | None = None,
     long_context: bool = True,
     long_context_prob: float = 0.5,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     state=None,
-    sigma: Optional[Tensor] = None,
+    sigma: Tensor | None = None,
     return_state: bool = False,
 ):
     """Training loss for a batch of clips.
@@ -120,7 +119,7 @@ def diffusion_forcing_loss(
 
 
 def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, long_context_prob: float = 0.5,
-                       generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+                       generator: torch.Generator | None = None, device=None) -> Tensor:
     """(batch, length) training noise levels for whole clips: independent per frame (diffusion
     forcing), with the long-context clean prefix applied. Drawn for the whole clip up front so a
     clip trained in temporal chunks (truncated BPTT) gets the same noise pattern as in one piece."""
@@ -145,8 +144,8 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 
 @torch.no_grad()
 def sample(denoise: Callable[[Tensor, Tensor], Tensor], shape, steps: int, sigma_min: float, sigma_max: float,
-           rho: float = 7.0, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32,
-           noise: Optional[Tensor] = None) -> Tensor:
+           rho: float = 7.0, generator: torch.Generator | None = None, device=None, dtype=torch.float32,
+           noise: Tensor | None = None) -> Tensor:
     """Deterministic Euler sampler (EDM ODE). ``denoise(x, sigma)`` returns the x0 estimate for a
     batch at scalar noise level ``sigma``. All randomness is the initial noise, drawn from
     ``generator``: the same seed gives the same frame. ``steps=1``: one network call, the

@@ -21,14 +21,12 @@ local attention), "attn_full" (causal attention over all past frames, growing KV
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .attention import FrameLocalAttention, KVCache
 from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
@@ -57,7 +55,7 @@ class WorldModelConfig:
     backend: str = "auto"  # "auto" | "torch" | "mamba" | "sequential"
     # attention
     attn_window: int = 10  # k: own frame + k-1 previous ("attn_full" ignores it)
-    attn_chunk_frames: Optional[int] = None  # query frames per attention call (default: ceil(k/2))
+    attn_chunk_frames: int | None = None  # query frames per attention call (default: ceil(k/2))
     # conditioning
     n_actions: int = 6
     # diffusion (EDM)
@@ -83,7 +81,7 @@ class WorldModelConfig:
         return self.variant in ("full", "ssm_flat")
 
     @property
-    def window(self) -> Optional[int]:
+    def window(self) -> int | None:
         return None if self.variant == "attn_full" else self.attn_window
 
     def block_size(self, layer: int):
@@ -104,7 +102,7 @@ class WorldModelOutput(NamedTuple):
     raw: Tensor  # (B, T, H, W, C) network output F before EDM preconditioning
     reward: Tensor  # (B, T)
     term_logit: Tensor  # (B, T)
-    state: Optional["WorldModelState"]
+    state: WorldModelState | None
 
 
 @dataclass
@@ -119,22 +117,22 @@ class WorldModelState:
     ssm: list
     kv: list
 
-    def _map(self, fn) -> "WorldModelState":
+    def _map(self, fn) -> WorldModelState:
         ssm = [None if s is None else tuple(fn(x) for x in s) for s in self.ssm]
         kv = [KVCache(fn(c.k), fn(c.v), fn(c.pos)) for c in self.kv]
         return WorldModelState(fn(self.t), ssm, kv)
 
-    def clone(self) -> "WorldModelState":
+    def clone(self) -> WorldModelState:
         return self._map(lambda x: x.clone())
 
-    def detach(self) -> "WorldModelState":
+    def detach(self) -> WorldModelState:
         return self._map(lambda x: x.detach())
 
-    def index_select(self, idx: Tensor) -> "WorldModelState":
+    def index_select(self, idx: Tensor) -> WorldModelState:
         """New state with envs ``idx`` (forking for planners: idx may repeat)."""
         return self._map(lambda x: x.index_select(0, idx.to(x.device)))
 
-    def copy_(self, other: "WorldModelState") -> "WorldModelState":
+    def copy_(self, other: WorldModelState) -> WorldModelState:
         """In-place update from ``other`` (same batch size); a grown KV cache is rebound."""
         self.t.copy_(other.t)
         for mine, theirs in zip(self.ssm, other.ssm):
@@ -151,7 +149,7 @@ class WorldModelState:
                 self.kv[i] = theirs
         return self
 
-    def index_copy_(self, idx: Tensor, other: "WorldModelState") -> "WorldModelState":
+    def index_copy_(self, idx: Tensor, other: WorldModelState) -> WorldModelState:
         """In place: env ``idx[j]`` takes the state of env j of ``other`` (resets with context)."""
         idx = idx.to(self.t.device)
         self.t.index_copy_(0, idx, other.t)
@@ -167,7 +165,7 @@ class WorldModelState:
             self.kv[i] = mine
         return self
 
-    def reset_(self, mask: Tensor) -> "WorldModelState":
+    def reset_(self, mask: Tensor) -> WorldModelState:
         """Reset the envs where ``mask`` (N,) bool is set, in place."""
         m = mask.to(self.t.device).bool()
         self.t.masked_fill_(m, 0)
@@ -198,7 +196,7 @@ def _pad_cache(c: KVCache, slots: int) -> KVCache:
     extra = slots - c.k.shape[1]
     if extra <= 0:
         return c
-    pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), v)], 1)  # noqa: E731
+    pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), v)], 1)
     return KVCache(pad(c.k, 0), pad(c.v, 0), pad(c.pos, -1))
 
 
@@ -282,7 +280,7 @@ class WorldModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @property
-    def receptive_field(self) -> Optional[int]:
+    def receptive_field(self) -> int | None:
         """Frames back (incl. the current) that can influence an output: None = unbounded."""
         cfg = self.config
         if cfg.has_ssm or cfg.window is None:
@@ -311,7 +309,7 @@ class WorldModel(nn.Module):
         return x.reshape(b, t, gh * p, gw * p, c)
 
     # -- network -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, sigma: Tensor, actions: Tensor, state: Optional[WorldModelState] = None,
+    def forward(self, x: Tensor, sigma: Tensor, actions: Tensor, state: WorldModelState | None = None,
                 update: str = "copy") -> WorldModelOutput:
         """Denoise a clip (or a piece following ``state``) in parallel.
 
@@ -375,8 +373,8 @@ class WorldModel(nn.Module):
         return self(frames, sigma, actions.to(frames.device), state=state, update="inplace")
 
     @torch.no_grad()
-    def generate(self, state: WorldModelState, action, steps: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None):
+    def generate(self, state: WorldModelState, action, steps: int | None = None,
+                 generator: torch.Generator | None = None, noise: Tensor | None = None):
         """Imagine the next frame after taking ``action`` (N,) long, then advance ``state`` once on
         the generated (uint8-quantised, clean) frame. ``steps`` denoising steps (default
         ``config.sample_steps``; 1 = fast mode). Returns ``(frame (N, H, W, C) uint8,

@@ -366,6 +366,8 @@ def train(cfg: TrainConfig) -> Path:
         if done % cfg.ckpt_every == 0 or done == cfg.total_steps:
             save_checkpoint(cfg.out_dir, done, model, ema, opt, data_rng, noise_gen, meta, cfg.keep_checkpoints)
             env.barrier()
+        if done % cfg.log_every == 0:
+            t_window = time.perf_counter()  # frames/s counts training only, not validation or saving
 
     if env.main:
         bar.close()
