@@ -5,7 +5,9 @@
 1. Writes outputs/demo/real_maze.mp4 (first-person view beside the map, the agent's trail
    drawn) and outputs/demo/real_maze_map.png, and prints the simulator's measured speed.
 2. If the package ships a world model (ssm_gym/checkpoints/), runs the real and the imagined
-   maze side by side on the same actions (examples/real_vs_imagined.py) and prints its speed.
+   maze side by side on the same actions (examples/real_vs_imagined.py) and prints its speed,
+3. then trains PPO purely in imagination for `--ppo-steps` env steps (a few minutes) and
+   evaluates it in the real maze next to a random policy.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from ssm_gym.model.checkpoint import CheckpointError
 class Args:
     steps: int = 300
     seed: int = 0
+    ppo_steps: int = 4096
+    """PPO env steps in imagination (0 to skip)."""
     out_dir: Path = Path("outputs/demo")
 
 
@@ -78,6 +82,21 @@ def main(args: Args) -> None:
     print(f"  video (real | imagined): {res['video']}")
     print(f"  {res['env_steps_per_s']:.1f} imagined env-steps/s (1 env); PSNR vs real: "
           f"{res['psnr_first_10']:.1f} dB over the first 10 steps, {res['psnr_last_10']:.1f} dB over the last 10")
+    if args.ppo_steps > 0:
+        ppo_in_imagination(checkpoint, args)
+
+
+def ppo_in_imagination(checkpoint: Path, args: Args) -> None:
+    from agents import evaluate, ppo
+
+    print(f"\nPPO in imagination for {args.ppo_steps} env steps (16 imagined mazes, 1-step sampling) ...")
+    agent_path = ppo.train(ppo.Args(checkpoint=checkpoint, total_steps=args.ppo_steps, num_envs=16, n_steps=64,
+                                    eval_every=10**9, eval_episodes=4, out_dir=args.out_dir / "ppo"))
+    seeds = list(range(3_000_000, 3_000_008))
+    agent = evaluate.summary(evaluate.real_returns(evaluate.sb3_act_fn(evaluate.load_agent(agent_path)), seeds, 200))
+    rand = evaluate.summary(evaluate.scripted_returns("random", seeds, 200))
+    print(f"real maze, 8 held-out seeds x 200 steps: PPO trained in imagination {agent['mean']:.2f} +- "
+          f"{agent['stderr']:.2f}, random policy {rand['mean']:.2f} +- {rand['stderr']:.2f}")
 
 
 if __name__ == "__main__":
