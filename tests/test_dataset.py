@@ -116,6 +116,10 @@ def test_collect_cli_writes_resumes_and_loader_yields_clips(tmp_path):
     assert check_episode_file(files[1]) == 30 and check_episode_file(files[2]) == 30
     policies = {str(load_episode(f)["policy"]) for f in files}
     assert policies <= {"explore", "oracle", "random"}
+    # Other settings: the old episodes do not count as done.
+    collect(Args(out_dir=tmp_path, num_episodes=5, episode_len=30, batch=5, seed=500))
+    assert {int(load_episode(f)["seed"]) for f in files} == set(range(500, 505))
+    collect(args)  # back to the first settings
 
     ds = ClipDataset(tmp_path, clip_len=8, seed=0)
     it = iter(ds)

@@ -37,7 +37,7 @@ def test_bad_maze_arguments_are_rejected():
     with pytest.raises(ValueError, match="odd"):
         MazeBatch(1, maze_size=8)
     with pytest.raises(ValueError, match="n_objects"):
-        MazeBatch(1, n_objects=0)
+        MazeBatch(1, n_objects=1)  # one ball would pay reward on every step spent touching it
     with pytest.raises(ValueError, match="too few"):
         MazeBatch(1, maze_size=5, n_objects=4)
 

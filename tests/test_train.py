@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssm_gym.maze.dataset import save_episode
+from ssm_gym.maze.dataset import load_episode, save_episode
 from ssm_gym.maze.record import record_episodes
 from ssm_gym.model.checkpoint import CheckpointError, load_model
 from ssm_gym.train.config import PRESETS
@@ -43,6 +43,12 @@ def cli(data, out_dir, *extra):
             "--val-dir", str(data / "val"), "--out-dir", str(out_dir), *extra]
 
 
+@pytest.mark.parametrize("field", ["ckpt_every", "log_every", "val_every", "keep_checkpoints", "tbptt_frames"])
+def test_bad_intervals_rejected(field):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(PRESETS["tiny"][1], **{field: 0}).validate()
+
+
 def test_schedule_and_chunks():
     cfg = PRESETS["tiny"][1]
     assert lr_at(cfg, 0) < lr_at(cfg, cfg.warmup_steps - 1) <= cfg.lr
@@ -56,6 +62,11 @@ def test_tiny_run_end_to_end(data, tmp_path):
     final = train(tiny(data, out))
     model = load_model(final)
     assert model.config == PRESETS["tiny"][1].model
+    # The maze never terminates: the trained termination head must say so on real data.
+    val = load_episode(sorted((data / "val").glob("*.npz"))[0])
+    prev = torch.tensor(np.concatenate([[model.START], val["action"][1:].argmax(-1)]))[None]
+    pred = model.observe_clip(model.init_state(1), torch.from_numpy(val["image"])[None], prev)
+    assert (pred.term_logit < 0).all()
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and int(rows[-1].split(",")[0]) == 12
     assert all(np.isfinite(float(r.split(",")[4])) for r in rows[1:])
@@ -90,9 +101,9 @@ def test_resume_after_kill_loses_at_most_one_interval_and_matches(data, tmp_path
     proc.wait()
     killed_at = max(int(r.split(",")[0]) for r in (run / "metrics.csv").read_text().splitlines()[1:])
     resumed_from = int(latest_checkpoint(run).name.split("_")[1])
-    assert 10 <= resumed_from and killed_at - resumed_from <= 5
-    if resumed_from < 30:
-        subprocess.run(cli(data, run, *steps, "--resume"), check=True, cwd=ROOT, capture_output=True)
+    assert 10 <= resumed_from < 30, "the run was killed mid-way"
+    assert killed_at - resumed_from <= 5, "at most one checkpoint interval is lost"
+    subprocess.run(cli(data, run, *steps, "--resume"), check=True, cwd=ROOT, capture_output=True)
     a = load_file(str(ref / "model" / "model.safetensors"))
     b = load_file(str(run / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -11,7 +11,7 @@ from gymnasium.utils.env_checker import check_env
 
 import ssm_gym  # noqa: F401
 from ssm_gym.envs.sb3 import SB3VecEnv
-from ssm_gym.envs.world_model_env import WorldModelEnv
+from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv
 from ssm_gym.model.checkpoint import CheckpointError, save_model
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine
@@ -181,9 +181,10 @@ def test_vector_env_equals_n_single_envs(checkpoint, mode):
                 pending[i] = False
             else:
                 obs, rew, term, trunc, _ = env.step(actions[i])
-                assert vtrunc[i] == trunc and vterm[i] == term
+                assert vtrunc[i] == trunc and vterm[i] == term and vrew[i] == rew
                 if (term or trunc) and mode == "SameStep":
                     max_diff = max(max_diff, np.abs(vinfo["final_obs"][i].astype(int) - obs).max())
+                    assert vinfo["_final_info"][i] and vinfo["final_info"]["step"][i] == horizon
                     obs, _ = env.reset()
                 elif term or trunc:
                     pending[i] = True
@@ -191,6 +192,15 @@ def test_vector_env_equals_n_single_envs(checkpoint, mode):
     # Batched and single matrix products may round differently in the last bit; frames are
     # uint8, so allow a difference of a few intensity levels, nothing more.
     assert max_diff <= 3
+
+
+def test_vector_reset_with_some_seeds_none(checkpoint):
+    venv = WorldModelVectorEnv(num_envs=2, checkpoint=checkpoint)
+    obs, info = venv.reset(seed=[5, None])
+    assert info["maze_seed"][0] == 5 and info["maze_seed"][1] >= 0
+    assert np.array_equal(obs[0], real_first_frames([5])[0].numpy())
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        WorldModelVectorEnv(num_envs=2, checkpoint=checkpoint, max_episode_steps=0)
 
 
 def test_sb3_adapter_trains_ppo(checkpoint):

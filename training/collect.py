@@ -5,7 +5,8 @@
 
 Writes one NPZ per episode (Memory Maze layout, see `ssm_gym.maze.dataset`) named
 `ep_{index:06d}.npz`; episode i is the maze of `reset(seed=seed + i)`. Existing valid files are
-kept, so an interrupted collection resumes where it stopped (pass --overwrite to redo them).
+kept when they were made with the same settings (seed, policy, maze size, objects, length), so
+an interrupted collection resumes where it stopped; others are rewritten (--overwrite redoes all).
 """
 
 from __future__ import annotations
@@ -62,10 +63,16 @@ def _write_chunk(job: tuple[Args, list[int]]) -> int:
     return len(indices)
 
 
-def _is_done(path: Path, episode_len: int) -> bool:
+def _is_done(path: Path, args: Args, index: int) -> bool:
+    """An existing file counts as done only if it is valid and was made with these settings."""
     try:
-        return check_episode_file(path) == episode_len
-    except DatasetError:
+        if check_episode_file(path) != args.episode_len:
+            return False
+        with np.load(path, allow_pickle=False) as ep:
+            return (int(ep["seed"]) == args.seed + index and str(ep["policy"]) == _policy_for(args, index)
+                    and ep["maze_layout"].shape == (args.maze_size, args.maze_size)
+                    and ep["targets_pos"].shape[1] == args.n_objects)
+    except (DatasetError, KeyError, ValueError, OSError):
         return False
 
 
@@ -77,7 +84,7 @@ def collect(args: Args) -> Path:
         raise ValueError("num_episodes and episode_len must be >= 1")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(args.num_episodes)
-            if args.overwrite or not _is_done(args.out_dir / f"ep_{i:06d}.npz", args.episode_len)]
+            if args.overwrite or not _is_done(args.out_dir / f"ep_{i:06d}.npz", args, i)]
     chunks = [(args, todo[k : k + args.batch]) for k in range(0, len(todo), args.batch)]
     with tqdm(total=args.num_episodes, initial=args.num_episodes - len(todo), unit="ep", desc="collect") as bar:
         if args.workers > 1 and len(chunks) > 1:

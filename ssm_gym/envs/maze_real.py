@@ -22,8 +22,14 @@ OBSERVATION_SPACE = spaces.Box(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 ACTION_SPACE = spaces.Discrete(N_ACTIONS)
 
 
-def setup_vector_env(env: VectorEnv, num_envs: int, render_mode, autoreset_mode) -> None:
+def check_max_episode_steps(max_episode_steps: int) -> None:
+    if max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+
+
+def setup_vector_env(env: VectorEnv, num_envs: int, render_mode, autoreset_mode, max_episode_steps: int) -> None:
     """What every native vector env here shares: checked arguments, metadata and spaces."""
+    check_max_episode_steps(max_episode_steps)
     autoreset_mode = AutoresetMode(autoreset_mode)
     if autoreset_mode == AutoresetMode.DISABLED:
         raise ValueError("autoreset_mode DISABLED is not supported; use NEXT_STEP or SAME_STEP")
@@ -78,7 +84,7 @@ class MazeRealEnv(gym.Env):
 
     ## Arguments
     - `maze_size` (int, default 9): side of the tile grid including the border wall, odd >= 5.
-    - `n_objects` (int, default 3): number of colored balls (1 to 6).
+    - `n_objects` (int, default 3): number of colored balls (2 to 6).
     - `max_episode_steps` (int, default 1000): truncation limit.
     - `fov_deg` (float, default 80): horizontal field of view.
     - `render_mode`: `"rgb_array"` (the first-person frame) or `"top_down"` (a map with agent,
@@ -97,8 +103,7 @@ class MazeRealEnv(gym.Env):
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        if max_episode_steps < 1:
-            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        check_max_episode_steps(max_episode_steps)
         self.sim = MazeBatch(1, maze_size, n_objects, fov_deg)
         self.max_episode_steps = max_episode_steps
         self.render_mode = render_mode
@@ -162,7 +167,7 @@ class MazeRealVectorEnv(VectorEnv):
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
     ):
-        setup_vector_env(self, num_envs, render_mode, autoreset_mode)
+        setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.sim = MazeBatch(num_envs, maze_size, n_objects, fov_deg)
         self.max_episode_steps = max_episode_steps
         self._elapsed = np.zeros(num_envs, dtype=np.int64)

@@ -17,7 +17,14 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from ssm_gym.checkpoints import shipped_checkpoint
-from ssm_gym.envs.maze_real import ACTION_SPACE, OBSERVATION_SPACE, MazeRealEnv, _check_single_action, setup_vector_env
+from ssm_gym.envs.maze_real import (
+    ACTION_SPACE,
+    OBSERVATION_SPACE,
+    MazeRealEnv,
+    _check_single_action,
+    check_max_episode_steps,
+    setup_vector_env,
+)
 from ssm_gym.maze.sim import MazeBatch, check_actions
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.world_model import WorldModel
@@ -93,6 +100,7 @@ class WorldModelEnv(gym.Env):
                  render_mode: Optional[str] = None, model: Optional[WorldModel] = None):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        check_max_episode_steps(max_episode_steps)
         self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps)
         self.real = MazeRealEnv(maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
@@ -149,7 +157,7 @@ class WorldModelVectorEnv(VectorEnv):
                  sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None):
-        setup_vector_env(self, num_envs, render_mode, autoreset_mode)
+        setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps)
         self.real = MazeBatch(num_envs, maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold
@@ -162,8 +170,8 @@ class WorldModelVectorEnv(VectorEnv):
                context: Optional[tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
         """(Re)start episodes in envs idx, exactly as `WorldModelEnv.reset` does for one env: the
         maze seed is given (a seeded reset) or drawn from the env's generator, then the noise seed."""
-        if maze_seeds is None:
-            maze_seeds = [int(self._rngs[i].integers(2**31)) for i in idx]
+        maze_seeds = [int(self._rngs[i].integers(2**31)) if maze_seeds is None or maze_seeds[k] is None else maze_seeds[k]
+                      for k, i in enumerate(idx)]
         noise_seeds = [int(self._rngs[i].integers(2**62)) for i in idx]
         mask = torch.zeros(self.num_envs, dtype=torch.bool)
         mask[torch.from_numpy(idx)] = True
@@ -190,8 +198,9 @@ class WorldModelVectorEnv(VectorEnv):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
             for i in idx:
-                self._rngs[i] = seeding.np_random(seeds[i])[0]
-            maze_seeds = [seeds[i] for i in idx]
+                if seeds[i] is not None:
+                    self._rngs[i] = seeding.np_random(int(seeds[i]))[0]
+            maze_seeds = [None if seeds[i] is None else int(seeds[i]) for i in idx]
         used = self._start(idx, maze_seeds, context)
         full = np.full(self.num_envs, -1, dtype=np.int64)
         full[idx] = used
@@ -215,7 +224,7 @@ class WorldModelVectorEnv(VectorEnv):
             redo = np.flatnonzero(self._needs_reset)
             if len(redo):
                 self._start(redo)
-                rewards[redo], terminated[redo], truncated[redo] = 0.0, False, False
+                rewards[redo], raw[redo], terminated[redo], truncated[redo] = 0.0, 0.0, False, False
             self._needs_reset = terminated | truncated
             obs = self.engine.frames.cpu().numpy()
         else:
@@ -223,7 +232,8 @@ class WorldModelVectorEnv(VectorEnv):
             obs = frames.cpu().numpy()
             if done.any():
                 info["final_obs"] = obs.copy()
-                info["_final_obs"] = done.copy()
+                info["final_info"] = {"reward_raw": raw.copy(), "step": self._elapsed.copy()}
+                info["_final_obs"] = info["_final_info"] = done.copy()
                 self._start(np.flatnonzero(done))
                 obs = self.engine.frames.cpu().numpy()
         self._obs = obs

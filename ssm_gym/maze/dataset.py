@@ -141,8 +141,8 @@ class ClipDataset(torch.utils.data.IterableDataset):
     """Endless random training clips of `clip_len` consecutive frames from a folder of episodes.
 
     Each item is a dict of tensors: `frames` (L, 64, 64, 3) uint8, `prev_actions` (L,) int64 (the
-    action that led to each frame; `START_ACTION` at an episode's first frame), `rewards` (L,)
-    float32. Clips are drawn uniformly over all valid start positions from a seeded generator,
+    action that led to each frame; `START_ACTION` at an episode's first frame), `rewards` and
+    `terminals` (L,) float32 (for the transition into each frame). Clips are drawn uniformly over all valid start positions from a seeded generator,
     and the last `cache_size` episodes read are kept in memory.
     """
 
@@ -171,7 +171,9 @@ class ClipDataset(torch.utils.data.IterableDataset):
                 self._cache.pop(next(iter(self._cache)))
             ep = load_episode(self.episodes[i][0])
             prev = np.concatenate([[START_ACTION], ep["action"][1:].argmax(-1)]).astype(np.int64)
-            self._cache[i] = {"frames": ep["image"], "prev_actions": prev, "rewards": ep["reward"].astype(np.float32)}
+            terminals = ep.get("terminal", np.zeros(len(prev), dtype=bool)).astype(np.float32)
+            self._cache[i] = {"frames": ep["image"], "prev_actions": prev, "rewards": ep["reward"].astype(np.float32),
+                              "terminals": terminals}
         return self._cache[i]
 
     def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -72,8 +72,9 @@ class Maze:
 def validate_maze_args(size: int, n_objects: int) -> None:
     if not isinstance(size, (int, np.integer)) or size < 5 or size % 2 == 0:
         raise ValueError(f"maze_size must be an odd integer >= 5 (border included), got {size!r}")
-    if not isinstance(n_objects, (int, np.integer)) or not 1 <= n_objects <= MAX_OBJECTS:
-        raise ValueError(f"n_objects must be an integer in [1, {MAX_OBJECTS}], got {n_objects!r}")
+    # At least 2: touching the target moves the target elsewhere, so reward needs travel.
+    if not isinstance(n_objects, (int, np.integer)) or not 2 <= n_objects <= MAX_OBJECTS:
+        raise ValueError(f"n_objects must be an integer in [2, {MAX_OBJECTS}], got {n_objects!r}")
     n_rooms = ((size - 1) // 2) ** 2
     if n_objects + 1 > n_rooms:
         raise ValueError(f"maze_size={size} has {n_rooms} rooms, too few for {n_objects} objects plus the agent")

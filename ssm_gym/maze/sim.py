@@ -119,9 +119,8 @@ class MazeBatch:
         target_xy = self.object_pos[np.arange(self.num_envs), self.target]
         touched = active & (((self.pose[:, :2] - target_xy) ** 2).sum(-1) <= TOUCH_RADIUS**2)
         for i in np.flatnonzero(touched):  # rare: new target, a different object
-            if self.n_objects > 1:
-                others = [k for k in range(self.n_objects) if k != self.target[i]]
-                self.target[i] = others[int(self.rngs[i].integers(len(others)))]
+            others = [k for k in range(self.n_objects) if k != self.target[i]]
+            self.target[i] = others[int(self.rngs[i].integers(len(others)))]
         return touched.astype(np.float32)
 
     def render(self) -> np.ndarray:

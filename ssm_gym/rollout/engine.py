@@ -32,7 +32,7 @@ class RolloutEngine:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.num_envs = num_envs
-        self.sampling_steps = sampling_steps or model.config.sample_steps
+        self.sampling_steps = model.config.sample_steps if sampling_steps is None else sampling_steps
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
         cfg = model.config

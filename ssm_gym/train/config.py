@@ -89,8 +89,12 @@ class TrainConfig:
             raise ValueError(f"stage_clip_lens {self.stage_clip_lens} and stage_steps {self.stage_steps} must be non-empty and of equal length")
         if min(self.stage_clip_lens) < 2:
             raise ValueError("clips need at least 2 frames")
-        if self.tbptt_frames < 1 or self.frames_per_step < 1:
-            raise ValueError("tbptt_frames and frames_per_step must be >= 1")
+        for name in ("tbptt_frames", "frames_per_step", "log_every", "ckpt_every", "keep_checkpoints", "val_every",
+                     "val_episodes", "val_context", "val_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_every < 0 or min(self.stage_steps) < 1:
+            raise ValueError("sample_every must be >= 0 and every stage needs >= 1 step")
 
 
 def _tiny_model() -> WorldModelConfig:

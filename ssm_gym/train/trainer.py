@@ -185,7 +185,7 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
             raise ValueError(f"--resume: config differs from the run in {cfg.out_dir} in {diff}; "
                              f"resume with the same settings or start a new out_dir")
         return
-    if checkpoint_dir(cfg.out_dir).exists() and any(checkpoint_dir(cfg.out_dir).iterdir()):
+    if cfg_file.exists() or (checkpoint_dir(cfg.out_dir).exists() and any(checkpoint_dir(cfg.out_dir).iterdir())):
         raise FileExistsError(f"{cfg.out_dir} already holds a run; pass --resume to continue it or choose another --out-dir")
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file.write_text(json.dumps(now, indent=2) + "\n")
@@ -285,12 +285,12 @@ def train(cfg: TrainConfig) -> Path:
         metrics_log = CSVLog(cfg.out_dir / "metrics.csv", ["step", "stage", "clip_len", "batch", "loss", "frame_loss",
                                                            "reward_loss", "lr", "grad_norm", "frames_per_s", "elapsed_s"])
         val_log = CSVLog(cfg.out_dir / "val.csv", ["step", "psnr_1step", f"psnr_{cfg.val_horizon}step", "psnr_open_loop_mean"])
-        if start:
+        if cfg.resume:  # rows logged after the checkpoint (or before any checkpoint) are redone
             metrics_log.truncate_after(start)
             val_log.truncate_after(start)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(cfg.out_dir / "tb"), purge_step=start or None)
+        writer = SummaryWriter(str(cfg.out_dir / "tb"), purge_step=start if cfg.resume else None)
         bar = tqdm(total=cfg.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     meta = {"data_dir": str(cfg.data_dir), "train_config": config_to_json(cfg)}
     amp = torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
@@ -310,6 +310,7 @@ def train(cfg: TrainConfig) -> Path:
         frames = batch["frames"].to(env.device)
         actions = batch["prev_actions"].to(env.device)
         rewards = batch["rewards"].to(env.device)
+        terminals = batch["terminals"].to(env.device)
         sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
                                    generator=noise_gen, device=env.device)
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
@@ -320,7 +321,7 @@ def train(cfg: TrainConfig) -> Path:
             with sync:
                 with amp:
                     loss, stats, state = diffusion_forcing_loss(
-                        net, frames[:, s:e], actions[:, s:e], rewards=rewards[:, s:e], sigma=sigma[:, s:e],
+                        net, frames[:, s:e], actions[:, s:e], rewards=rewards[:, s:e], terminals=terminals[:, s:e], sigma=sigma[:, s:e],
                         state=state, generator=noise_gen, return_state=True)
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
