@@ -77,6 +77,13 @@ def test_tiny_run_end_to_end(data, tmp_path):
     # The curriculum changed the clip length and kept frames per step about constant.
     stages = {r.split(",")[2]: r.split(",")[3] for r in rows[1:]}
     assert stages == {"4": "4", "8": "2"}
+    # Export for shipping: the EMA model plus its validation numbers; optional never-terminate head.
+    from training.export import Args as ExportArgs, export
+
+    shipped = export(ExportArgs(run=out, name="tiny", never_terminates=True, dest_root=tmp_path / "pkg"))
+    exported = load_model(shipped)
+    assert exported.head[2].bias[1] == -10.0 and (exported.head[2].weight[1] == 0).all()
+    assert json.loads((shipped / "config.json").read_text())["meta"]["validation"]["step"] == "12"
     # A new run never overwrites an old one.
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny(data, out))
