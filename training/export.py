@@ -33,6 +33,8 @@ class Args:
     step: Optional[int] = None
     """Export this checkpoint step instead of the final model."""
     never_terminates: bool = False
+    sample_steps: Optional[int] = None
+    """Set the model's default number of denoising steps (e.g. the one that validated best)."""
     dest_root: Path = HERE
     """Where the checkpoint folders of the package live."""
 
@@ -41,6 +43,10 @@ def export(args: Args) -> Path:
     src = args.run / "model" if args.step is None else args.run / "checkpoints" / f"step_{args.step:07d}" / "model"
     model = load_model(src)
     _, meta = read_config(src)
+    if args.sample_steps is not None:
+        if args.sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {args.sample_steps}")
+        model.config.sample_steps = args.sample_steps
     if args.never_terminates:
         with torch.no_grad():
             model.head[2].weight[1].zero_()
