@@ -218,3 +218,10 @@ def test_sb3_adapter_trains_ppo(checkpoint):
     assert obs.shape == (4, 64, 64, 3) and rewards.shape == (4,) and dones.dtype == bool
     with pytest.raises(ValueError, match="SAME_STEP"):
         SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", num_envs=2, checkpoint=checkpoint))
+
+
+def test_shipped_model_loads_and_runs_by_default():
+    env = gym.make("SSMWorld-Maze-v0")  # no checkpoint: the model shipped in ssm_gym/checkpoints/
+    obs, _ = env.reset(seed=0)
+    obs, reward, terminated, truncated, _ = env.step(1)
+    assert obs.shape == (64, 64, 3) and not terminated and reward in (0.0, 1.0)
