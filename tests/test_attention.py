@@ -7,13 +7,6 @@ import torch.nn.functional as F
 from ssm_gym.model.attention import FrameLocalAttention, apply_rope, rope_tables
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tests use tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 N_TOK, D, HEADS = 6, 32, 4
 

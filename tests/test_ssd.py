@@ -18,13 +18,6 @@ from ssm_gym.model.ssm import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tests use tiny tensors: one thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_err(a, b):
