@@ -44,7 +44,7 @@ def setup_vector_env(env: VectorEnv, num_envs: int, render_mode, autoreset_mode,
     env.action_space = batch_space(ACTION_SPACE, num_envs)
 
 
-def _check_single_action(action) -> np.ndarray:
+def check_single_action(action) -> np.ndarray:
     a = np.asarray(action)
     if a.shape != ():
         raise ValueError(f"expected a single discrete action (a scalar in [0, {N_ACTIONS})), got shape {a.shape}")
@@ -124,7 +124,7 @@ class MazeRealEnv(gym.Env):
     def step(self, action):
         if self._obs is None:
             raise RuntimeError("call reset() before step()")
-        reward = float(self.sim.step(_check_single_action(action))[0])
+        reward = float(self.sim.step(check_single_action(action))[0])
         self._elapsed += 1
         self._obs = self.sim.render()[0]
         truncated = self._elapsed >= self.max_episode_steps

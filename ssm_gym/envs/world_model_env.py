@@ -21,7 +21,7 @@ from ssm_gym.envs.maze_real import (
     ACTION_SPACE,
     OBSERVATION_SPACE,
     MazeRealEnv,
-    _check_single_action,
+    check_single_action,
     check_max_episode_steps,
     setup_vector_env,
 )
@@ -129,7 +129,7 @@ class WorldModelEnv(gym.Env):
     def step(self, action):
         if self._obs is None:
             raise RuntimeError("call reset() before step()")
-        a = _check_single_action(action)
+        a = check_single_action(action)
         frames, rewards, terminated = self.engine.step(torch.from_numpy(a))
         self._elapsed += 1
         self._obs = frames[0].cpu().numpy()

@@ -243,8 +243,7 @@ def revisit_route(
     if retrace_len >= explore_steps:
         raise ValueError(f"retrace_len ({retrace_len}) must be shorter than explore_steps ({explore_steps})")
     sim = MazeBatch(1, maze.size, len(maze.object_pos))
-    sim.walls[0], sim.wall_rgb[0], sim.object_pos[0] = maze.walls, maze.wall_rgb, maze.object_pos
-    sim.object_rgb[0], sim.pose[0], sim.target[0] = maze.object_rgb, maze.start_pose, maze.first_target
+    sim.set_maze(0, maze)
     explorer = ExplorePolicy(epsilon=0.1)
     explorer.reset(sim, 0, rng)
     actions = []

@@ -104,10 +104,14 @@ class MazeBatch:
         if rng is not None:
             self.rngs[i] = rng
         maze = generate_maze(self.rngs[i], self.maze_size, self.n_objects)
+        self.set_maze(i, maze)
+        return maze
+
+    def set_maze(self, i: int, maze: Maze) -> None:
+        """Put env i at the start of `maze` (its walls, objects, start pose and first target)."""
         self.walls[i], self.wall_rgb[i] = maze.walls, maze.wall_rgb
         self.object_pos[i], self.object_rgb[i] = maze.object_pos, maze.object_rgb
         self.pose[i], self.target[i] = maze.start_pose, maze.first_target
-        return maze
 
     def step(self, actions, active: np.ndarray | None = None) -> np.ndarray:
         """Advance all envs (or those where `active` is True) by one action each; returns
