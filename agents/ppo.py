@@ -47,6 +47,8 @@ class Args:
     ent_coef: float = 0.01
     seed: int = 0
     device: str = "cpu"
+    time_budget_s: Optional[float] = None
+    """Stop training after this many seconds of wall time even before total_steps (then evaluate and save)."""
     eval_every: int = 10_000
     eval_episodes: int = 8
     eval_max_steps: int = 200
@@ -89,7 +91,8 @@ class RealMazeCurve(BaseCallback):
         if self.num_timesteps >= self.next_eval:
             self.evaluate()
             self.next_eval += self.args.eval_every
-        return True
+        budget = self.args.time_budget_s
+        return budget is None or time.perf_counter() - self.t0 < budget  # False stops SB3's learn()
 
 
 def plot_curve(rows: list[dict], path: Path, label: str) -> None:

@@ -51,6 +51,8 @@ class Args:
     """Denoising steps (default: the model's own)."""
     seconds: float = 3.0
     """Measuring time per throughput row."""
+    device: str = "cpu"
+    """cpu or cuda (the model, the engine and the matmul reference all run there)."""
     json: bool = False
 
 
@@ -59,14 +61,22 @@ def first_frames(n: int) -> torch.Tensor:
     return torch.from_numpy(venv.reset(seed=0)[0])
 
 
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_steps(engine: RolloutEngine, min_seconds: float, min_steps: int = 3) -> float:
-    """Seconds per engine step (after one warm-up step)."""
+    """Seconds per engine step (after two warm-up steps)."""
     rng = np.random.default_rng(0)
-    engine.step(torch.from_numpy(rng.integers(0, 6, engine.num_envs)))
+    for _ in range(2):
+        engine.step(torch.from_numpy(rng.integers(0, 6, engine.num_envs)))
+    sync(engine.device)
     n, t0 = 0, time.perf_counter()
     while n < min_steps or time.perf_counter() - t0 < min_seconds:
         engine.step(torch.from_numpy(rng.integers(0, 6, engine.num_envs)))
         n += 1
+    sync(engine.device)
     return (time.perf_counter() - t0) / n
 
 
@@ -79,30 +89,35 @@ def place_at_step(engine: RolloutEngine, step: int) -> None:
             c.pos.copy_(torch.where(c.pos >= 0, c.pos + step - int(c.pos.max().clamp(min=0)), c.pos))
             continue
         b, _, *rest = c.k.shape
-        k = torch.randn(b, step, *rest, dtype=c.k.dtype) * c.k.std().clamp(min=1e-3)
-        v = torch.randn(b, step, *rest, dtype=c.v.dtype) * c.v.std().clamp(min=1e-3)
-        state.kv[i] = KVCache(k, v, torch.arange(step).expand(b, step).clone())
+        k = torch.randn(b, step, *rest, dtype=c.k.dtype, device=c.k.device) * c.k.std().clamp(min=1e-3)
+        v = torch.randn(b, step, *rest, dtype=c.v.dtype, device=c.v.device) * c.v.std().clamp(min=1e-3)
+        state.kv[i] = KVCache(k, v, torch.arange(step, device=c.k.device).expand(b, step).clone())
 
 
-def matmul_gflops(seconds: float = 1.0, n: int = 1024) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(seconds: float = 1.0, n: int = 1024, device: str = "cpu") -> float:
+    n = n if torch.device(device).type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
+    sync(device)
     k, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         k += 1
+        if k % 8 == 0:
+            sync(device)
+    sync(device)
     return 2 * n**3 * k / (time.perf_counter() - t0) / 1e9
 
 
 def main(args: Args) -> dict:
-    model = load_model(args.checkpoint or shipped_checkpoint())
+    model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
     steps = args.sampling_steps or model.config.sample_steps
-    frames = first_frames(max(args.num_envs))
-    out: dict = {"sampling_steps": steps, "threads": torch.get_num_threads(), "targets": TARGETS}
+    frames = first_frames(max(args.num_envs)).to(args.device)
+    out: dict = {"sampling_steps": steps, "threads": torch.get_num_threads(), "device": args.device, "targets": TARGETS}
 
     rows = []
     for n in args.num_envs:
-        eng = RolloutEngine(model, n, sampling_steps=steps)
+        eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps)
         eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
         sec = time_steps(eng, args.seconds)
         rows.append({"num_envs": n, "env_steps_per_s": round(n / sec, 1), "ms_per_step": round(1000 * sec, 2)})
@@ -110,10 +125,10 @@ def main(args: Args) -> dict:
 
     flat = []
     attn_cfg = dataclasses.replace(model.config, variant="attn_full")
-    for variant, m in ((model.config.variant, model), ("attn_full", WorldModel(attn_cfg).eval())):
+    for variant, m in ((model.config.variant, model), ("attn_full", WorldModel(attn_cfg).to(args.device).eval())):
         times = []
         for t in args.episode_steps:
-            eng = RolloutEngine(m, 1, sampling_steps=steps)
+            eng = RolloutEngine(m, 1, device=args.device, sampling_steps=steps)
             eng.reset(torch.ones(1, dtype=torch.bool), frames[:1])
             place_at_step(eng, t)
             sec = time_steps(eng, min(1.0, args.seconds))
@@ -125,14 +140,14 @@ def main(args: Args) -> dict:
     out["flat"] = flat
 
     n = max(args.num_envs)
-    eng = RolloutEngine(model, n, sampling_steps=steps)
+    eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps)
     eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
     with FlopCounterMode(display=False) as counter:
         eng.step(torch.zeros(n, dtype=torch.long))
     gflop = counter.get_total_flops() / 1e9
     sec = next(r["ms_per_step"] for r in rows if r["num_envs"] == n) / 1000
     out["flops"] = {"num_envs": n, "gflop_per_step": round(gflop, 2), "achieved_gflops": round(gflop / sec, 1),
-                    "matmul_gflops_fp32": round(matmul_gflops(), 1)}
+                    "matmul_gflops_fp32": round(matmul_gflops(device=args.device), 1)}
 
     if args.json:
         print(json.dumps(out))

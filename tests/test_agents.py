@@ -73,3 +73,14 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     assert returns.shape == (2,) and np.isfinite(returns).all()
     with pytest.raises(FileNotFoundError, match="no saved agent"):
         load_agent(tmp_path / "missing.zip")
+
+
+def test_ppo_time_budget_stops_training_early(tmp_path):
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "tiny", WorldModel(PRESETS["tiny"][1].model))
+    args = PPOArgs(checkpoint=ckpt, total_steps=10**7, num_envs=4, max_episode_steps=32, n_steps=32, batch_size=64,
+                   n_epochs=1, eval_every=10**8, eval_episodes=1, eval_max_steps=5, time_budget_s=2.0,
+                   out_dir=tmp_path / "ppo")
+    path = train_ppo(args)
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "ppo" / "curve.csv").read_text().splitlines()[1:]]
+    assert path.is_file() and 0 < steps[-1] < 10**5

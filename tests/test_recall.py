@@ -65,3 +65,27 @@ def test_cli_end_to_end_on_tiny_checkpoints(tmp_path):
     assert "| ours | full |" in (tmp_path / "out" / "recall.md").read_text()
     with pytest.raises(ValueError, match="names"):
         run(Args(checkpoints=tuple(ckpts), names=("one",)))
+
+
+def test_merge_combines_per_checkpoint_runs_and_refuses_mixed_protocols(tmp_path):
+    import dataclasses
+
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "m", WorldModel(PRESETS["tiny"][1].model))
+    base = Args(checkpoints=(ckpt,), num_mazes=1, context=12, n_revisits=1, retrace_len=4, reasoning_horizon=3,
+                sampling_steps=1, tasks=("retrieval",))
+    a = run(dataclasses.replace(base, names=("a",), out_dir=tmp_path / "a"))
+    run(dataclasses.replace(base, names=("b",), out_dir=tmp_path / "b"))
+    both = run(Args(merge=(tmp_path / "a" / "recall.json", tmp_path / "b" / "recall.json"), out_dir=tmp_path / "ab"))
+    assert set(both["models"]) == {"a", "b"} and both["models"]["a"] == a["models"]["a"]
+    assert (tmp_path / "ab" / "recall_psnr_vs_gap.png").is_file() and "| b | full |" in (tmp_path / "ab" / "recall.md").read_text()
+    run(dataclasses.replace(base, names=("c",), context=14, out_dir=tmp_path / "c"))
+    with pytest.raises(ValueError, match="different protocol.*context"):
+        run(Args(merge=(tmp_path / "a" / "recall.json", tmp_path / "c" / "recall.json"), out_dir=tmp_path / "x"))
+    with pytest.raises(ValueError, match="already present"):
+        run(Args(merge=(tmp_path / "a" / "recall.json", tmp_path / "a" / "recall.json"), out_dir=tmp_path / "x"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not a recall.json"):
+        run(Args(merge=(tmp_path / "bad.json",), out_dir=tmp_path / "x"))
+    with pytest.raises(ValueError, match="no --checkpoints"):
+        run(Args(out_dir=tmp_path / "x"))

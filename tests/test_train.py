@@ -57,6 +57,36 @@ def test_schedule_and_chunks():
     assert [cfg.stage_at(s) for s in range(cfg.total_steps)] == [0] * 6 + [1] * 6
 
 
+def test_time_budget_schedule():
+    cfg = dataclasses.replace(PRESETS["tiny"][1], time_budget_s=100.0, stage_steps=(1, 3))
+    # stages follow the elapsed fraction of the budget: 1/4 in the first, 3/4 in the second
+    assert [cfg.stage_at_progress(cfg.progress(0, t)) for t in (0, 20, 26, 60, 99, 150)] == [0, 0, 1, 1, 1, 1]
+    late = cfg.warmup_steps + 5
+    assert cfg.lr >= lr_at(cfg, late, 1.0) > lr_at(cfg, late, 50.0) > lr_at(cfg, late, 99.0)
+    assert abs(lr_at(cfg, late, 100.0) - cfg.lr * cfg.min_lr_ratio) < 1e-12
+    with pytest.raises(ValueError, match="time_budget_s"):
+        dataclasses.replace(cfg, time_budget_s=0.0).validate()
+
+
+def test_time_budget_run_stops_on_time_and_resumes_with_the_rest(data, tmp_path):
+    out = tmp_path / "timed"
+    cfg = tiny(data, out, time_budget_s=4.0, stage_steps=(1, 1), ckpt_every=2, val_every=10**6)
+    t0 = time.perf_counter()
+    model = load_model(train(cfg))
+    assert time.perf_counter() - t0 < 60
+    meta = json.loads((out / "model" / "config.json").read_text())["meta"]
+    assert meta["train_seconds"] >= 4.0 and meta["step"] > 0
+    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert {r[2] for r in rows} == {"4", "8"}  # both curriculum stages ran, by time
+    assert int(rows[-1][0]) == meta["step"]
+    assert model.config == cfg.model
+    # Resuming a finished timed run finds its budget spent: it trains no further step.
+    t0 = time.perf_counter()
+    train(dataclasses.replace(cfg, resume=True))
+    assert time.perf_counter() - t0 < 3.0
+    assert json.loads((out / "model" / "config.json").read_text())["meta"]["step"] == meta["step"]
+
+
 def test_tiny_run_end_to_end(data, tmp_path):
     out = tmp_path / "run"
     final = train(tiny(data, out))

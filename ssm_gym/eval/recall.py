@@ -2,6 +2,7 @@
 
     python -m ssm_gym.eval.recall --checkpoints runs/a/model runs/b/model --names ours attn-local \
         --num-mazes 16 --context 400
+    python -m ssm_gym.eval.recall --merge out/a/recall.json out/b/recall.json --out-dir out/all
 
 Retrieval: on held-out maze seeds, the model sees a real exploration of `context` steps (frames
 and actions), then generates frames while the agent goes back to earlier poses and retraces
@@ -126,8 +127,12 @@ def score(episodes: list[Episode], generated: list[np.ndarray], retrieval: bool)
 
 @dataclass
 class Args:
-    checkpoints: tuple[Path, ...]
+    checkpoints: tuple[Path, ...] = ()
     """World-model checkpoint folders to compare."""
+    merge: tuple[Path, ...] = ()
+    """Instead of evaluating: combine the recall.json files of earlier runs (for example one
+    process per checkpoint) into one recall.json, table and figure in --out-dir. The runs must
+    share their protocol settings (mazes, context, routes, sampling steps)."""
     names: tuple[str, ...] = ()
     """A name per checkpoint for tables and plots (default: folder names)."""
     num_mazes: int = 8
@@ -147,7 +152,51 @@ class Args:
     """Free-form notes stored in recall.json (e.g. how the checkpoints were trained)."""
 
 
+PROTOCOL_KEYS = ("num_mazes", "first_seed", "context", "n_revisits", "retrace_len", "reasoning_horizon", "sampling_steps", "seed")
+
+
+def merge(files: tuple[Path, ...]) -> dict:
+    """One results dict from several recall.json files evaluated under the same protocol."""
+    merged: dict = {}
+    for f in files:
+        try:
+            res = json.loads(Path(f).read_text())
+            protocol = {k: res["args"][k] for k in PROTOCOL_KEYS}
+            models = res["models"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f}: no such recall.json") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{f}: not a recall.json written by this benchmark ({type(e).__name__}: {e})") from None
+        if not merged:
+            merged = {"args": {**res["args"], "checkpoints": [], "merged_from": []}, "models": {}}
+        differ = {k: (merged["args"][k], v) for k, v in protocol.items() if merged["args"][k] != v}
+        if differ:
+            raise ValueError(f"{f}: evaluated under a different protocol than {merged['args']['merged_from'][0]}: {differ}")
+        clash = set(models) & set(merged["models"])
+        if clash:
+            raise ValueError(f"{f}: model names {sorted(clash)} already present; give the runs distinct --names")
+        merged["models"].update(models)
+        merged["args"]["checkpoints"] += res["args"].get("checkpoints", [])
+        merged["args"]["merged_from"].append(str(f))
+    return merged
+
+
+def write(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recall.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "recall.md").write_text(markdown(results))
+    plot(results, out_dir)
+
+
 def run(args: Args) -> dict:
+    if args.merge:
+        if args.checkpoints:
+            raise ValueError("give either --checkpoints (evaluate) or --merge (combine earlier results), not both")
+        results = merge(args.merge)
+        write(results, args.out_dir)
+        return results
+    if not args.checkpoints:
+        raise ValueError("no --checkpoints to evaluate (or --merge files to combine)")
     names = list(args.names) or [Path(c).name if Path(c).name != "model" else Path(c).parent.name for c in args.checkpoints]
     if len(names) != len(args.checkpoints):
         raise ValueError(f"{len(args.checkpoints)} checkpoints but {len(names)} names")
@@ -171,10 +220,7 @@ def run(args: Args) -> dict:
         for task, eps in data.items():
             gen = imagine(model, eps, args.sampling_steps, args.seed, args.device)
             results["models"][name][task] = score(eps, gen, retrieval=task == "retrieval")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "recall.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out_dir / "recall.md").write_text(markdown(results))
-    plot(results, args.out_dir)
+    write(results, args.out_dir)
     return results
 
 

@@ -165,6 +165,12 @@ class ClipDataset(torch.utils.data.IterableDataset):
         clips = [self.sample(rng) for _ in range(batch_size)]
         return {k: torch.stack([c[k] for c in clips]) for k in clips[0]}
 
+    def preload(self) -> None:
+        """Read every episode into the cache now (when it holds them all), so that a timed
+        training run does not spend its budget on first reads."""
+        for i in range(min(len(self.episodes), self.cache_size)):
+            self._episode(i)
+
     def _episode(self, i: int) -> dict[str, np.ndarray]:
         if i not in self._cache:
             if len(self._cache) >= self.cache_size:

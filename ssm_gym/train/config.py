@@ -71,6 +71,11 @@ class TrainConfig:
     """Write a real-vs-predicted video every this many steps (0: never)."""
     resume: bool = False
     """Continue the run in out_dir from its latest checkpoint."""
+    time_budget_s: Optional[float] = None
+    """Train for this many seconds of wall time instead of a number of steps (for a lent machine
+    with a fixed time): curriculum stages and the learning-rate schedule then follow the elapsed
+    fraction of the budget, `stage_steps` giving the stages' relative lengths. Such a run resumes
+    with its remaining time, but not bit-exactly (step counts depend on the machine)."""
 
     @property
     def total_steps(self) -> int:
@@ -84,6 +89,16 @@ class TrainConfig:
                 return i
         return len(self.stage_steps) - 1
 
+    def progress(self, step: int, elapsed_s: float) -> float:
+        """Fraction of the run done: by steps, or by wall time under `time_budget_s`."""
+        if self.time_budget_s is not None:
+            return elapsed_s / self.time_budget_s
+        return step / self.total_steps
+
+    def stage_at_progress(self, fraction: float) -> int:
+        """Curriculum stage at a fraction of the run (stage lengths in proportion to stage_steps)."""
+        return self.stage_at(min(self.total_steps - 1, int(fraction * self.total_steps)))
+
     def validate(self) -> None:
         if len(self.stage_clip_lens) != len(self.stage_steps) or not self.stage_steps:
             raise ValueError(f"stage_clip_lens {self.stage_clip_lens} and stage_steps {self.stage_steps} must be non-empty and of equal length")
@@ -95,6 +110,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_every < 0 or min(self.stage_steps) < 1:
             raise ValueError("sample_every must be >= 0 and every stage needs >= 1 step")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
 
 
 def _tiny_model() -> WorldModelConfig:
@@ -112,6 +129,15 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "maze-cpu": (
         "The shipped model (2.8M parameters): 3,200 steps, about 3.5 hours on one CPU core.",
         TrainConfig(stage_steps=(1000, 1000, 800, 400), amp=False, ckpt_every=100, val_every=400, sample_every=800),
+    ),
+    "maze-timed": (
+        "The shipped model's size, trained for a fixed wall time (--time-budget-s) on a lent GPU: "
+        "curriculum 16 -> 256 frames in equal shares of the time, 1,024 frames per step. The baselines "
+        "of the recall benchmark use it too (training/baselines.py).",
+        TrainConfig(out_dir=Path("runs/maze-timed"), device="cuda", time_budget_s=300.0,
+                    stage_clip_lens=(16, 32, 64, 128, 256), stage_steps=(1, 1, 1, 1, 1), frames_per_step=1024,
+                    tbptt_frames=128, lr=6e-4, warmup_steps=100, amp=False, ckpt_every=100, val_every=200,
+                    sample_every=0),
     ),
     "maze-gpu": (
         "A bigger model for one GPU.",

@@ -67,11 +67,15 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at the last step."""
+def lr_at(cfg: TrainConfig, step: int, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at the end of the run (the last
+    step, or the end of `time_budget_s`)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    if cfg.time_budget_s is not None:
+        progress = cfg.progress(step, elapsed_s)
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -128,14 +132,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(out_dir: Path, step: int, model, ema: EMA, opt, data_rng, noise_gen, meta: dict, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, step: int, model, ema: EMA, opt, data_rng, noise_gen, meta: dict, keep: int,
+                    elapsed_s: float = 0.0) -> Path:
     name = f"step_{step:07d}"
     path = checkpoint_dir(out_dir) / name
 
     def write(folder: Path) -> None:
         save_model(folder / "model", model, meta={**meta, "step": step, "weights": "ema"}, state_dict=ema.shadow)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "raw.safetensors"))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "data_rng": data_rng.bit_generator.state,
+        torch.save({"step": step, "elapsed_s": elapsed_s, "optimizer": opt.state_dict(), "data_rng": data_rng.bit_generator.state,
                     "noise_gen": noise_gen.get_state(), "torch_rng": torch.get_rng_state()}, folder / "train_state.pt")
 
     write_folder_atomically(path, write)
@@ -149,8 +154,9 @@ def save_checkpoint(out_dir: Path, step: int, model, ema: EMA, opt, data_rng, no
     return path
 
 
-def load_checkpoint(path: Path, model, ema: EMA, opt, data_rng, noise_gen) -> int:
-    """Restore everything saved by `save_checkpoint`; returns the step to continue from."""
+def load_checkpoint(path: Path, model, ema: EMA, opt, data_rng, noise_gen) -> tuple[int, float]:
+    """Restore everything saved by `save_checkpoint`; returns the step to continue from and the
+    training time spent so far (seconds)."""
     try:
         raw = load_file(str(path / "raw.safetensors"))
         ema_w = load_file(str(path / "model" / "model.safetensors"))
@@ -167,7 +173,7 @@ def load_checkpoint(path: Path, model, ema: EMA, opt, data_rng, noise_gen) -> in
     data_rng.bit_generator.state = state["data_rng"]
     noise_gen.set_state(state["noise_gen"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("elapsed_s", 0.0))
 
 
 def prepare_run_dir(cfg: TrainConfig) -> None:
@@ -254,6 +260,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + env.rank)
+    if env.device.type == "cuda":  # TF32 matmuls: several times faster on recent GPUs, ample for training
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if env.main:
         prepare_run_dir(cfg)
     env.barrier()
@@ -263,11 +272,11 @@ def train(cfg: TrainConfig) -> Path:
     opt = make_optimizer(model, cfg)
     data_rng = np.random.default_rng([cfg.seed, env.rank])
     noise_gen = torch.Generator(device=env.device).manual_seed(cfg.seed * 1000 + env.rank)
-    start = 0
+    start, elapsed_before = 0, 0.0
     if cfg.resume:
         ckpt = latest_checkpoint(cfg.out_dir)
         if ckpt is not None:
-            start = load_checkpoint(ckpt, model, ema, opt, data_rng, noise_gen)
+            start, elapsed_before = load_checkpoint(ckpt, model, ema, opt, data_rng, noise_gen)
             # Each process resumes its own streams: re-seed the per-rank parts deterministically.
             if env.rank:
                 data_rng = np.random.default_rng([cfg.seed, env.rank, start])
@@ -278,7 +287,11 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.compile:
         net = torch.compile(net)
 
-    data = ClipDataset(cfg.data_dir, cfg.stage_clip_lens[cfg.stage_at(start)], seed=cfg.seed, cache_size=10**6)
+    timed = cfg.time_budget_s is not None
+    data = ClipDataset(cfg.data_dir, cfg.stage_clip_lens[cfg.stage_at_progress(cfg.progress(start, elapsed_before))],
+                       seed=cfg.seed, cache_size=10**6)
+    if timed:
+        data.preload()
     val = load_validation_set(cfg) if env.main else None
     metrics_log = val_log = writer = bar = None
     if env.main:
@@ -291,20 +304,25 @@ def train(cfg: TrainConfig) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(cfg.out_dir / "tb"), purge_step=start if cfg.resume else None)
-        bar = tqdm(total=cfg.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        bar = (tqdm(total=round(cfg.time_budget_s), initial=round(elapsed_before), desc="train (s)", unit="s", dynamic_ncols=True)
+               if timed else tqdm(total=cfg.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True))
     meta = {"data_dir": str(cfg.data_dir), "train_config": config_to_json(cfg)}
     amp = torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
 
     model.train()
     t_start, frames_seen, t_window = time.perf_counter(), 0, time.perf_counter()
-    for step in range(start, cfg.total_steps):
-        stage = cfg.stage_at(step)
+    elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731  training time of the whole run
+    step, last = start, start >= cfg.total_steps if not timed else elapsed_before >= cfg.time_budget_s
+    while not last:
+        fraction = cfg.progress(step, elapsed())
+        stage = cfg.stage_at_progress(fraction) if timed else cfg.stage_at(step)
         clip_len = cfg.stage_clip_lens[stage]
         if data.clip_len != clip_len:
             data.set_clip_len(clip_len)
         batch_size = max(1, cfg.frames_per_step // (clip_len * env.world))
+        lr = lr_at(cfg, step, elapsed())
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr
 
         batch = data.sample_batch(batch_size, data_rng)
         frames = batch["frames"].to(env.device)
@@ -332,30 +350,35 @@ def train(cfg: TrainConfig) -> Path:
         opt.zero_grad(set_to_none=True)
         ema.update(model, step)
         frames_seen += batch_size * clip_len * env.world
-        done = step + 1
+        done = step = step + 1
+        last = done >= cfg.total_steps if not timed else elapsed() >= cfg.time_budget_s
+        if timed and env.world > 1:  # every process stops at the same step: rank 0's clock decides
+            flag = torch.tensor([float(last)], device=env.device)
+            dist.broadcast(flag, 0)
+            last = bool(flag.item())
 
         if not env.main:
-            if done % cfg.ckpt_every == 0 or done == cfg.total_steps:
+            if done % cfg.ckpt_every == 0 or last:
                 env.barrier()
             continue
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.total_steps:
+        bar.update(round(elapsed()) - bar.n if timed else 1)
+        if done % cfg.log_every == 0 or last:
             now = time.perf_counter()
             fps = frames_seen / max(now - t_window, 1e-9)
             frames_seen, t_window = 0, now
             row = {"step": done, "stage": stage, "clip_len": clip_len, "batch": batch_size * env.world,
                    "loss": round(stats_sum.get("loss", 0.0), 5), "frame_loss": round(stats_sum.get("frame_loss", 0.0), 5),
-                   "reward_loss": round(stats_sum.get("reward_loss", 0.0), 6), "lr": f"{lr_at(cfg, step):.3e}",
-                   "grad_norm": round(grad_norm, 4), "frames_per_s": round(fps, 1), "elapsed_s": round(now - t_start, 1)}
+                   "reward_loss": round(stats_sum.get("reward_loss", 0.0), 6), "lr": f"{lr:.3e}",
+                   "grad_norm": round(grad_norm, 4), "frames_per_s": round(fps, 1), "elapsed_s": round(elapsed(), 1)}
             metrics_log.write(row)
             for k in ("loss", "frame_loss", "reward_loss", "grad_norm", "frames_per_s"):
                 writer.add_scalar(f"train/{k}", float(row[k]), done)
             writer.add_scalar("train/clip_len", clip_len, done)
             bar.set_postfix(loss=f"{row['loss']:.4f}", L=clip_len, fps=f"{fps:.0f}")
-        if val is not None and (done % cfg.val_every == 0 or done == cfg.total_steps):
+        if val is not None and (done % cfg.val_every == 0 or last):
             ema_model = WorldModel(cfg.model).to(env.device)
             ema_model.load_state_dict(ema.shadow)
-            video = cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == cfg.total_steps)
+            video = cfg.sample_every > 0 and (done % cfg.sample_every == 0 or last)
             m = validate(cfg, ema_model, val, done, cfg.out_dir, video)
             val_log.write({"step": done, "psnr_1step": round(m["psnr_1step"], 3),
                            f"psnr_{cfg.val_horizon}step": round(m["psnr_open_loop_last"], 3),
@@ -364,8 +387,8 @@ def train(cfg: TrainConfig) -> Path:
             writer.add_scalar(f"val/psnr_{cfg.val_horizon}step", m["psnr_open_loop_last"], done)
             bar.write(f"step {done}: val PSNR 1-step {m['psnr_1step']:.2f} dB, "
                       f"{cfg.val_horizon}-step {m['psnr_open_loop_last']:.2f} dB")
-        if done % cfg.ckpt_every == 0 or done == cfg.total_steps:
-            save_checkpoint(cfg.out_dir, done, model, ema, opt, data_rng, noise_gen, meta, cfg.keep_checkpoints)
+        if done % cfg.ckpt_every == 0 or last:
+            save_checkpoint(cfg.out_dir, done, model, ema, opt, data_rng, noise_gen, meta, cfg.keep_checkpoints, elapsed())
             env.barrier()
         if done % cfg.log_every == 0:
             t_window = time.perf_counter()  # frames/s counts training only, not validation or saving
@@ -375,7 +398,8 @@ def train(cfg: TrainConfig) -> Path:
         writer.close()
         final = cfg.out_dir / "model"
         model_for_save = WorldModel(cfg.model)
-        save_model(final, model_for_save, meta={**meta, "step": cfg.total_steps, "weights": "ema"}, state_dict=ema.shadow)
+        save_model(final, model_for_save, meta={**meta, "step": step, "train_seconds": round(elapsed(), 1), "weights": "ema"},
+                   state_dict=ema.shadow)
     env.barrier()
     env.close()
     return cfg.out_dir / "model"
