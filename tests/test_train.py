@@ -193,3 +193,16 @@ def test_ddp_two_cpu_processes(data, tmp_path):
     assert int(rows[-1].split(",")[0]) == 6
     assert rows[1].split(",")[3] == "4", "batch counts clips over both processes"
     assert model.num_params() > 0
+
+
+def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
+    first = train(tiny(data, tmp_path / "a"))
+    cfg = tiny(data, tmp_path / "b", init_from=first, stage_steps=(1, 1), lr=1e-12, warmup_steps=1, ema_decay=0.0)
+    tuned = load_model(train(cfg))
+    before = load_model(first)
+    # a (near) zero learning rate keeps the starting weights: the run really started from them
+    for (k, a), b in zip(before.state_dict().items(), tuned.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    other = dataclasses.replace(cfg.model, d_model=48)
+    with pytest.raises(ValueError, match="init-from.*d_model: 48 vs 32|init-from.*d_model"):
+        train(dataclasses.replace(cfg, out_dir=tmp_path / "c", model=other))

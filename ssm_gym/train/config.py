@@ -71,6 +71,9 @@ class TrainConfig:
     """Write a real-vs-predicted video every this many steps (0: never)."""
     resume: bool = False
     """Continue the run in out_dir from its latest checkpoint."""
+    init_from: Optional[Path] = None
+    """Start from the weights of this model folder (fine-tuning; e.g. a run's model/): the model
+    config must match; optimizer, schedule and data order start fresh."""
     time_budget_s: Optional[float] = None
     """Train for this many seconds of wall time instead of a number of steps (for a lent machine
     with a fixed time): curriculum stages and the learning-rate schedule then follow the elapsed

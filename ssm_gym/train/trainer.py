@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from ssm_gym.model.checkpoint import (
     CheckpointError,
     check_state_dict,
     config_from_dict,
+    load_model,
     save_model,
     write_folder_atomically,
 )
@@ -84,6 +86,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def mismatch(a, b) -> str:
+    """The fields in which two dataclass configs differ, for error messages."""
+    return ", ".join(f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+                     for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name))
 
 
 def temporal_chunks(length: int, chunk: int) -> list[tuple[int, int]]:
@@ -267,7 +275,14 @@ def train(cfg: TrainConfig) -> Path:
         prepare_run_dir(cfg)
     env.barrier()
 
-    model = WorldModel(cfg.model).to(env.device)
+    model = WorldModel(cfg.model)
+    if cfg.init_from is not None:
+        start_model = load_model(cfg.init_from)
+        if start_model.config != cfg.model:
+            raise ValueError(f"--init-from {cfg.init_from}: its model config differs from this run's "
+                             f"({mismatch(start_model.config, cfg.model)})")
+        model.load_state_dict(start_model.state_dict())
+    model = model.to(env.device)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
     data_rng = np.random.default_rng([cfg.seed, env.rank])
