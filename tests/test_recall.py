@@ -89,3 +89,21 @@ def test_merge_combines_per_checkpoint_runs_and_refuses_mixed_protocols(tmp_path
         run(Args(merge=(tmp_path / "bad.json",), out_dir=tmp_path / "x"))
     with pytest.raises(ValueError, match="no --checkpoints"):
         run(Args(out_dir=tmp_path / "x"))
+
+
+def test_prediction_cli_rows(tmp_path):
+    from ssm_gym.eval.prediction import Args as PredArgs
+    from ssm_gym.eval.prediction import main as predict_main
+    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.record import record_episodes
+
+    for s, ep in zip((100, 101), record_episodes([100, 101], ["explore"] * 2, steps=12)):
+        save_episode(tmp_path / "val" / f"ep_{s:06d}.npz", ep)
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "m", WorldModel(PRESETS["tiny"][1].model))
+    rows = predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", episodes=2, context=4, horizon=6,
+                                 sampling_steps=(1, 2), json=tmp_path / "p.json"))
+    assert [r["sampling_steps"] for r in rows] == [1, 2] and all(0 < r["psnr_1step"] < 100 for r in rows)
+    assert json.loads((tmp_path / "p.json").read_text()) == rows
+    with pytest.raises(ValueError, match="no episode with 40 frames"):
+        predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", context=20, horizon=20))

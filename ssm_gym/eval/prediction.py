@@ -1,5 +1,8 @@
 """How well a world model predicts held-out episodes: one-step and open-loop n-step PSNR.
 
+    python -m ssm_gym.eval.prediction --checkpoints runs/a/model ssm_gym/checkpoints/maze-cpu \
+        --val-dir data/maze-val --episodes 8 --context 32 --horizon 100 --sampling-steps 1 3
+
 The model sees `context` real frames (with the actions that led to them), then predicts the
 next `horizon` frames for the real actions two ways:
 - one-step (teacher-forced): each frame predicted from the *real* history, then the state is
@@ -10,10 +13,28 @@ next `horizon` frames for the real actions two ways:
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import torch
 
 from ssm_gym.eval.metrics import psnr
+from ssm_gym.maze.dataset import START_ACTION, list_episodes, load_episode
+
+
+def load_clips(folder: str | Path, episodes: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` frames (N, length, 64, 64, 3) uint8 and the actions that led to them
+    (N, length) of the first `episodes` episodes of a folder that are long enough."""
+    files = [p for p, t in list_episodes(folder) if t + 1 >= length][:episodes]
+    if not files:
+        raise ValueError(f"{folder}: no episode with {length} frames")
+    eps = [load_episode(p) for p in files]
+    frames = torch.from_numpy(np.stack([e["image"][:length] for e in eps]))
+    prev = np.concatenate([np.full((len(eps), 1), START_ACTION), np.stack([e["action"][1:length].argmax(-1) for e in eps])], 1)
+    return frames, torch.from_numpy(prev.astype(np.int64))
 
 
 @torch.no_grad()
@@ -54,3 +75,44 @@ def side_by_side_video(pred: dict[str, np.ndarray], index: int = 0, scale: int =
     """(T, H, W', 3) frames: real | open-loop prediction | one-step prediction, for one episode."""
     row = np.concatenate([pred["real"][index], pred["open_loop"][index], pred["one_step"][index]], axis=2)
     return np.repeat(np.repeat(row, scale, 1), scale, 2)
+
+
+@dataclass
+class Args:
+    checkpoints: tuple[Path, ...]
+    """Model folders to compare."""
+    val_dir: Path = Path("data/maze-val")
+    """Held-out episodes (other maze seeds than the training data)."""
+    episodes: int = 8
+    context: int = 32
+    horizon: int = 100
+    sampling_steps: tuple[int, ...] = (1, 3)
+    """Denoising steps to evaluate (each a row)."""
+    device: str = "cpu"
+    seed: int = 0
+    json: Optional[Path] = None
+    """Also write the rows as JSON here."""
+
+
+def main(args: Args) -> list[dict]:
+    from ssm_gym.model.checkpoint import load_model
+
+    frames, prev = load_clips(args.val_dir, args.episodes, args.context + args.horizon)
+    rows = []
+    for ckpt in args.checkpoints:
+        model = load_model(ckpt, args.device)
+        for steps in args.sampling_steps:
+            m = prediction_metrics(predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed))
+            rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "episodes": len(frames),
+                         "psnr_1step": round(m["psnr_1step"], 2), f"psnr_{args.horizon}step": round(m["psnr_open_loop_last"], 2),
+                         "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ssm_gym.maze.dataset import ClipDataset, load_episode, list_episodes, START_ACTION
+from ssm_gym.maze.dataset import ClipDataset
 from ssm_gym.model.checkpoint import (
     CheckpointError,
     check_state_dict,
@@ -210,16 +210,11 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
 
 
 def load_validation_set(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from ssm_gym.eval.prediction import load_clips
+
     if cfg.val_dir is None:
         return None
-    need = cfg.val_context + cfg.val_horizon
-    files = [p for p, t in list_episodes(cfg.val_dir) if t + 1 >= need][: cfg.val_episodes]
-    if not files:
-        raise ValueError(f"{cfg.val_dir}: no episode with {need} frames for validation")
-    eps = [load_episode(p) for p in files]
-    frames = torch.from_numpy(np.stack([e["image"][:need] for e in eps]))
-    prev = np.concatenate([np.full((len(eps), 1), START_ACTION), np.stack([e["action"][1:need].argmax(-1) for e in eps])], 1)
-    return frames, torch.from_numpy(prev.astype(np.int64))
+    return load_clips(cfg.val_dir, cfg.val_episodes, cfg.val_context + cfg.val_horizon)
 
 
 def validate(cfg: TrainConfig, model: WorldModel, val, step: int, out_dir: Path, write_video: bool) -> dict:
