@@ -134,7 +134,7 @@ def main(args: Args) -> dict:
             sec = time_steps(eng, min(1.0, args.seconds))
             times.append(sec)
             flat.append({"variant": variant, "episode_step": t, "ms_per_step": round(1000 * sec, 2),
-                         "state_bytes_per_env": eng.state.nbytes()})
+                         "state_bytes_per_env": eng.state.nbytes(), "state_bytes_by_part": eng.state.nbytes_by_part()})
         for r in flat[-len(times):]:
             r["ratio_last_first"] = round(times[-1] / times[0], 3)
     out["flat"] = flat
@@ -164,6 +164,8 @@ def main(args: Args) -> dict:
     for v in (model.config.variant, "attn_full"):
         r = next(x for x in flat if x["variant"] == v)
         print(f"{v}: step {args.episode_steps[-1]} / step {args.episode_steps[0]} time = {r['ratio_last_first']:.2f}x")
+    parts = flat[0]["state_bytes_by_part"]
+    print(f"{model.config.variant} state per env: " + ", ".join(f"{k} {v:,} B ({v / sum(parts.values()):.0%})" for k, v in parts.items()))
     f = out["flops"]
     print(f"\nnum_envs={f['num_envs']}: {f['gflop_per_step']} GFLOP per step, {f['achieved_gflops']} GFLOP/s achieved; "
           f"matmul {f['matmul_gflops_fp32']} GFLOP/s fp32 -> {f['achieved_gflops'] / f['matmul_gflops_fp32']:.0%}")

@@ -65,6 +65,9 @@ def test_parallel_equals_step(variant):
     if variant != "attn_full":  # constant-size state
         fresh = m.init_state(2)
         assert state.nbytes() == fresh.nbytes()
+    parts = state.nbytes_by_part()
+    assert sum(parts.values()) == state.nbytes() and parts["attention_cache"] > 0
+    assert (parts["ssm_state"] > 0) == (variant in ("full", "ssm_flat"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -182,13 +182,20 @@ class WorldModelState:
         return self.t.shape[0]
 
     def nbytes(self) -> int:
-        total = 0
+        return sum(self.nbytes_by_part().values())
+
+    def nbytes_by_part(self) -> dict[str, int]:
+        """Bytes held, split into the SSM states, the SSM convolution tails and the attention
+        cache (what a state-compression scheme has to work on)."""
+        size = lambda x: x.numel() * x.element_size()  # noqa: E731
+        parts = {"ssm_state": 0, "ssm_conv": 0, "attention_cache": 0, "step_counter": size(self.t)}
         for s in self.ssm:
             if s is not None:
-                total += sum(x.numel() * x.element_size() for x in s)
+                parts["ssm_conv"] += size(s[0])
+                parts["ssm_state"] += size(s[1])
         for c in self.kv:
-            total += sum(x.numel() * x.element_size() for x in (c.k, c.v, c.pos))
-        return total
+            parts["attention_cache"] += size(c.k) + size(c.v) + size(c.pos)
+        return parts
 
 
 def _pad_cache(c: KVCache, slots: int) -> KVCache:
