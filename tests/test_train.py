@@ -180,17 +180,20 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(data, tmp_path):
         train(tiny(data, out, stage_steps=(2, 2), val_every=100, resume=True))
 
 
-def test_ddp_two_cpu_processes(data, tmp_path):
+@pytest.mark.parametrize("timed", [False, True])
+def test_ddp_two_cpu_processes(data, tmp_path, timed):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29533 + timed),
            "-m", "training.train", "tiny", "--data-dir", str(data / "train"), "--val-dir", str(data / "val"),
            "--out-dir", str(out), "--stage-steps", "3", "3", "--val-every", "100"]
+    if timed:  # both processes must stop at the same step (rank 0's clock decides)
+        cmd += ["--time-budget-s", "3", "--ckpt-every", "1000"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     model = load_model(out / "model")
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert int(rows[-1].split(",")[0]) == 6
+    assert int(rows[-1].split(",")[0]) == (json.loads((out / "model" / "config.json").read_text())["meta"]["step"] if timed else 6)
     assert rows[1].split(",")[3] == "4", "batch counts clips over both processes"
     assert model.num_params() > 0
 
