@@ -142,7 +142,10 @@ class FrameLocalAttention(nn.Module):
             if w is not None:
                 allowed = allowed & (kp[:, None, :] > qp[:, :, None] - w)
             nq, nk = s1 - s0, kp.shape[1]
-            mask = allowed[:, None, :, None, :, None].expand(b, 1, nq, n, nk, n).reshape(b, 1, nq * n, nk * n)
+            if allowed.all():  # e.g. a step with a full ring: no mask, SDPA's fastest path
+                mask = None
+            else:
+                mask = allowed[:, None, :, None, :, None].expand(b, 1, nq, n, nk, n).reshape(b, 1, nq * n, nk * n)
             outs.append(F.scaled_dot_product_attention(qh[:, :, s0 * n:s1 * n], kk, vv, attn_mask=mask))
         y = torch.cat(outs, dim=2).reshape(b, h, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, d)
         y = self.proj(y)
