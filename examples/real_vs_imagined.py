@@ -1,6 +1,7 @@
 """The real maze and the world model's imagination side by side, on the same actions.
 
     python examples/real_vs_imagined.py --checkpoint runs/maze-cpu/model --steps 200
+    python examples/real_vs_imagined.py --steps 200 --context 32 --seed 2000000 --strip docs/samples.png
 
 Both start from the same real frames (`--context` frames of real history warm the model up),
 then an exploring agent acts in the real maze and the same actions drive the imagined one.
@@ -34,6 +35,9 @@ class Args:
     seed: int = 0
     sampling_steps: Optional[int] = None
     out: Path = Path("outputs/real_vs_imagined.mp4")
+    strip: Optional[Path] = None
+    """Also write a PNG: real (left) and imagined (right) at `strip_steps`, one pair per row."""
+    strip_steps: tuple[int, ...] = (1, 5, 20, 50, 100, 200)
 
 
 def run(args: Args) -> dict:
@@ -61,6 +65,10 @@ def run(args: Args) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     imageio.mimwrite(args.out, np.repeat(np.repeat(video, 4, 1), 4, 2), fps=15, macro_block_size=1)
     curve = psnr(f[1:], r[1:])
+    if args.strip is not None:
+        rows = [np.concatenate([r[t], np.zeros_like(r[t][:, :2]), f[t]], axis=1) for t in args.strip_steps if t < len(r)]
+        args.strip.parent.mkdir(parents=True, exist_ok=True)
+        imageio.imwrite(args.strip, np.repeat(np.repeat(np.concatenate(rows, axis=0), 2, 0), 2, 1))
     return {"video": args.out, "env_steps_per_s": args.steps / elapsed, "psnr_first_10": float(curve[:10].mean()),
             "psnr_last_10": float(curve[-10:].mean())}
 
