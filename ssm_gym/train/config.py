@@ -130,7 +130,8 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
                     val_episodes=2, val_context=4, val_horizon=4, sample_every=0, log_every=2, amp=False),
     ),
     "maze-cpu": (
-        "The shipped model (2.8M parameters): 3,200 steps, about 3.5 hours on one CPU core.",
+        "The shipped model's size (2.8M parameters) on a CPU: 3,200 steps, about 3.5 hours on one core "
+        "(the shipped v1 was trained in three stages, see the README's model card).",
         TrainConfig(stage_steps=(1000, 1000, 800, 400), amp=False, ckpt_every=100, val_every=400, sample_every=800),
     ),
     "maze-timed": (
