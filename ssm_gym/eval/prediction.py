@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ssm_gym.eval.metrics import psnr
-from ssm_gym.maze.dataset import START_ACTION, list_episodes, load_episode
+from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
 
 
 def load_clips(folder: str | Path, episodes: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +33,8 @@ def load_clips(folder: str | Path, episodes: int, length: int) -> tuple[torch.Te
         raise ValueError(f"{folder}: no episode with {length} frames")
     eps = [load_episode(p) for p in files]
     frames = torch.from_numpy(np.stack([e["image"][:length] for e in eps]))
-    prev = np.concatenate([np.full((len(eps), 1), START_ACTION), np.stack([e["action"][1:length].argmax(-1) for e in eps])], 1)
-    return frames, torch.from_numpy(prev.astype(np.int64))
+    prev = np.stack([episode_prev_actions(e)[:length] for e in eps])
+    return frames, torch.from_numpy(prev)
 
 
 @torch.no_grad()

@@ -126,6 +126,11 @@ def episode_actions(episode: dict[str, np.ndarray]) -> np.ndarray:
     return episode["action"][1:].argmax(-1).astype(np.int64)
 
 
+def episode_prev_actions(episode: dict[str, np.ndarray]) -> np.ndarray:
+    """(T+1,) int64: the action that led to each frame, `START_ACTION` at the first frame."""
+    return np.concatenate([[START_ACTION], episode_actions(episode)]).astype(np.int64)
+
+
 def list_episodes(directory: str | Path) -> list[tuple[Path, int]]:
     """All episode files of a folder with their lengths; rejects any bad file by name."""
     directory = Path(directory)
@@ -176,7 +181,7 @@ class ClipDataset(torch.utils.data.IterableDataset):
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             ep = load_episode(self.episodes[i][0])
-            prev = np.concatenate([[START_ACTION], ep["action"][1:].argmax(-1)]).astype(np.int64)
+            prev = episode_prev_actions(ep)
             terminals = ep.get("terminal", np.zeros(len(prev), dtype=bool)).astype(np.float32)
             self._cache[i] = {"frames": ep["image"], "prev_actions": prev, "rewards": ep["reward"].astype(np.float32),
                               "terminals": terminals}
