@@ -322,7 +322,8 @@ def train(cfg: TrainConfig) -> Path:
     model.train()
     t_start, frames_seen, t_window = time.perf_counter(), 0, time.perf_counter()
     elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731  training time of the whole run
-    step, last = start, start >= cfg.total_steps if not timed else elapsed_before >= cfg.time_budget_s
+    step = start
+    last = cfg.progress(step, elapsed()) >= 1.0  # a finished run (resumed) trains no further step
     while not last:
         fraction = cfg.progress(step, elapsed())
         stage = cfg.stage_at_progress(fraction) if timed else cfg.stage_at(step)
@@ -361,7 +362,7 @@ def train(cfg: TrainConfig) -> Path:
         ema.update(model, step)
         frames_seen += batch_size * clip_len * env.world
         done = step = step + 1
-        last = done >= cfg.total_steps if not timed else elapsed() >= cfg.time_budget_s
+        last = cfg.progress(step, elapsed()) >= 1.0
         if timed and env.world > 1:  # every process stops at the same step: rank 0's clock decides
             flag = torch.tensor([float(last)], device=env.device)
             dist.broadcast(flag, 0)
