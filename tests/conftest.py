@@ -14,3 +14,18 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny preset's model, randomly initialised, with non-zero output layers so that frames
+    depend on the input (plumbing tests do not need a trained model)."""
+    from ssm_gym.model.world_model import WorldModel
+    from ssm_gym.train.config import PRESETS
+
+    torch.manual_seed(0)
+    m = WorldModel(PRESETS["tiny"][1].model).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m

@@ -13,19 +13,7 @@ import ssm_gym  # noqa: F401
 from ssm_gym.envs.sb3 import SB3VecEnv
 from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv
 from ssm_gym.model.checkpoint import CheckpointError, save_model
-from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine
-from ssm_gym.train.config import PRESETS
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = WorldModel(PRESETS["tiny"][1].model).eval()
-    with torch.no_grad():  # non-zero output layers so that frames depend on the input
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -91,17 +91,19 @@ class WorldModelEnv(gym.Env):
     - `max_episode_steps` (1000), `reward_threshold` (0.5).
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
+    - `compression` (None = off): dynamic state compression, a setting name ("light", "strong",
+      "bf16", "strong-bf16") or a `CompressionConfig` (see ssm_gym/model/compression.py).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", sampling_steps: Optional[int] = None,
                  max_episode_steps: int = 1000, reward_threshold: float = 0.5, maze_size: int = 9, n_objects: int = 3,
-                 render_mode: Optional[str] = None, model: Optional[WorldModel] = None):
+                 render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
-        self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps)
+        self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps, compression=compression)
         self.real = MazeRealEnv(maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
         self.observation_space, self.action_space = OBSERVATION_SPACE, ACTION_SPACE
@@ -156,9 +158,11 @@ class WorldModelVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 1, checkpoint: str | Path | None = None, device: str = "cpu",
                  sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
-                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None):
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
+                 compression=None):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
-        self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps)
+        self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
+                                    compression=compression)
         self.real = MazeBatch(num_envs, maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]

@@ -3,6 +3,7 @@
     python -m ssm_gym.eval.recall --checkpoints runs/a/model runs/b/model --names ours attn-local \
         --num-mazes 16 --context 400
     python -m ssm_gym.eval.recall --merge out/a/recall.json out/b/recall.json --out-dir out/all
+    python -m ssm_gym.eval.recall --checkpoints ssm_gym/checkpoints/maze-cpu --compression off strong
 
 Retrieval: on held-out maze seeds, the model sees a real exploration of `context` steps (frames
 and actions), then generates frames while the agent goes back to earlier poses and retraces
@@ -11,6 +12,10 @@ ground truth is a frame seen during the context. Reported per frame and as a cur
 (steps since the pose was last seen).
 Reasoning: the same context, then random actions into places the context may not have shown;
 compared with the real maze's frames.
+
+With `--compression`, every checkpoint is evaluated under each state-compression setting (named
+`model+setting`), and the bytes of model state held per environment are recorded next to the
+scores (mean over the generated steps, as the engine holds them).
 
 Writes `recall.json` (all numbers), `recall.md` (tables) and `recall_psnr_vs_gap.png` /
 `recall_ssim_vs_gap.png` (all checkpoints in one figure) to `--out-dir`.
@@ -33,6 +38,7 @@ from ssm_gym.maze.layout import generate_maze
 from ssm_gym.maze.policies import revisit_gaps, revisit_route
 from ssm_gym.maze.sim import MazeBatch
 from ssm_gym.model.checkpoint import load_model
+from ssm_gym.model.compression import get_compression
 from ssm_gym.rollout.engine import RolloutEngine
 
 GAP_EDGES = (1, 10, 50, 100, 200, 400, 800, 1600, 10**9)
@@ -86,12 +92,14 @@ def reasoning_episode(seed: int, context: int, horizon: int) -> Episode:
 
 
 @torch.no_grad()
-def imagine(model, episodes: list[Episode], sampling_steps: Optional[int], seed: int, device: str) -> list[np.ndarray]:
+def imagine(model, episodes: list[Episode], sampling_steps: Optional[int], seed: int, device: str,
+            compression: str = "off", memory: Optional[dict] = None) -> list[np.ndarray]:
     """Warm the model up on each episode's real context, then generate the rest open-loop for
     the real actions; all episodes in one batch. Returns the generated frames per episode,
-    aligned with `frames[context:]`."""
+    aligned with `frames[context:]`. ``memory``, if given, receives the mean bytes of model
+    state per environment over the generated steps (total and by part)."""
     n, c = len(episodes), episodes[0].context
-    engine = RolloutEngine(model, n, device=device, sampling_steps=sampling_steps, seed=seed)
+    engine = RolloutEngine(model, n, device=device, sampling_steps=sampling_steps, seed=seed, compression=compression)
     ctx = torch.from_numpy(np.stack([e.frames[:c] for e in episodes]))
     acts = torch.from_numpy(np.stack([e.actions[: c - 1] for e in episodes]))
     engine.reset(torch.ones(n, dtype=torch.bool), ctx, acts)
@@ -101,8 +109,14 @@ def imagine(model, episodes: list[Episode], sampling_steps: Optional[int], seed:
         rest = e.actions[c - 1 :]
         padded[i, : len(rest)] = rest
     out = np.empty((n, horizon, *episodes[0].frames.shape[1:]), dtype=np.uint8)
+    parts: dict[str, float] = {}
     for t in tqdm(range(horizon), desc="imagine", leave=False):
         out[:, t] = engine.step(torch.from_numpy(padded[:, t]))[0].cpu().numpy()
+        for k, v in engine.model_state_nbytes_by_part().items():
+            parts[k] = parts.get(k, 0.0) + v / (n * horizon)
+    if memory is not None:
+        memory.update({"state_bytes_per_env": round(sum(parts.values())),
+                       "state_bytes_by_part": {k: round(v) for k, v in parts.items()}})
     return [out[i, : len(e.actions) - (c - 1)] for i, e in enumerate(episodes)]
 
 
@@ -148,6 +162,8 @@ class Args:
     device: str = "cpu"
     seed: int = 0
     out_dir: Path = Path("outputs/recall")
+    compression: tuple[str, ...] = ("off",)
+    """State-compression settings to evaluate every checkpoint under (ssm_gym/model/compression.py)."""
     extra: dict[str, str] = field(default_factory=dict)
     """Free-form notes stored in recall.json (e.g. how the checkpoints were trained)."""
 
@@ -205,6 +221,8 @@ def run(args: Args) -> dict:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from retrieval, reasoning")
     if args.context < 2:
         raise ValueError("context must be at least 2 frames")
+    for c in args.compression:
+        get_compression(c)  # unknown names fail before any work
     seeds = range(args.first_seed, args.first_seed + args.num_mazes)
     data = {}
     if "retrieval" in args.tasks:
@@ -216,10 +234,14 @@ def run(args: Args) -> dict:
     results["args"]["checkpoints"] = [str(c) for c in args.checkpoints]
     for name, ckpt in zip(names, args.checkpoints):
         model = load_model(ckpt, args.device)
-        results["models"][name] = {"checkpoint": str(ckpt), "variant": model.config.variant}
-        for task, eps in data.items():
-            gen = imagine(model, eps, args.sampling_steps, args.seed, args.device)
-            results["models"][name][task] = score(eps, gen, retrieval=task == "retrieval")
+        for comp in args.compression:
+            key = name if comp == "off" and len(args.compression) == 1 else f"{name}+{comp}"
+            entry = results["models"][key] = {"checkpoint": str(ckpt), "variant": model.config.variant,
+                                              "compression": comp}
+            for task, eps in data.items():
+                memory: dict = {}
+                gen = imagine(model, eps, args.sampling_steps, args.seed, args.device, comp, memory)
+                entry[task] = {**score(eps, gen, retrieval=task == "retrieval"), **memory}
     write(results, args.out_dir)
     return results
 
@@ -230,8 +252,10 @@ def markdown(results: dict) -> str:
         rows = [(n, m[task]) for n, m in results["models"].items() if task in m]
         if not rows:
             continue
-        lines += [f"### {task.capitalize()}", "", "| model | variant | frames | SSIM | PSNR (dB) |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {n} | {results['models'][n]['variant']} | {r['frames']} | {r['ssim']:.3f} | {r['psnr']:.2f} |" for n, r in rows]
+        lines += [f"### {task.capitalize()}", "", "| model | variant | frames | SSIM | PSNR (dB) | state kB/env |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {results['models'][n]['variant']} | {r['frames']} | {r['ssim']:.3f} | {r['psnr']:.2f} | "
+                  + (f"{r['state_bytes_per_env'] / 1e3:,.0f} |" if "state_bytes_per_env" in r else "- |") for n, r in rows]
         gaps = sorted({(b["gap_min"], b["gap_max"]) for _, r in rows for b in r["by_gap"]})
         if gaps:
             lines += ["", "PSNR (dB) by gap (steps since the pose was last seen):", "",

@@ -75,13 +75,15 @@ def diffusion_forcing_loss(
     state=None,
     sigma: Tensor | None = None,
     return_state: bool = False,
+    compress=None,
 ):
     """Training loss for a batch of clips.
 
     frames (B, T, H, W, C) uint8 or float in [-1, 1]; actions (B, T) long: ``actions[:, t]`` is
     the action that led to frame t (``model.START`` for a first frame); rewards (B, T) float and
     terminals (B, T) bool/float for the transition into frame t (optional); valid (B, T) bool
-    masks padding. Returns ``(loss, stats)``; ``stats`` holds detached floats.
+    masks padding. compress: state-compression masks of these frames (``ClipCompression``).
+    Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
     cfg = getattr(model, "module", model).config  # (model may be wrapped in DDP)
     x0 = frames_to_float(frames)
@@ -91,7 +93,7 @@ def diffusion_forcing_loss(
         sigma = sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev)
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     xn = x0 + sigma[:, :, None, None, None] * noise
-    out = model(xn, sigma, actions, state=state, update="copy" if state is not None else "none")
+    out = model(xn, sigma, actions, state=state, update="copy" if state is not None else "none", compress=compress)
 
     c_skip, c_out, _, _ = edm_scalings(sigma, cfg.sigma_data)
     noised = sigma > 0

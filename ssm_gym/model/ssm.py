@@ -305,8 +305,10 @@ class BlockwiseSSM(nn.Module):
         return conv, ssm
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, state=None):
-        b, _, hh, ww, _ = x.shape
+    def forward(self, x: Tensor, state=None, sizes: Tensor | None = None):
+        """sizes (B, T, nblocks) int: state compression, each block's state uses only its first
+        ``sizes`` d_state dimensions at that frame (B and C zero past it); None = all."""
+        b, t, hh, ww, _ = x.shape
         assert (hh, ww) == self.grid, f"expected a {self.grid} token grid, got {(hh, ww)}"
         seq = to_blocks(x, self.block)  # (B, nb, L, D)
         nb, L = seq.shape[1], seq.shape[2]
@@ -330,6 +332,10 @@ class BlockwiseSSM(nn.Module):
         xs = xs.reshape(b * nb, L, self.nheads, self.headdim)
         Bm = Bm.reshape(b * nb, L, self.ngroups, self.d_state)
         Cm = Cm.reshape(b * nb, L, self.ngroups, self.d_state)
+        if sizes is not None:  # (B, T, nb) -> per token of each block sequence (frame-major)
+            per_tok = sizes.transpose(1, 2).reshape(b * nb, t).repeat_interleave(L // t, dim=1)
+            dims = (torch.arange(self.d_state, device=x.device) < per_tok[..., None])[:, :, None, :].to(Bm.dtype)
+            Bm, Cm = Bm * dims, Cm * dims
         dt = F.softplus(dt + self.dt_bias)
         A = -torch.exp(self.A_log.float())
         init = None if ssm_state is None else ssm_state.reshape(b * nb, self.nheads, self.headdim, self.d_state)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import FrameLocalAttention, KVCache
+from .compression import ClipCompression, CompressionState, NOVEL, get_compression, truncate_ssm_
 from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
 from .ssm import BlockwiseSSM
 
@@ -110,17 +111,19 @@ class WorldModelState:
     """Inference state of a batch of N environments, all preallocated tensors.
 
     t: (N,) frames seen per env; ssm[l]: (conv_state, ssm_state) per spatial block, or None;
-    kv[l]: :class:`KVCache` ring of the last k-1 frames (growing for "attn_full").
+    kv[l]: :class:`KVCache` ring of the last k-1 frames (growing for "attn_full");
+    comp: the running scores of dynamic state compression (None = off), see compression.py.
     """
 
     t: Tensor
     ssm: list
     kv: list
+    comp: CompressionState | None = None
 
     def _map(self, fn) -> WorldModelState:
         ssm = [None if s is None else tuple(fn(x) for x in s) for s in self.ssm]
-        kv = [KVCache(fn(c.k), fn(c.v), fn(c.pos)) for c in self.kv]
-        return WorldModelState(fn(self.t), ssm, kv)
+        kv = [KVCache(fn(c.k), fn(c.v), fn(c.pos), fn(c.keep)) for c in self.kv]
+        return WorldModelState(fn(self.t), ssm, kv, None if self.comp is None else self.comp.map(fn))
 
     def clone(self) -> WorldModelState:
         return self._map(lambda x: x.clone())
@@ -144,9 +147,11 @@ class WorldModelState:
             if mine is theirs:
                 continue
             if mine.k.shape == theirs.k.shape:
-                mine.k.copy_(theirs.k), mine.v.copy_(theirs.v), mine.pos.copy_(theirs.pos)
+                mine.k.copy_(theirs.k), mine.v.copy_(theirs.v), mine.pos.copy_(theirs.pos), mine.keep.copy_(theirs.keep)
             else:
                 self.kv[i] = theirs
+        if self.comp is not None and other.comp is not None and self.comp is not other.comp:
+            self.comp.copy_(other.comp)
         return self
 
     def index_copy_(self, idx: Tensor, other: WorldModelState) -> WorldModelState:
@@ -160,9 +165,13 @@ class WorldModelState:
         for i, (mine, theirs) in enumerate(zip(self.kv, other.kv)):
             slots = max(mine.k.shape[1], theirs.k.shape[1])  # only "attn_full" caches differ in size
             mine, theirs = _pad_cache(mine, slots), _pad_cache(theirs, slots)
-            for a, b in ((mine.k, theirs.k), (mine.v, theirs.v), (mine.pos, theirs.pos)):
+            for a, b in ((mine.k, theirs.k), (mine.v, theirs.v), (mine.pos, theirs.pos), (mine.keep, theirs.keep)):
                 a.index_copy_(0, idx, b.to(a.dtype))
             self.kv[i] = mine
+        if (self.comp is None) != (other.comp is None):
+            raise ValueError("cannot copy between a compressed and an uncompressed state")
+        if self.comp is not None:
+            self.comp.index_copy_(idx, other.comp)
         return self
 
     def reset_(self, mask: Tensor) -> WorldModelState:
@@ -175,6 +184,9 @@ class WorldModelState:
                     x[m] = 0
         for c in self.kv:
             c.pos[m] = -1
+            c.keep[m] = True
+        if self.comp is not None:
+            self.comp.reset_(m)
         return self
 
     @property
@@ -194,7 +206,9 @@ class WorldModelState:
                 parts["ssm_conv"] += size(s[0])
                 parts["ssm_state"] += size(s[1])
         for c in self.kv:
-            parts["attention_cache"] += size(c.k) + size(c.v) + size(c.pos)
+            parts["attention_cache"] += size(c.k) + size(c.v) + size(c.pos) + size(c.keep)
+        if self.comp is not None:
+            parts["compression_scores"] = self.comp.nbytes()
         return parts
 
 
@@ -204,7 +218,7 @@ def _pad_cache(c: KVCache, slots: int) -> KVCache:
     if extra <= 0:
         return c
     pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), v)], 1)
-    return KVCache(pad(c.k, 0), pad(c.v, 0), pad(c.pos, -1))
+    return KVCache(pad(c.k, 0), pad(c.v, 0), pad(c.pos, -1), pad(c.keep, True))
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -244,7 +258,7 @@ class Layer(nn.Module):
     def _norm(self, x):
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
-    def forward(self, x, cond, pos, ssm_state, kv, update):
+    def forward(self, x, cond, pos, ssm_state, kv, update, compress: ClipCompression | None = None):
         # x (B, T, N, D); cond (B, T, D) already SiLU'd
         b, t, n, d = x.shape
         mods = self.ada(cond)[:, :, None].chunk(3 * self.n_sub, dim=-1)
@@ -252,10 +266,12 @@ class Layer(nn.Module):
         i = 0
         if self.ssm is not None:
             h = modulate(self._norm(x), mods[0], mods[1])
-            h, new_ssm = self.ssm(h.reshape(b, t, *self.ssm.grid, d), ssm_state)
+            sizes = None if compress is None else compress.ssm_sizes(self.ssm.block, self.ssm.d_state)
+            h, new_ssm = self.ssm(h.reshape(b, t, *self.ssm.grid, d), ssm_state, sizes)
             x = torch.addcmul(x, mods[2], h.reshape(b, t, n, d))  # x + gate * h
             i = 3
-        h, kv = self.attn(modulate(self._norm(x), mods[i], mods[i + 1]), pos, kv, update=update)
+        keep = None if compress is None else compress.kv_keep
+        h, kv = self.attn(modulate(self._norm(x), mods[i], mods[i + 1]), pos, kv, update=update, keep=keep)
         x = torch.addcmul(x, mods[i + 2], h)
         x = torch.addcmul(x, mods[i + 5], self.mlp(modulate(self._norm(x), mods[i + 3], mods[i + 4])))
         return x, new_ssm, kv
@@ -296,11 +312,22 @@ class WorldModel(nn.Module):
             return None
         return cfg.n_layers * (cfg.window - 1) + 1
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> WorldModelState:
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32, compression=None) -> WorldModelState:
+        """Empty state for ``batch_size`` envs. compression: a setting name or CompressionConfig
+        (see compression.py; None/"off" = exact uncompressed model); it also sets the storage
+        dtype of the attention cache."""
         device = device if device is not None else self.pos_emb.device
+        comp_cfg = get_compression(compression)
         ssm = [l.ssm.init_state(batch_size, device, dtype) if l.ssm is not None else None for l in self.layers]
-        kv = [l.attn.init_cache(batch_size, device, dtype) for l in self.layers]
-        return WorldModelState(torch.zeros(batch_size, dtype=torch.long, device=device), ssm, kv)
+        kv_dtype = dtype if comp_cfg is None else comp_cfg.torch_cache_dtype
+        kv = [l.attn.init_cache(batch_size, device, kv_dtype) for l in self.layers]
+        comp = None
+        if comp_cfg is not None and comp_cfg.dynamic:  # ("bf16" only changes the cache's dtype)
+            cfg = self.config
+            comp = CompressionState(comp_cfg, torch.full((batch_size, *self.grid), NOVEL, device=device),
+                                    torch.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.channels),
+                                                dtype=torch.uint8, device=device))
+        return WorldModelState(torch.zeros(batch_size, dtype=torch.long, device=device), ssm, kv, comp)
 
     # -- tokens --------------------------------------------------------------------------------
     def patchify(self, x: Tensor) -> Tensor:
@@ -319,13 +346,14 @@ class WorldModel(nn.Module):
 
     # -- network -------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, actions: Tensor, state: WorldModelState | None = None,
-                update: str = "copy") -> WorldModelOutput:
+                update: str = "copy", compress: ClipCompression | None = None) -> WorldModelOutput:
         """Denoise a clip (or a piece following ``state``) in parallel.
 
         x (B, T, H, W, C) noisy frames in [-1, 1] scale (uint8 accepted: clean frames); sigma (B, T)
         noise level per frame (0 = clean); actions (B, T) long, the action that led to each frame.
         update: with a state, "copy" returns a new state after these frames (autograd-safe),
         "inplace" advances ``state`` itself, "none" leaves it (denoising passes).
+        compress: state-compression masks of these frames (training, and the step API), or None.
         """
         cfg = self.config
         x = frames_to_float(x)
@@ -346,7 +374,7 @@ class WorldModel(nn.Module):
         for i, layer in enumerate(self.layers):
             ssm_s = state.ssm[i] if state is not None else None
             kv = state.kv[i] if state is not None else None
-            tok, s_new, kv_new = layer(tok, cond, pos, ssm_s, kv, attn_update)
+            tok, s_new, kv_new = layer(tok, cond, pos, ssm_s, kv, attn_update, compress)
             new_ssm.append(s_new), new_kv.append(kv_new)
 
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
@@ -359,7 +387,7 @@ class WorldModel(nn.Module):
         if state is not None and update != "none":
             ssm_out = [None if s is None else tuple(z.to(state.ssm[i][j].dtype) for j, z in enumerate(s))
                        for i, s in enumerate(new_ssm)]
-            new_state = WorldModelState(state.t + t, ssm_out, new_kv)
+            new_state = WorldModelState(state.t + t, ssm_out, new_kv, state.comp)
             if update == "inplace":
                 new_state = state.copy_(new_state)
         elif state is not None:
@@ -379,7 +407,20 @@ class WorldModel(nn.Module):
     def observe_clip(self, state: WorldModelState, frames: Tensor, actions: Tensor) -> WorldModelOutput:
         """Warm up on T real frames at once (parallel form): frames (N, T, H, W, C), actions (N, T)."""
         sigma = torch.zeros(frames.shape[:2], device=frames.device)
-        return self(frames, sigma, actions.to(frames.device), state=state, update="inplace")
+        if state.comp is None:
+            return self(frames, sigma, actions.to(frames.device), state=state, update="inplace")
+        return self._advance_compressed(state, frames, sigma, actions.to(frames.device))
+
+    def _advance_compressed(self, state: WorldModelState, frames: Tensor, sigma: Tensor, actions: Tensor):
+        """Advance on clean uint8 frames with state compression: masks from the running scores,
+        then the scores move on and every SSM block is cut to its next prefix."""
+        comp = state.comp
+        frames = frames if frames.dtype == torch.uint8 else float_to_frames(frames)
+        masks, act_after = comp.observe(frames, state.t)
+        out = self(frames, sigma, actions, state=state, update="inplace", compress=masks)
+        comp.commit(frames, act_after)
+        truncate_ssm_(state, self.layers, comp)
+        return out
 
     @torch.no_grad()
     def generate(self, state: WorldModelState, action, steps: int | None = None,
@@ -394,13 +435,15 @@ class WorldModel(nn.Module):
         shape = (n, 1, cfg.image_size, cfg.image_size, cfg.channels)
         dev = self.pos_emb.device
 
+        current = None if state.comp is None else state.comp.current()
+
         def denoise(x, s):
-            return self(x, s.expand(n, 1), a, state=state, update="none").denoised
+            return self(x, s.expand(n, 1), a, state=state, update="none", compress=current).denoised
 
         x = sample(denoise, shape, steps or cfg.sample_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                    generator=generator, device=dev, dtype=self.pos_emb.dtype, noise=noise)
         frame = float_to_frames(x)
-        out = self(frame, torch.zeros(n, 1, device=dev), a, state=state, update="inplace")
+        out = self.observe_clip(state, frame, a)
         return frame[:, 0], out.reward[:, 0], out.term_logit[:, 0] > 0
 
     def _actions(self, action, n: int) -> Tensor:

@@ -11,6 +11,11 @@ not depend on which other environments share the batch.
     engine.reset(torch.ones(64, dtype=torch.bool), first_frames)      # or with real context
     frames, rewards, terminated = engine.step(actions)                 # (64, 64, 64, 3) uint8, ...
     planner = engine.fork(torch.tensor([3, 3, 3, 3]))                  # 4 copies of env 3
+
+With ``compression`` set (see ``ssm_gym.model.compression``), the state is kept packed between
+calls: each SSM block holds only its current prefix of state dimensions and the attention cache
+only its kept tokens, so the bytes held per environment follow the scene. A call unpacks, runs
+the model and packs again.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import torch
 from torch import Tensor
 
 from ssm_gym.maze.sim import N_ACTIONS
+from ssm_gym.model.compression import PackedState, get_compression, pack_state, unpack_state
 from ssm_gym.model.world_model import WorldModel, WorldModelState
 
 
 class RolloutEngine:
     def __init__(self, model: WorldModel, num_envs: int, device: str | torch.device | None = None,
-                 sampling_steps: Optional[int] = None, seed: int = 0):
+                 sampling_steps: Optional[int] = None, seed: int = 0, compression=None):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -37,7 +43,12 @@ class RolloutEngine:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
         cfg = model.config
         self.frame_shape = (cfg.image_size, cfg.image_size, cfg.channels)
-        self.state: WorldModelState = model.init_state(num_envs, self.device)
+        self.compression = get_compression(compression)
+        if self.compression is not None and not model.config.has_ssm and self.compression.ssm_fractions:
+            raise ValueError(f"compression {self.compression.name!r} sizes SSM states, but the model "
+                             f"(variant {model.config.variant!r}) has none")
+        self._packed: Optional[PackedState] = None
+        self.state = model.init_state(num_envs, self.device, compression=self.compression)
         self.frames = torch.zeros((num_envs, *self.frame_shape), dtype=torch.uint8, device=self.device)
         self.steps = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self.generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(num_envs)]
@@ -75,9 +86,11 @@ class RolloutEngine:
             context_actions = torch.zeros((m, 0), dtype=torch.long)
         acts = self.check_actions(context_actions, (m, t - 1), "context_actions")
         prev = torch.cat([torch.full((m, 1), self.model.START, dtype=torch.long, device=self.device), acts], 1)
-        sub = self.model.init_state(m, self.device)
+        sub = self.model.init_state(m, self.device, compression=self.compression)
         self.model.observe_clip(sub, frames, prev)
-        self.state.index_copy_(idx, sub)
+        state = self.state
+        state.index_copy_(idx, sub)
+        self.state = state
         self.frames[idx] = frames[:, -1]
         self.steps[idx] = 0
         if seeds is not None:
@@ -95,7 +108,9 @@ class RolloutEngine:
         a = self.check_actions(actions, (self.num_envs,), "actions")
         noise = torch.stack([torch.randn((1, *self.frame_shape), generator=g, device=self.device)
                              for g in self.generators])
-        frames, rewards, terminated = self.model.generate(self.state, a, steps=self.sampling_steps, noise=noise)
+        state = self.state
+        frames, rewards, terminated = self.model.generate(state, a, steps=self.sampling_steps, noise=noise)
+        self.state = state
         self.frames.copy_(frames)
         self.steps += 1
         return self.frames, rewards, terminated
@@ -109,7 +124,9 @@ class RolloutEngine:
         if frames.dtype != torch.uint8 or tuple(frames.shape) != (self.num_envs, *self.frame_shape):
             raise ValueError(f"frames must be uint8 of shape {(self.num_envs, *self.frame_shape)}, "
                              f"got {frames.dtype} {tuple(frames.shape)}")
-        self.model.observe(self.state, frames, a)
+        state = self.state
+        self.model.observe(state, frames, a)
+        self.state = state
         self.frames.copy_(frames)
         self.steps += 1
         return self.frames
@@ -124,6 +141,7 @@ class RolloutEngine:
         new = RolloutEngine.__new__(RolloutEngine)
         new.device, new.model, new.num_envs = self.device, self.model, len(idx)
         new.sampling_steps, new.frame_shape = self.sampling_steps, self.frame_shape
+        new.compression, new._packed = self.compression, None
         new.state = self.state.index_select(idx)
         new.frames = self.frames.index_select(0, idx).clone()
         new.steps = self.steps.index_select(0, idx).clone()
@@ -134,9 +152,32 @@ class RolloutEngine:
             new.generators.append(g)
         return new
 
+    # -- state storage -------------------------------------------------------------------------
+    @property
+    def packed(self) -> bool:
+        """True when the state is held packed (dynamic compression on)."""
+        return self.compression is not None and self.compression.dynamic
+
+    @property
+    def state(self) -> WorldModelState:
+        """The model state of all envs, dense. With dynamic compression this unpacks a fresh copy:
+        assign it back (``engine.state = s``) to keep changes."""
+        return unpack_state(self._packed) if self.packed else self._state
+
+    @state.setter
+    def state(self, state: WorldModelState) -> None:
+        if self.packed:
+            self._packed = pack_state(state, self.model.layers)
+        else:
+            self._state = state
+
+    def model_state_nbytes_by_part(self) -> dict[str, int]:
+        """Bytes of the model state as held (packed when compressed), split by part."""
+        return self._packed.nbytes_by_part() if self.packed else self._state.nbytes_by_part()
+
     def state_nbytes(self) -> int:
         """Bytes of per-environment state held for all envs (model state, frames, counters)."""
-        return self.state.nbytes() + self.frames.numel() + self.steps.numel() * 8
+        return sum(self.model_state_nbytes_by_part().values()) + self.frames.numel() + self.steps.numel() * 8
 
     def check_actions(self, actions, shape: tuple[int, ...], name: str) -> Tensor:
         a = torch.as_tensor(actions, device=self.device)

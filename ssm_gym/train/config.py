@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ssm_gym.model.compression import get_compression
 from ssm_gym.model.world_model import WorldModelConfig
 
 
@@ -40,6 +41,11 @@ class TrainConfig:
     long_context: bool = True
     """Paper's long-context training: a clean prefix longer than half the clip, loss on the rest."""
     long_context_prob: float = 0.5
+    compression: str = "off"
+    """Dynamic state compression trained in (ssm_gym/model/compression.py): a setting name such as
+    "strong"; its content rule masks the SSM state prefixes and the attention cache of a share of clips."""
+    compression_prob: float = 0.5
+    """Share of training clips that get the compression masks (the rest train the exact model)."""
     # -- optimisation
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -113,6 +119,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sample_every < 0 or min(self.stage_steps) < 1:
             raise ValueError("sample_every must be >= 0 and every stage needs >= 1 step")
+        get_compression(self.compression)  # a clear error for an unknown setting
+        if not 0.0 <= self.compression_prob <= 1.0:
+            raise ValueError(f"compression_prob must be in [0, 1], got {self.compression_prob}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
 

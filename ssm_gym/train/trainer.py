@@ -43,6 +43,7 @@ from ssm_gym.model.checkpoint import (
     save_model,
     write_folder_atomically,
 )
+from ssm_gym.model.compression import clip_compression, get_compression
 from ssm_gym.model.diffusion import diffusion_forcing_loss, sample_clip_sigmas
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import TrainConfig, config_to_json
@@ -322,6 +323,7 @@ def train(cfg: TrainConfig) -> Path:
     model.train()
     t_start, frames_seen, t_window = time.perf_counter(), 0, time.perf_counter()
     elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731  training time of the whole run
+    comp_cfg = get_compression(cfg.compression)
     step = start
     last = cfg.progress(step, elapsed()) >= 1.0  # a finished run (resumed) trains no further step
     while not last:
@@ -342,6 +344,9 @@ def train(cfg: TrainConfig) -> Path:
         terminals = batch["terminals"].to(env.device)
         sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
                                    generator=noise_gen, device=env.device)
+        compress = None
+        if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
+            compress = clip_compression(comp_cfg, frames, cfg.model.patch_size, cfg.compression_prob, noise_gen)
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
         state = model.init_state(batch_size, env.device) if len(chunks) > 1 else None
         stats_sum: dict[str, float] = {}
@@ -351,7 +356,8 @@ def train(cfg: TrainConfig) -> Path:
                 with amp:
                     loss, stats, state = diffusion_forcing_loss(
                         net, frames[:, s:e], actions[:, s:e], rewards=rewards[:, s:e], terminals=terminals[:, s:e], sigma=sigma[:, s:e],
-                        state=state, generator=noise_gen, return_state=True)
+                        state=state, generator=noise_gen, return_state=True,
+                        compress=None if compress is None else compress[s:e])
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
             for k, v in stats.items():

@@ -1,0 +1,104 @@
+"""Dynamic state compression: bytes of state per environment and env-steps/s, per setting.
+
+    python benchmarks/compression.py                         # shipped model, all settings
+    python benchmarks/compression.py --checkpoint runs/maze-cpu-v2/model --num-envs 64 --json
+
+Every setting runs the same work: `num_envs` held-out mazes, `context` real frames of exploration
+(warm-up), then `steps` imagined steps on the real actions. The bytes are those the engine holds
+between steps (packed when compression is on; measured from the tensors, not counted from a
+formula), averaged over the imagined steps; they depend on the scene, which is why real maze
+episodes are used. "dense working set" is the size of the unpacked state a step works on.
+Recall quality under each setting is measured by `python -m ssm_gym.eval.recall --compression ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.eval.recall import reasoning_episode
+from ssm_gym.model.checkpoint import load_model
+from ssm_gym.model.compression import SETTINGS
+from ssm_gym.rollout.engine import RolloutEngine
+
+TARGETS = {"state_memory_reduction": 2.0}
+
+
+@dataclass
+class Args:
+    checkpoint: Optional[Path] = None
+    """Checkpoint folder (default: the shipped model)."""
+    settings: tuple[str, ...] = tuple(SETTINGS)
+    num_envs: int = 16
+    context: int = 200
+    """Real frames each env is warmed up on."""
+    steps: int = 40
+    """Imagined steps measured (bytes averaged, time per step)."""
+    sampling_steps: Optional[int] = None
+    first_seed: int = 2_000_000
+    device: str = "cpu"
+    json: bool = False
+
+
+def measure(model, setting: str, episodes, args: Args) -> dict:
+    n, c = len(episodes), args.context
+    engine = RolloutEngine(model, n, device=args.device, sampling_steps=args.sampling_steps, compression=setting)
+    engine.reset(torch.ones(n, dtype=torch.bool), torch.from_numpy(np.stack([e.frames[:c] for e in episodes])),
+                 torch.from_numpy(np.stack([e.actions[:c - 1] for e in episodes])))
+    parts: dict[str, float] = {}
+    elapsed = 0.0
+    for t in range(args.steps):
+        a = torch.from_numpy(np.array([e.actions[c - 1 + t] for e in episodes]))
+        t0 = time.perf_counter()
+        engine.step(a)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0 if t >= 2 else 0.0  # two warm-up steps
+        for k, v in engine.model_state_nbytes_by_part().items():
+            parts[k] = parts.get(k, 0.0) + v / (n * args.steps)
+    dense = engine.state.nbytes() / n
+    return {"setting": setting, "state_bytes_per_env": round(sum(parts.values())),
+            "by_part": {k: round(v) for k, v in parts.items()}, "dense_working_set_per_env": round(dense),
+            "env_steps_per_s": n * (args.steps - 2) / elapsed, "ms_per_step": 1e3 * elapsed / (args.steps - 2)}
+
+
+def main(args: Args) -> dict:
+    torch.set_grad_enabled(False)
+    model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
+    episodes = [reasoning_episode(args.first_seed + i, args.context, args.steps) for i in range(args.num_envs)]
+    rows = [measure(model, s, episodes, args) for s in args.settings]
+    base = next((r for r in rows if r["setting"] == "off"), rows[0])
+    for r in rows:
+        r["memory_reduction"] = base["state_bytes_per_env"] / r["state_bytes_per_env"]
+        r["speed_ratio"] = r["env_steps_per_s"] / base["env_steps_per_s"]
+    result = {"rows": rows, "num_envs": args.num_envs, "context": args.context, "steps": args.steps,
+              "threads": torch.get_num_threads(), "device": args.device, "targets": TARGETS}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return result
+    kb = lambda b: f"{b / 1e3:,.0f}"  # noqa: E731
+    print(f"State compression: {args.num_envs} envs on held-out mazes, {args.context} real frames, then "
+          f"{args.steps} imagined steps ({args.device}, {torch.get_num_threads()} threads)\n")
+    print("| setting | state kB/env | vs off | SSM state kB | attention cache kB | conv + scores kB | dense working set kB/env | env-steps/s | vs off |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        p = r["by_part"]
+        other = p.get("ssm_conv", 0) + p.get("compression_scores", 0) + p.get("step_counter", 0)
+        print(f"| {r['setting']} | {kb(r['state_bytes_per_env'])} | {r['memory_reduction']:.2f}x | {kb(p['ssm_state'])} | "
+              f"{kb(p['attention_cache'])} | {kb(other)} | {kb(r['dense_working_set_per_env'])} | "
+              f"{r['env_steps_per_s']:.1f} | {r['speed_ratio']:.2f}x |")
+    print(f"\ntarget: >= {TARGETS['state_memory_reduction']:.0f}x less state per env (with <= 0.5 dB retrieval loss: "
+          "see the recall benchmark)")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
