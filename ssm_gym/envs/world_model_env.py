@@ -147,7 +147,8 @@ class WorldModelVectorEnv(VectorEnv):
     """N imagined mazes in one batched model call per step (`gym.make_vec("SSMWorld-Maze-v0", N)`).
 
     Sub-env i reset with seed s behaves like `WorldModelEnv` reset with seed s + i. Arguments as
-    `WorldModelEnv`, plus `num_envs` and `autoreset_mode` (`NEXT_STEP`, Gymnasium's default, or
+    `WorldModelEnv`, plus `num_envs`, `chunk_envs` (with compression: envs unpacked and stepped
+    this many at a time, bounding the dense working set) and `autoreset_mode` (`NEXT_STEP`, Gymnasium's default, or
     `SAME_STEP`: the last frame of a finished episode goes to `info["final_obs"]`, as
     stable-baselines3 expects). Reset options: `reset_mask` (N,) bool to reset a subset, and
     `context_obs` (N, T, 64, 64, 3) / `context_actions` (N, T-1) to start after real history.
@@ -159,10 +160,10 @@ class WorldModelVectorEnv(VectorEnv):
                  sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
-                 compression=None):
+                 compression=None, chunk_envs: Optional[int] = None):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
-                                    compression=compression)
+                                    compression=compression, chunk_envs=chunk_envs)
         self.real = MazeBatch(num_envs, maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]

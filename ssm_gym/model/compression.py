@@ -263,6 +263,56 @@ class PackedState:
     kv_v: list
     kv_shape: list  # per layer (N, S, n_tok, heads, head_dim)
 
+    @property
+    def batch_size(self) -> int:
+        return self.t.shape[0]
+
+    def rows(self, a: int, b: int) -> PackedState:
+        """Envs a..b-1 (views, no copy): the packed rows of each env are contiguous, in env order."""
+        def span(mask: Tensor, vals: Tensor) -> Tensor:
+            counts = mask.flatten(1).sum(1)
+            start, stop = int(counts[:a].sum()), int(counts[:b].sum())
+            return vals[start:stop]
+
+        cut = lambda x: x[a:b]  # noqa: E731
+        with_n = lambda shape: None if shape is None else (b - a, *shape[1:])  # noqa: E731
+        return PackedState(
+            cut(self.t), self.comp.map(cut), [None if c is None else cut(c) for c in self.conv],
+            [None if ms is None else [cut(m) for m in ms] for ms in self.ssm_masks],
+            [None if ts is None else [span(m, v) for m, v in zip(ms, ts)] for ms, ts in zip(self.ssm_masks, self.ssm_tiers)],
+            [with_n(s) for s in self.ssm_shape], [cut(p) for p in self.kv_pos], [cut(m) for m in self.kv_mask],
+            [span(m, k) for m, k in zip(self.kv_mask, self.kv_k)], [span(m, v) for m, v in zip(self.kv_mask, self.kv_v)],
+            [with_n(s) for s in self.kv_shape])
+
+    @staticmethod
+    def cat(parts: list[PackedState]) -> PackedState:
+        """Envs of several packed states, in order (the inverse of :meth:`rows`)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        cat = lambda xs: torch.cat(list(xs), 0)  # noqa: E731
+        n = sum(p.batch_size for p in parts)
+        layers = range(len(first.conv))
+        with_n = lambda shape: None if shape is None else (n, *shape[1:])  # noqa: E731
+        slots = [max(p.kv_shape[i][1] for p in parts) for i in layers]  # "attn_full" caches grow per part
+
+        def pad(x: Tensor, i: int, value) -> Tensor:  # empty slots hold no rows: padding is free
+            extra = slots[i] - x.shape[1]
+            return x if extra == 0 else torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), value)], 1)
+
+        return PackedState(
+            cat(p.t for p in parts),
+            CompressionState(first.comp.cfg, cat(p.comp.act for p in parts), cat(p.comp.last for p in parts)),
+            [None if first.conv[i] is None else cat(p.conv[i] for p in parts) for i in layers],
+            [None if first.ssm_masks[i] is None else [cat(p.ssm_masks[i][j] for p in parts)
+                                                      for j in range(len(first.ssm_masks[i]))] for i in layers],
+            [None if first.ssm_tiers[i] is None else [cat(p.ssm_tiers[i][j] for p in parts)
+                                                      for j in range(len(first.ssm_tiers[i]))] for i in layers],
+            [with_n(s) for s in first.ssm_shape], [cat(pad(p.kv_pos[i], i, -1) for p in parts) for i in layers],
+            [cat(pad(p.kv_mask[i], i, False) for p in parts) for i in layers],
+            [cat(p.kv_k[i] for p in parts) for i in layers], [cat(p.kv_v[i] for p in parts) for i in layers],
+            [(n, slots[i], *first.kv_shape[i][2:]) for i in layers])
+
     def nbytes(self) -> int:
         return sum(self.nbytes_by_part().values())
 

@@ -15,7 +15,8 @@ not depend on which other environments share the batch.
 With ``compression`` set (see ``ssm_gym.model.compression``), the state is kept packed between
 calls: each SSM block holds only its current prefix of state dimensions and the attention cache
 only its kept tokens, so the bytes held per environment follow the scene. A call unpacks, runs
-the model and packs again.
+the model and packs again, ``chunk_envs`` environments at a time (default: all), so the dense
+working set is that of one chunk while the whole batch stays packed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ssm_gym.model.world_model import WorldModel, WorldModelState
 
 class RolloutEngine:
     def __init__(self, model: WorldModel, num_envs: int, device: str | torch.device | None = None,
-                 sampling_steps: Optional[int] = None, seed: int = 0, compression=None):
+                 sampling_steps: Optional[int] = None, seed: int = 0, compression=None,
+                 chunk_envs: Optional[int] = None):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -47,6 +49,9 @@ class RolloutEngine:
         if self.compression is not None and not model.config.has_ssm and self.compression.ssm_fractions:
             raise ValueError(f"compression {self.compression.name!r} sizes SSM states, but the model "
                              f"(variant {model.config.variant!r}) has none")
+        if chunk_envs is not None and chunk_envs < 1:
+            raise ValueError(f"chunk_envs must be >= 1, got {chunk_envs}")
+        self.chunk_envs = chunk_envs
         self._packed: Optional[PackedState] = None
         self.state = model.init_state(num_envs, self.device, compression=self.compression)
         self.frames = torch.zeros((num_envs, *self.frame_shape), dtype=torch.uint8, device=self.device)
@@ -88,9 +93,15 @@ class RolloutEngine:
         prev = torch.cat([torch.full((m, 1), self.model.START, dtype=torch.long, device=self.device), acts], 1)
         sub = self.model.init_state(m, self.device, compression=self.compression)
         self.model.observe_clip(sub, frames, prev)
-        state = self.state
-        state.index_copy_(idx, sub)
-        self.state = state
+        where = torch.full((self.num_envs,), -1, dtype=torch.long, device=self.device)
+        where[idx] = torch.arange(m, device=self.device)  # env -> its row of `sub`
+
+        def start(state: WorldModelState, rows: slice) -> None:
+            local = where[rows]
+            hit = (local >= 0).nonzero().flatten()
+            state.index_copy_(hit, sub.index_select(local[hit]))
+
+        self._update(start, touched=mask)
         self.frames[idx] = frames[:, -1]
         self.steps[idx] = 0
         if seeds is not None:
@@ -108,10 +119,14 @@ class RolloutEngine:
         a = self.check_actions(actions, (self.num_envs,), "actions")
         noise = torch.stack([torch.randn((1, *self.frame_shape), generator=g, device=self.device)
                              for g in self.generators])
-        state = self.state
-        frames, rewards, terminated = self.model.generate(state, a, steps=self.sampling_steps, noise=noise)
-        self.state = state
-        self.frames.copy_(frames)
+        rewards = torch.empty(self.num_envs, device=self.device)
+        terminated = torch.empty(self.num_envs, dtype=torch.bool, device=self.device)
+
+        def advance(state: WorldModelState, rows: slice) -> None:
+            self.frames[rows], rewards[rows], terminated[rows] = self.model.generate(
+                state, a[rows], steps=self.sampling_steps, noise=noise[rows])
+
+        self._update(advance)
         self.steps += 1
         return self.frames, rewards, terminated
 
@@ -124,9 +139,7 @@ class RolloutEngine:
         if frames.dtype != torch.uint8 or tuple(frames.shape) != (self.num_envs, *self.frame_shape):
             raise ValueError(f"frames must be uint8 of shape {(self.num_envs, *self.frame_shape)}, "
                              f"got {frames.dtype} {tuple(frames.shape)}")
-        state = self.state
-        self.model.observe(state, frames, a)
-        self.state = state
+        self._update(lambda state, rows: self.model.observe(state, frames[rows], a[rows]))
         self.frames.copy_(frames)
         self.steps += 1
         return self.frames
@@ -141,7 +154,7 @@ class RolloutEngine:
         new = RolloutEngine.__new__(RolloutEngine)
         new.device, new.model, new.num_envs = self.device, self.model, len(idx)
         new.sampling_steps, new.frame_shape = self.sampling_steps, self.frame_shape
-        new.compression, new._packed = self.compression, None
+        new.compression, new.chunk_envs, new._packed = self.compression, self.chunk_envs, None
         new.state = self.state.index_select(idx)
         new.frames = self.frames.index_select(0, idx).clone()
         new.steps = self.steps.index_select(0, idx).clone()
@@ -170,6 +183,25 @@ class RolloutEngine:
             self._packed = pack_state(state, self.model.layers)
         else:
             self._state = state
+
+    def _update(self, fn, touched: Optional[Tensor] = None) -> None:
+        """Run ``fn(dense_state, rows)`` on the envs ``rows`` (a slice), in place. Unpacked: once
+        for all envs. Packed: chunk by chunk (only chunks with a ``touched`` env, if given), each
+        unpacked, updated and packed again."""
+        if not self.packed:
+            fn(self._state, slice(0, self.num_envs))
+            return
+        chunk = self.chunk_envs or self.num_envs
+        parts = []
+        for lo in range(0, self.num_envs, chunk):
+            rows = slice(lo, min(lo + chunk, self.num_envs))
+            part = self._packed.rows(rows.start, rows.stop)
+            if touched is None or bool(touched[rows].any()):
+                state = unpack_state(part)
+                fn(state, rows)
+                part = pack_state(state, self.model.layers)
+            parts.append(part)
+        self._packed = PackedState.cat(parts)
 
     def model_state_nbytes_by_part(self) -> dict[str, int]:
         """Bytes of the model state as held (packed when compressed), split by part."""
