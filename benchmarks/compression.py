@@ -10,6 +10,12 @@ formula), averaged over the imagined steps; they depend on the scene, which is w
 episodes are used. "dense working set" is the unpacked state one step works on at a time (all
 envs, or `--chunk-envs` of them when compressed): held only during the step.
 Recall quality under each setting is measured by `python -m ssm_gym.eval.recall --compression ...`.
+
+JSON keys (same figures as the table):
+  "rows": [{"setting", "state_bytes_per_env", "by_part" {"ssm_state", "ssm_conv", "attention_cache",
+      "step_counter", "compression_scores"}, "dense_working_set_bytes", "env_steps_per_s", "ms_per_step",
+      "memory_reduction" (off's bytes / this setting's), "speed_ratio" (vs off)}];
+  "num_envs", "context", "steps", "threads", "device", "targets".
 """
 
 from __future__ import annotations
