@@ -253,3 +253,26 @@ def test_chunked_engine_matches_whole_batch(model, episode):
         assert torch.equal(eng.state.t, eng_whole.state.t)
     with pytest.raises(ValueError, match="chunk_envs"):
         RolloutEngine(model, 2, chunk_envs=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 5), cut=st.integers(0, 5), setting=st.sampled_from(["light", "strong", "strong-bf16"]),
+       seed=st.integers(0, 2**16))
+def test_packed_rows_and_cat_round_trip(model, n, cut, setting, seed):
+    """Any split of a packed batch into env ranges and back is the identity, and unpacking a
+    range equals unpacking the whole batch and taking those envs."""
+    cut = min(cut, n)
+    g = torch.Generator().manual_seed(seed)
+    state = model.init_state(n, compression=setting)
+    frames = torch.randint(0, 256, (n, 12, 64, 64, 3), generator=g, dtype=torch.uint8)
+    frames[:, 6:] = frames[:, 5:6]  # a static stretch: blocks shrink, tokens are dropped
+    model.observe_clip(state, frames, torch.randint(0, 6, (n, 12), generator=g))
+    packed = pack_state(state, model.layers)
+    parts = [packed.rows(0, cut), packed.rows(cut, n)]
+    again = type(packed).cat([p for p in parts if p.batch_size > 0])
+    assert again.nbytes() == packed.nbytes()
+    whole, part = unpack_state(packed), unpack_state(parts[1])
+    for a, b in zip(whole.ssm, part.ssm):
+        assert torch.equal(a[1][cut:], b[1])
+    for a, b in zip(whole.kv, part.kv):
+        assert torch.equal(a.k[cut:], b.k) and torch.equal(a.keep[cut:], b.keep)
