@@ -17,7 +17,11 @@ absolute pixel change (0..255) of each 8x8 patch (= one token) from one frame to
 At inference the rule is causal: frame t's SSM prefix comes from the activity up to frame t-1; a
 token's keep flag from the change between its frame and the one before. When a block's prefix
 shrinks, the dropped dimensions are zeroed (a later grow starts them from zero), so the packed
-form (:func:`pack_state`) stores exactly what the model uses and unpacking is lossless.
+form (:func:`pack_state`) stores exactly what the model uses and unpacking is lossless. Training
+and a multi-frame warm-up (``observe_clip``) apply the same masks in the parallel form, where a
+shrunk block's dropped dimensions are neither written nor read but decay instead of being zeroed:
+the two forms differ only after a block's prefix grows back (then the parallel form sees the
+decayed remainder, the step-by-step form zeros).
 
 Settings (``SETTINGS``, by name): "off" (no compression: the model's exact outputs), "light",
 "strong", "bf16" (only the attention cache stored in bfloat16, content-independent) and
