@@ -21,20 +21,17 @@ JSON keys (same figures as the table):
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import tyro
 
 from ssm_gym.checkpoints import shipped_checkpoint
-from ssm_gym.eval.recall import reasoning_episode
+from ssm_gym.eval.recall import imagine, reasoning_episode
 from ssm_gym.model.checkpoint import load_model
-from ssm_gym.model.compression import SETTINGS
-from ssm_gym.rollout.engine import RolloutEngine
+from ssm_gym.model.compression import SETTINGS, get_compression
 
 TARGETS = {"state_memory_reduction": 2.0}
 
@@ -58,27 +55,16 @@ class Args:
 
 
 def measure(model, setting: str, episodes, args: Args) -> dict:
-    n, c = len(episodes), args.context
-    engine = RolloutEngine(model, n, device=args.device, sampling_steps=args.sampling_steps, compression=setting,
-                           chunk_envs=args.chunk_envs)
-    engine.reset(torch.ones(n, dtype=torch.bool), torch.from_numpy(np.stack([e.frames[:c] for e in episodes])),
-                 torch.from_numpy(np.stack([e.actions[:c - 1] for e in episodes])))
-    parts: dict[str, float] = {}
-    elapsed = 0.0
-    for t in range(args.steps):
-        a = torch.from_numpy(np.array([e.actions[c - 1 + t] for e in episodes]))
-        t0 = time.perf_counter()
-        engine.step(a)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - t0 if t >= 2 else 0.0  # two warm-up steps
-        for k, v in engine.model_state_nbytes_by_part().items():
-            parts[k] = parts.get(k, 0.0) + v / (n * args.steps)
-    chunk = min(args.chunk_envs or n, n) if engine.packed else n
-    dense = engine.state.nbytes() / n * chunk  # the unpacked state one step works on at a time
-    return {"setting": setting, "state_bytes_per_env": round(sum(parts.values())),
-            "by_part": {k: round(v) for k, v in parts.items()}, "dense_working_set_bytes": round(dense),
-            "env_steps_per_s": n * (args.steps - 2) / elapsed, "ms_per_step": 1e3 * elapsed / (args.steps - 2)}
+    stats: dict = {}
+    imagine(model, episodes, args.sampling_steps, seed=0, device=args.device, compression=setting, stats=stats,
+            chunk_envs=args.chunk_envs)
+    comp = get_compression(setting)
+    packed = comp is not None and comp.dynamic  # as the engine decides
+    chunk = min(args.chunk_envs or len(episodes), len(episodes)) if packed else len(episodes)
+    dense = model.init_state(chunk, args.device, compression=setting).nbytes()  # what one step unpacks at a time
+    return {"setting": setting, "state_bytes_per_env": stats["state_bytes_per_env"],
+            "by_part": stats["state_bytes_by_part"], "dense_working_set_bytes": dense,
+            "env_steps_per_s": stats["env_steps_per_s"], "ms_per_step": 1e3 * len(episodes) / stats["env_steps_per_s"]}
 
 
 def main(args: Args) -> dict:

@@ -15,7 +15,7 @@ compared with the real maze's frames.
 
 With `--compression`, every checkpoint is evaluated under each state-compression setting (named
 `model+setting`), and the bytes of model state held per environment are recorded next to the
-scores (mean over the generated steps, as the engine holds them).
+scores (mean over the generated steps, as the engine holds them), with the generation speed.
 
 Writes `recall.json` (all numbers), `recall.md` (tables) and `recall_psnr_vs_gap.png` /
 `recall_ssim_vs_gap.png` (all checkpoints in one figure) to `--out-dir`.
@@ -24,6 +24,7 @@ Writes `recall.json` (all numbers), `recall.md` (tables) and `recall_psnr_vs_gap
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -93,13 +94,15 @@ def reasoning_episode(seed: int, context: int, horizon: int) -> Episode:
 
 @torch.no_grad()
 def imagine(model, episodes: list[Episode], sampling_steps: Optional[int], seed: int, device: str,
-            compression: str = "off", memory: Optional[dict] = None) -> list[np.ndarray]:
+            compression: str = "off", stats: Optional[dict] = None, chunk_envs: Optional[int] = None) -> list[np.ndarray]:
     """Warm the model up on each episode's real context, then generate the rest open-loop for
     the real actions; all episodes in one batch. Returns the generated frames per episode,
-    aligned with `frames[context:]`. ``memory``, if given, receives the mean bytes of model
-    state per environment over the generated steps (total and by part)."""
+    aligned with `frames[context:]`. ``stats``, if given, receives the mean bytes of model state
+    per environment over the generated steps (total and by part) and the generation speed
+    (env-steps/s after two warm-up steps)."""
     n, c = len(episodes), episodes[0].context
-    engine = RolloutEngine(model, n, device=device, sampling_steps=sampling_steps, seed=seed, compression=compression)
+    engine = RolloutEngine(model, n, device=device, sampling_steps=sampling_steps, seed=seed, compression=compression,
+                           chunk_envs=chunk_envs)
     ctx = torch.from_numpy(np.stack([e.frames[:c] for e in episodes]))
     acts = torch.from_numpy(np.stack([e.actions[: c - 1] for e in episodes]))
     engine.reset(torch.ones(n, dtype=torch.bool), ctx, acts)
@@ -110,13 +113,18 @@ def imagine(model, episodes: list[Episode], sampling_steps: Optional[int], seed:
         padded[i, : len(rest)] = rest
     out = np.empty((n, horizon, *episodes[0].frames.shape[1:]), dtype=np.uint8)
     parts: dict[str, float] = {}
+    step_seconds = 0.0
     for t in tqdm(range(horizon), desc="imagine", leave=False):
+        t0 = time.perf_counter()
         out[:, t] = engine.step(torch.from_numpy(padded[:, t]))[0].cpu().numpy()
+        step_seconds += time.perf_counter() - t0 if t >= 2 else 0.0
         for k, v in engine.model_state_nbytes_by_part().items():
             parts[k] = parts.get(k, 0.0) + v / (n * horizon)
-    if memory is not None:
-        memory.update({"state_bytes_per_env": round(sum(parts.values())),
-                       "state_bytes_by_part": {k: round(v) for k, v in parts.items()}})
+    if stats is not None:
+        stats.update({"state_bytes_per_env": round(sum(parts.values())),
+                      "state_bytes_by_part": {k: round(v) for k, v in parts.items()}})
+        if horizon > 2:
+            stats["env_steps_per_s"] = n * (horizon - 2) / step_seconds
     return [out[i, : len(e.actions) - (c - 1)] for i, e in enumerate(episodes)]
 
 
@@ -239,9 +247,9 @@ def run(args: Args) -> dict:
             entry = results["models"][key] = {"checkpoint": str(ckpt), "variant": model.config.variant,
                                               "compression": comp}
             for task, eps in data.items():
-                memory: dict = {}
-                gen = imagine(model, eps, args.sampling_steps, args.seed, args.device, comp, memory)
-                entry[task] = {**score(eps, gen, retrieval=task == "retrieval"), **memory}
+                stats: dict = {}
+                gen = imagine(model, eps, args.sampling_steps, args.seed, args.device, comp, stats)
+                entry[task] = {**score(eps, gen, retrieval=task == "retrieval"), **stats}
     write(results, args.out_dir)
     return results
 

@@ -211,6 +211,10 @@ class CompressionState:
     def nbytes(self) -> int:
         return self.act.numel() * self.act.element_size() + self.last.numel() * self.last.element_size()
 
+    def block_sizes(self, block: tuple[int, int], d_state: int) -> Tensor:
+        """(N, nblocks) SSM prefix of every block at the next frame (from the activity so far)."""
+        return block_sizes(self.act[:, None], block, self.cfg, d_state)[:, 0]
+
     def current(self) -> ClipCompression:
         """Masks for denoising the next frame: its SSM prefixes (from the activity so far); no
         keep flags (a frame being denoised is not written to the cache)."""
@@ -234,12 +238,11 @@ def truncate_ssm_(state, layers, comp: CompressionState) -> None:
     """Zero every SSM block's state past the prefix it will have at the next frame (in place)."""
     if not comp.cfg.ssm_fractions:
         return
-    act = comp.act[:, None]
     for s, layer in zip(state.ssm, layers):
         if s is None:
             continue
         ssm = s[1]  # (N, nb, heads, headdim, d_state)
-        sizes = block_sizes(act, layer.ssm.block, comp.cfg, ssm.shape[-1])[:, 0]  # (N, nb)
+        sizes = comp.block_sizes(layer.ssm.block, ssm.shape[-1])  # (N, nb)
         keep = torch.arange(ssm.shape[-1], device=ssm.device) < sizes[..., None]
         ssm.mul_(keep[:, :, None, None, :].to(ssm.dtype))
 
@@ -353,7 +356,7 @@ def pack_state(state, layers) -> PackedState:
         d_state = ssm.shape[-1]
         if comp.cfg.ssm_fractions:
             sizes = comp.cfg.ssm_sizes(d_state)
-            level = block_sizes(comp.act[:, None], layer.ssm.block, comp.cfg, d_state)[:, 0]  # (N, nb)
+            level = comp.block_sizes(layer.ssm.block, d_state)  # (N, nb)
         else:
             sizes, level = [d_state], torch.full(ssm.shape[:2], d_state, device=ssm.device)
         ms, ts = [], []
