@@ -67,8 +67,8 @@ def measure(model, setting: str, episodes, args: Args) -> dict:
             "env_steps_per_s": stats["env_steps_per_s"], "ms_per_step": 1e3 * len(episodes) / stats["env_steps_per_s"]}
 
 
+@torch.no_grad()
 def main(args: Args) -> dict:
-    torch.set_grad_enabled(False)
     model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
     episodes = [reasoning_episode(args.first_seed + i, args.context, args.steps) for i in range(args.num_envs)]
     rows = [measure(model, s, episodes, args) for s in args.settings]

@@ -83,15 +83,20 @@ def time_steps(engine: RolloutEngine, min_seconds: float, min_steps: int = 3) ->
 def place_at_step(engine: RolloutEngine, step: int) -> None:
     """Put a 1-env engine at episode step `step` (see the module docstring)."""
     state = engine.state
+    shift = step - int(state.t[0])
     state.t.fill_(step)
     for i, c in enumerate(state.kv):
-        if c.k.shape[1] >= step or engine.model.config.window is not None:
-            c.pos.copy_(torch.where(c.pos >= 0, c.pos + step - int(c.pos.max().clamp(min=0)), c.pos))
+        if engine.model.config.window is not None:
+            # the ring keeps frame p in slot p % slots: roll it with the frame indices
+            roll = lambda x: torch.roll(x, shift % c.pos.shape[1], dims=1)  # noqa: E731
+            state.kv[i] = KVCache(roll(c.k), roll(c.v), roll(torch.where(c.pos >= 0, c.pos + shift, c.pos)), roll(c.keep))
             continue
         b, _, *rest = c.k.shape
         k = torch.randn(b, step, *rest, dtype=c.k.dtype, device=c.k.device) * c.k.std().clamp(min=1e-3)
         v = torch.randn(b, step, *rest, dtype=c.v.dtype, device=c.v.device) * c.v.std().clamp(min=1e-3)
-        state.kv[i] = KVCache(k, v, torch.arange(step, device=c.k.device).expand(b, step).clone())
+        pos = torch.arange(step, device=c.k.device).expand(b, step).clone()
+        state.kv[i] = KVCache(k, v, pos, torch.ones(b, step, rest[0], dtype=torch.bool, device=c.k.device))
+    engine.state = state
 
 
 def matmul_gflops(seconds: float = 1.0, n: int = 1024, device: str = "cpu") -> float:

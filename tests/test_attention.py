@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ssm_gym.model.attention import FrameLocalAttention, apply_rope, rope_tables
 
@@ -28,6 +30,18 @@ def dense_reference(m, x, window):
     return m.proj(y.reshape(b, HEADS, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, d))
 
 
+def frame_by_frame(m, x, pos, keep=None, denoise_first=False):
+    """Outputs of feeding x (B, T, N, D) one frame at a time with an in-place cache, and the cache."""
+    cache, ys = m.init_cache(x.shape[0]), []
+    for i in range(x.shape[1]):
+        if denoise_first:
+            m(torch.randn_like(x[:, i:i + 1]), pos[:, i:i + 1], cache, update="none")
+        yi, cache = m(x[:, i:i + 1], pos[:, i:i + 1], cache, update="inplace",
+                      keep=None if keep is None else keep[:, i:i + 1])
+        ys.append(yi)
+    return torch.cat(ys, 1), cache
+
+
 @pytest.mark.parametrize("window,chunk", [(1, None), (3, None), (3, 2), (10, None), (10, 4), (None, 4), (None, 32)])
 def test_parallel_matches_dense_mask(window, chunk):
     torch.manual_seed(0)
@@ -38,20 +52,20 @@ def test_parallel_matches_dense_mask(window, chunk):
 
 
 @pytest.mark.parametrize("window", [1, 2, 4, None])
-def test_cache_steps_and_pieces_equal_parallel(window):
+@pytest.mark.parametrize("grad", [True, False])  # without autograd, local windows take the in-place step path
+def test_cache_steps_and_pieces_equal_parallel(window, grad):
     torch.manual_seed(0)
     m = FrameLocalAttention(D, HEADS, N_TOK, window=window, chunk_frames=3)
     t = 11
     x = torch.randn(2, t, N_TOK, D)
     pos = torch.arange(t)[None].expand(2, t)
     y, _ = m(x, pos)
-    cache, ys = m.init_cache(2), []
-    for i in range(t):
-        yi, cache = m(x[:, i:i + 1], pos[:, i:i + 1], cache, update="inplace")
-        ys.append(yi)
-    torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-4, atol=1e-5)
+    with torch.set_grad_enabled(grad):
+        # with a denoising pass before each step (scratch write, no update): must not change what follows
+        ys, cache = frame_by_frame(m, x, pos, denoise_first=True)
+    torch.testing.assert_close(ys, y, rtol=1e-4, atol=1e-5)
     if window is not None:
-        assert cache.k.shape[1] == window - 1  # ring buffer: constant size
+        assert cache.k.shape[1] == window  # ring buffer: constant size (k-1 past frames + the next one's slot)
     cache, ys = m.init_cache(2), []
     for a, b in [(0, 4), (4, 5), (5, 11)]:
         yi, cache = m(x[:, a:b], pos[:, a:b], cache, update="copy")
@@ -111,3 +125,32 @@ def test_rope_is_relative_in_time():
         ck, sk = rope_tables(torch.tensor([[pk]]), hd, 1e4, k.dtype)
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
     torch.testing.assert_close(score(5, 2), score(1_000_005, 1_000_002), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(window=st.integers(1, 6), keep_p=st.sampled_from([0.0, 0.3, 0.7, 1.0]), t=st.integers(1, 14),
+       offsets=st.lists(st.integers(0, 20), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_step_path_with_dropped_tokens_equals_parallel(window, keep_p, t, offsets, seed):
+    """The in-place step (ring in place, visible tokens gathered when many are dropped) == the
+    parallel form with the same keep flags, for envs at different episode positions."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=window)
+    b = len(offsets)
+    x = torch.randn(b, t, N_TOK, D, generator=g)
+    pos = torch.tensor(offsets)[:, None] + torch.arange(t)
+    keep = torch.rand(b, t, N_TOK, generator=g) < keep_p
+    with torch.no_grad():
+        y, _ = m(x, pos, keep=keep)
+        ys, _ = frame_by_frame(m, x, pos, keep)
+    torch.testing.assert_close(ys, y, rtol=1e-4, atol=1e-5)
+
+
+def test_step_refuses_a_ring_out_of_step():
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=4)
+    cache = m.init_cache(1)
+    x = torch.randn(1, 1, N_TOK, D)
+    with torch.no_grad():
+        m(x, torch.tensor([[5]]), cache, update="inplace")
+        with pytest.raises(RuntimeError, match="window"):
+            m(x, torch.tensor([[1]]), cache, update="inplace")  # frame 1 (same slot) after frame 5

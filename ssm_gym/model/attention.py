@@ -4,13 +4,18 @@ Tokens come as ``(B, T, N, D)``: T frames of N tokens. A token of frame t attend
 of frames ``t-k+1 .. t`` (its own frame bidirectionally, across spatial block boundaries);
 ``window=None`` means every past frame (the full-context causal transformer baseline).
 Frame order enters through a rotary embedding of the frame index (relative in time; the token
-grid position is added to the tokens by the model), so a ring buffer of the last ``k-1`` frames
+grid position is added to the tokens by the model), so a ring buffer of the last ``k`` frames
 is all the step-by-step inference needs: constant memory per layer.
 
-Two forms, one module:
+Three forms, one module:
 - parallel (training): queries are processed in chunks of frames, each chunk against only the
   keys it can see, with a frame-level mask expanded to tokens (``F.scaled_dot_product_attention``);
-- step / pieces: the same code with a :class:`KVCache` of past frames prepended to the keys.
+- pieces: the same code with a :class:`KVCache` of past frames prepended to the keys;
+- step (inference, one frame, local window): the ring has ``k`` slots, one more than the past
+  frames it holds, so the frame being processed is written into its own slot (the one of frame
+  t-k, which no frame from t on can see) and attends over the ring in place: no copy of the
+  cache per call. With state compression the kept tokens are gathered first, so the work
+  follows the number of tokens kept (:meth:`FrameLocalAttention._step`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ class KVCache:
     """Keys/values of past frames. ``k, v``: (B, S, N, heads, head_dim) (keys already rotated);
     ``pos``: (B, S) frame index stored in each slot, -1 = empty; ``keep``: (B, S, N) bool, False
     for tokens dropped by state compression (invisible to later frames). Local attention: a ring
-    of S = k-1 slots (frame p lives in slot p % S). Full attention: slot = frame index, grown on demand."""
+    of S = k slots (frame p lives in slot p % S); the slot of the next frame is empty (pos -1)
+    and is its scratch space during a step. Full attention: slot = frame index, grown on demand."""
 
     k: Tensor
     v: Tensor
@@ -71,7 +77,7 @@ class FrameLocalAttention(nn.Module):
 
     # -- cache ---------------------------------------------------------------------------------
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32, capacity: int = 16) -> KVCache:
-        s = (self.window - 1) if self.window is not None else capacity
+        s = self.window if self.window is not None else capacity
         shape = (batch_size, s, self.n_tok, self.n_heads, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
                        torch.full((batch_size, s), -1, dtype=torch.long, device=device),
@@ -81,9 +87,9 @@ class FrameLocalAttention(nn.Module):
         """Store the frames of this piece (k, v: (B, T, N, h, hd), pos (B, T), keep (B, T, N)) in the cache."""
         s = cache.pos.shape[1]
         if self.window is not None:
-            if s == 0:
+            if s == 1:  # window 1: no frame sees another
                 return cache
-            m = min(k.shape[1], s)  # only the last S frames can still be seen later
+            m = min(k.shape[1], s - 1)  # only the last k-1 frames can still be seen later
             k, v, pos, keep = k[:, -m:], v[:, -m:], pos[:, -m:], keep[:, -m:]
             slots = pos % s
         else:
@@ -99,9 +105,13 @@ class FrameLocalAttention(nn.Module):
         if inplace:
             cache.k[bidx, slots], cache.v[bidx, slots], cache.pos[bidx, slots] = k, v, pos
             cache.keep[bidx, slots] = keep
-            return cache
-        return KVCache(cache.k.index_put((bidx, slots), k), cache.v.index_put((bidx, slots), v),
-                       cache.pos.index_put((bidx, slots), pos), cache.keep.index_put((bidx, slots), keep))
+        else:
+            cache = KVCache(cache.k.index_put((bidx, slots), k), cache.v.index_put((bidx, slots), v),
+                            cache.pos.index_put((bidx, slots), pos), cache.keep.index_put((bidx, slots), keep))
+        if self.window is not None:  # the next frame's slot holds a frame no one sees any more: free it
+            free = (pos[:, -1] + 1) % s
+            cache.pos[torch.arange(k.shape[0], device=k.device), free] = -1  # (pos is a fresh tensor if not inplace)
+        return cache
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, pos: Tensor, cache: KVCache | None = None, update: str = "none",
@@ -117,6 +127,9 @@ class FrameLocalAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, t, n, 3, h, hd).unbind(3)
         cos, sin = rope_tables(pos, hd, self.rope_base, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if (t == 1 and cache is not None and self.window is not None and update in ("none", "inplace")
+                and not torch.is_grad_enabled()):
+            return self.proj(self._step(q, k, v, pos[:, 0], cache, update, keep)), cache
 
         past = cache is not None and cache.pos.shape[1] > 0
         if past:
@@ -169,6 +182,48 @@ class FrameLocalAttention(nn.Module):
             keep = torch.ones(b, t, n, dtype=torch.bool, device=x.device) if keep is None else keep
             cache = self._write(cache, k, v, pos, keep, inplace=(update == "inplace"))
         return y, cache
+
+
+    # -- step: one frame against the ring, in place --------------------------------------------
+    def _step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, cache: KVCache, update: str,
+              keep: Tensor | None) -> Tensor:
+        """Attention of frame ``t`` (B,) for q, k, v (B, 1, N, heads, hd); returns (B, 1, N, D).
+        Writes this frame's keys/values into its own ring slot (free until now: see ``_write``);
+        ``update="inplace"`` also marks them stored, "none" leaves them as scratch."""
+        b, _, n, h, hd = q.shape
+        s = cache.pos.shape[1]
+        rows = torch.arange(b, device=q.device)
+        slot = t % s
+        held = cache.pos[rows, slot]
+        if bool(((held >= 0) & (held > t - s)).any()):  # free: empty (-1) or left the window (<= t - s)
+            raise RuntimeError("attention ring: the slot of the frame being processed holds a frame still in "
+                               "its window (state not advanced one frame at a time?)")
+        cache.k[rows, slot], cache.v[rows, slot] = k[:, 0].to(cache.k.dtype), v[:, 0].to(cache.v.dtype)
+        kpos = cache.pos.clone()
+        kpos[rows, slot] = t
+        own = kpos == t[:, None]
+        visible = own | ((kpos >= 0) & (kpos < t[:, None]) & (kpos > t[:, None] - s))  # (B, S) frames
+        tok = visible[:, :, None] & (cache.keep | own[:, :, None])  # (B, S, N) tokens
+        ring_k, ring_v = cache.k.reshape(b, s * n, h, hd), cache.v.reshape(b, s * n, h, hd)
+        counts = tok.flatten(1).sum(1)
+        longest = int(counts.max())
+        mask = None
+        if longest <= 0.75 * s * n:  # compressed (or a young ring): attend over the visible tokens only
+            order = torch.argsort((~tok).flatten(1).to(torch.uint8), dim=1, stable=True)[:, :longest]
+            keys, vals = ring_k[rows[:, None], order], ring_v[rows[:, None], order]  # (B, L, h, hd)
+            if int(counts.min()) < longest:
+                mask = (torch.arange(longest, device=q.device) < counts[:, None])[:, None, None]
+        else:
+            keys, vals = ring_k, ring_v
+            if longest < s * n or int(counts.min()) < s * n:
+                mask = tok.reshape(b, 1, 1, s * n)
+        y = F.scaled_dot_product_attention(q[:, 0].transpose(1, 2), keys.to(q.dtype).transpose(1, 2),
+                                           vals.to(q.dtype).transpose(1, 2), attn_mask=mask)
+        if update == "inplace":
+            cache.pos[rows, slot] = t
+            cache.keep[rows, slot] = True if keep is None else keep[:, 0]
+            cache.pos[rows, (t + 1) % s] = -1  # free the next frame's slot (as _write)
+        return y.transpose(1, 2).reshape(b, 1, n, h * hd)
 
 
 def _token_keep(parts: list, kpos: list, n: int) -> Tensor | None:

@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end (tiny model, tiny sizes): a benchmark that crashes is
+found here, not when someone needs its numbers. Their figures are checked for shape and sense,
+not for speed."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssm_gym.model.checkpoint import save_model
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (dataclasses look their module up while the file runs)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(path, model)
+    return path
+
+
+def test_rollout_benchmark(tiny_checkpoint, capsys):
+    bench = load("rollout")
+    out = bench.main(bench.Args(checkpoint=tiny_checkpoint, num_envs=(1, 2), episode_steps=(4, 23), seconds=0.05))
+    assert [r["num_envs"] for r in out["throughput"]] == [1, 2]
+    assert all(r["env_steps_per_s"] > 0 for r in out["throughput"])
+    flat = {(r["variant"], r["episode_step"]): r for r in out["flat"]}
+    # our state is constant in size; the full-attention cache grows with the episode
+    assert flat[("full", 4)]["state_bytes_per_env"] == flat[("full", 23)]["state_bytes_per_env"]
+    assert flat[("attn_full", 23)]["state_bytes_per_env"] > flat[("attn_full", 4)]["state_bytes_per_env"]
+    assert out["flops"]["gflop_per_step"] > 0
+    assert "env-steps/s" in capsys.readouterr().out
+
+
+def test_compression_benchmark(tiny_checkpoint):
+    bench = load("compression")
+    out = bench.main(bench.Args(checkpoint=tiny_checkpoint, settings=("off", "strong"), num_envs=2, context=12,
+                                steps=4, json=True))
+    rows = {r["setting"]: r for r in out["rows"]}
+    assert rows["off"]["memory_reduction"] == 1.0 and rows["strong"]["memory_reduction"] > 1.0
+
+
+def test_ssm_scan_benchmark():
+    bench = load("ssm_scan")
+    bench.main(bench.Args(json=True, lengths=(32,), scan_batch=1, chunk_size=8, matmul_n=64, batch=1, frames=4,
+                          steps=1))
+
+
+def test_maze_sim_benchmark():
+    bench = load("maze_sim")
+    out = bench.main(bench.Args(num_envs=(1, 2), seconds=0.05, json=True))
+    assert out
