@@ -4,7 +4,8 @@
     python benchmarks/compression.py --checkpoint runs/maze-cpu-v2/model --num-envs 64 --json
 
 Every setting runs the same work: `num_envs` held-out mazes, `context` real frames of exploration
-(warm-up), then `steps` imagined steps on the real actions. The bytes are those the engine holds
+(warm-up), then `steps` imagined steps on the real actions, the settings taking turns step by step
+(speed: median step time, so the ratios come from one run under the same load). The bytes are those the engine holds
 between steps (packed when compression is on; measured from the tensors, not counted from a
 formula), averaged over the imagined steps; they depend on the scene, which is why real maze
 episodes are used. "dense working set" is the unpacked state one step works on at a time (all
@@ -21,17 +22,21 @@ JSON keys (same figures as the table):
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import tyro
 
 from ssm_gym.checkpoints import shipped_checkpoint
-from ssm_gym.eval.recall import imagine, reasoning_episode
+from ssm_gym.eval.recall import reasoning_episode
 from ssm_gym.model.checkpoint import load_model
-from ssm_gym.model.compression import SETTINGS, get_compression
+from ssm_gym.model.compression import SETTINGS
+from ssm_gym.rollout.engine import RolloutEngine
 
 TARGETS = {"state_memory_reduction": 2.0}
 
@@ -54,24 +59,47 @@ class Args:
     json: bool = False
 
 
-def measure(model, setting: str, episodes, args: Args) -> dict:
-    stats: dict = {}
-    imagine(model, episodes, args.sampling_steps, seed=0, device=args.device, compression=setting, stats=stats,
-            chunk_envs=args.chunk_envs)
-    comp = get_compression(setting)
-    packed = comp is not None and comp.dynamic  # as the engine decides
-    chunk = min(args.chunk_envs or len(episodes), len(episodes)) if packed else len(episodes)
-    dense = model.init_state(chunk, args.device, compression=setting).nbytes()  # what one step unpacks at a time
-    return {"setting": setting, "state_bytes_per_env": stats["state_bytes_per_env"],
-            "by_part": stats["state_bytes_by_part"], "dense_working_set_bytes": dense,
-            "env_steps_per_s": stats["env_steps_per_s"], "ms_per_step": 1e3 * len(episodes) / stats["env_steps_per_s"]}
+def measure_all(model, episodes, args: Args) -> list[dict]:
+    """One engine per setting, all warmed up on the same real context, then stepped in turns
+    (setting A's step i, B's step i, ...) on the same real actions: machine load that drifts over
+    a run hits every setting alike, and the speed is the median step time."""
+    n, c = len(episodes), args.context
+    ctx = torch.from_numpy(np.stack([e.frames[:c] for e in episodes]))
+    acts = torch.from_numpy(np.stack([e.actions[: c - 1] for e in episodes]))
+    later = torch.from_numpy(np.stack([e.actions[c - 1:c - 1 + args.steps] for e in episodes]))
+    engines = {}
+    for setting in args.settings:
+        eng = RolloutEngine(model, n, device=args.device, sampling_steps=args.sampling_steps, compression=setting,
+                            chunk_envs=args.chunk_envs)
+        eng.reset(torch.ones(n, dtype=torch.bool), ctx, acts)
+        engines[setting] = eng
+    seconds = {s: [] for s in engines}
+    parts = {s: {} for s in engines}
+    for i in range(args.steps):
+        for setting, eng in engines.items():
+            t0 = time.perf_counter()
+            eng.step(later[:, i])
+            seconds[setting].append(time.perf_counter() - t0)
+            for k, v in eng.model_state_nbytes_by_part().items():
+                parts[setting][k] = parts[setting].get(k, 0.0) + v / (n * args.steps)
+    rows = []
+    for setting, eng in engines.items():
+        chunk = min(eng.chunk_envs or n, n) if eng.packed else n
+        dense = model.init_state(chunk, args.device, compression=setting).nbytes()  # what one step unpacks at a time
+        sec = statistics.median(seconds[setting][2:])  # (the first steps warm caches up)
+        rows.append({"setting": setting, "state_bytes_per_env": round(sum(parts[setting].values())),
+                     "by_part": {k: round(v) for k, v in parts[setting].items()}, "dense_working_set_bytes": dense,
+                     "env_steps_per_s": n / sec, "ms_per_step": 1e3 * sec})
+    return rows
 
 
 @torch.no_grad()
 def main(args: Args) -> dict:
+    if args.steps < 3:
+        raise ValueError(f"--steps must be >= 3 (the first two are warm-up), got {args.steps}")
     model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
     episodes = [reasoning_episode(args.first_seed + i, args.context, args.steps) for i in range(args.num_envs)]
-    rows = [measure(model, s, episodes, args) for s in args.settings]
+    rows = measure_all(model, episodes, args)
     base = next((r for r in rows if r["setting"] == "off"), rows[0])
     for r in rows:
         r["memory_reduction"] = base["state_bytes_per_env"] / r["state_bytes_per_env"]
