@@ -191,32 +191,34 @@ class FrameLocalAttention(nn.Module):
         Writes this frame's keys/values into its own ring slot (free until now: see ``_write``);
         ``update="inplace"`` also marks them stored, "none" leaves them as scratch."""
         b, _, n, h, hd = q.shape
+        if b == 0:
+            return q.new_zeros(0, 1, n, h * hd)
         s = cache.pos.shape[1]
         rows = torch.arange(b, device=q.device)
         slot = t % s
-        held = cache.pos[rows, slot]
-        if bool(((held >= 0) & (held > t - s)).any()):  # free: empty (-1) or left the window (<= t - s)
-            raise RuntimeError("attention ring: the slot of the frame being processed holds a frame still in "
-                               "its window (state not advanced one frame at a time?)")
+        sync_free = q.is_cuda  # on a GPU: no host round trips (no checks, no gather; a mask instead)
+        if not sync_free:
+            held = cache.pos[rows, slot]
+            if bool(((held >= 0) & (held > t - s)).any()):  # free: empty (-1) or left the window (<= t - s)
+                raise RuntimeError("attention ring: the slot of the frame being processed holds a frame still in "
+                                   "its window (state not advanced one frame at a time?)")
         cache.k[rows, slot], cache.v[rows, slot] = k[:, 0].to(cache.k.dtype), v[:, 0].to(cache.v.dtype)
         kpos = cache.pos.clone()
         kpos[rows, slot] = t
         own = kpos == t[:, None]
         visible = own | ((kpos >= 0) & (kpos < t[:, None]) & (kpos > t[:, None] - s))  # (B, S) frames
         tok = visible[:, :, None] & (cache.keep | own[:, :, None])  # (B, S, N) tokens
-        ring_k, ring_v = cache.k.reshape(b, s * n, h, hd), cache.v.reshape(b, s * n, h, hd)
-        counts = tok.flatten(1).sum(1)
-        longest = int(counts.max())
-        mask = None
-        if longest <= 0.75 * s * n:  # compressed (or a young ring): attend over the visible tokens only
-            order = torch.argsort((~tok).flatten(1).to(torch.uint8), dim=1, stable=True)[:, :longest]
-            keys, vals = ring_k[rows[:, None], order], ring_v[rows[:, None], order]  # (B, L, h, hd)
-            if int(counts.min()) < longest:
+        keys, vals = cache.k.reshape(b, s * n, h, hd), cache.v.reshape(b, s * n, h, hd)  # the ring, no copy
+        mask = tok.reshape(b, 1, 1, s * n)
+        if not sync_free:
+            counts = tok.flatten(1).sum(1)
+            longest = int(counts.max())
+            if longest <= 0.75 * s * n:  # compressed (or a young ring): attend over the visible tokens only
+                order = torch.argsort((~tok).flatten(1).to(torch.uint8), dim=1, stable=True)[:, :longest]
+                keys, vals = keys[rows[:, None], order], vals[rows[:, None], order]  # (B, L, h, hd)
                 mask = (torch.arange(longest, device=q.device) < counts[:, None])[:, None, None]
-        else:
-            keys, vals = ring_k, ring_v
-            if longest < s * n or int(counts.min()) < s * n:
-                mask = tok.reshape(b, 1, 1, s * n)
+            if int(counts.min()) == mask.shape[-1]:
+                mask = None  # every key visible: SDPA's fastest path
         y = F.scaled_dot_product_attention(q[:, 0].transpose(1, 2), keys.to(q.dtype).transpose(1, 2),
                                            vals.to(q.dtype).transpose(1, 2), attn_mask=mask)
         if update == "inplace":
