@@ -10,6 +10,8 @@ of the best sequence in the real maze; the model is then re-synced on the real f
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import tyro
+from tqdm.auto import tqdm
 
 import ssm_gym  # noqa: F401
 from agents.evaluate import scripted_returns, summary
@@ -67,9 +70,11 @@ class Args:
     iterations: int = 2
     sampling_steps: Optional[int] = 1
     seed: int = 0
+    out: Optional[Path] = None
+    """Also write the results (returns per episode, mean, standard error, settings) to this JSON file."""
 
 
-def run_planner(model, seed: int, args: Args) -> float:
+def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> float:
     real = gym.make("SSMWorld-MazeReal-v0", max_episode_steps=args.max_steps)
     obs, _ = real.reset(seed=seed)
     engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed)
@@ -80,6 +85,9 @@ def run_planner(model, seed: int, args: Args) -> float:
         a, _ = cem_plan(engine, 0, args.horizon, args.population, args.elites, args.iterations, rng)
         obs, r, _, trunc, _ = real.step(a)
         total += r
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(seed=seed, episode_return=total)
         engine.observe(torch.from_numpy(obs)[None], torch.tensor([a]))
         if trunc:
             break
@@ -89,10 +97,15 @@ def run_planner(model, seed: int, args: Args) -> float:
 def main(args: Args) -> dict:
     model = load_model(args.checkpoint or shipped_checkpoint())
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
-    res = {"planner": summary([run_planner(model, s, args) for s in seeds]),
-           "random": summary(scripted_returns("random", seeds, args.max_steps))}
+    with tqdm(total=len(seeds) * args.max_steps, desc="real steps (planning)", unit="step") as bar:
+        returns = [run_planner(model, s, args, bar) for s in seeds]
+    res = {"planner": summary(returns), "random": summary(scripted_returns("random", seeds, args.max_steps))}
     for name, s in res.items():
         print(f"{name:>8}: real-maze return {s['mean']:.2f} +- {s['stderr']:.2f} ({s['episodes']} episodes)")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()}
+        args.out.write_text(json.dumps({**res, "planner_returns": returns, "seeds": seeds, "args": settings}, indent=2))
     return res
 
 

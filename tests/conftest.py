@@ -29,3 +29,13 @@ def model():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return m
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(model, tmp_path_factory):
+    """The ``model`` fixture saved as a checkpoint folder (for CLIs and benchmarks)."""
+    from ssm_gym.model.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(path, model)
+    return path

@@ -84,3 +84,16 @@ def test_ppo_time_budget_stops_training_early(tmp_path):
     path = train_ppo(args)
     steps = [int(r.split(",")[0]) for r in (tmp_path / "ppo" / "curve.csv").read_text().splitlines()[1:]]
     assert path.is_file() and 0 < steps[-1] < 10**5
+
+
+def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_path):
+    import json
+
+    from agents import plan
+
+    out = tmp_path / "plan.json"
+    res = plan.main(plan.Args(checkpoint=tiny_checkpoint, episodes=2, max_steps=3, horizon=2, population=3, elites=1,
+                              iterations=1, out=out))
+    saved = json.loads(out.read_text())
+    assert saved["planner"] == res["planner"] and res["planner"]["episodes"] == 2
+    assert len(saved["planner_returns"]) == 2 and saved["args"]["horizon"] == 2

@@ -6,10 +6,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
-from ssm_gym.model.checkpoint import save_model
-
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -19,13 +15,6 @@ def load(name: str):
     sys.modules[spec.name] = mod  # (dataclasses look their module up while the file runs)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_model(path, model)
-    return path
 
 
 def test_rollout_benchmark(tiny_checkpoint, capsys):
