@@ -363,13 +363,13 @@ def pack_state(state, layers) -> PackedState:
         for lo, hi in _tier_bounds(sizes):
             m = level >= hi
             ms.append(m)
-            ts.append(ssm[..., lo:hi][m].clone())
+            ts.append(ssm[..., lo:hi][m])  # (boolean indexing copies)
         masks.append(ms), tiers.append(ts)
     kv_pos, kv_mask, kv_k, kv_v, kv_shape = [], [], [], [], []
     for cache in state.kv:
         mask = cache.keep & (cache.pos >= 0)[..., None]
         kv_pos.append(cache.pos.clone()), kv_mask.append(mask)
-        kv_k.append(cache.k[mask].clone()), kv_v.append(cache.v[mask].clone())
+        kv_k.append(cache.k[mask]), kv_v.append(cache.v[mask])  # (boolean indexing copies)
         kv_shape.append(tuple(cache.k.shape))
     return PackedState(state.t.clone(), comp.map(lambda x: x.clone()), conv, masks, tiers, shapes,
                        kv_pos, kv_mask, kv_k, kv_v, kv_shape)
