@@ -91,7 +91,7 @@ class WorldModelEnv(gym.Env):
     - `max_episode_steps` (1000), `reward_threshold` (0.5).
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
-    - `compression` (None = off): dynamic state compression, a setting name ("light", "strong",
+    - `compression` (None = off): dynamic state compression, a setting name ("light", "medium", "strong",
       "bf16", "strong-bf16") or a `CompressionConfig` (see ssm_gym/model/compression.py).
     """
 

@@ -24,7 +24,7 @@ the two forms differ only after a block's prefix grows back (then the parallel f
 decayed remainder, the step-by-step form zeros).
 
 Settings (``SETTINGS``, by name): "off" (no compression: the model's exact outputs), "light",
-"strong", "bf16" (only the attention cache stored in bfloat16, content-independent) and
+"medium", "strong", "bf16" (only the attention cache stored in bfloat16, content-independent) and
 "strong-bf16". Training: ``TrainConfig.compression`` + ``compression_prob`` apply the same rule
 to a share of the training clips.
 """
@@ -83,6 +83,7 @@ class CompressionConfig:
 SETTINGS: dict[str, Optional[CompressionConfig]] = {
     "off": None,
     "light": CompressionConfig("light", kv_threshold=4.0, ssm_fractions=(0.25, 0.5, 1.0), ssm_thresholds=(6.0, 12.0)),
+    "medium": CompressionConfig("medium", kv_threshold=6.0, ssm_fractions=(0.25, 0.5, 1.0), ssm_thresholds=(8.0, 16.0)),
     "strong": CompressionConfig("strong", kv_threshold=8.0, ssm_fractions=(0.25, 0.5, 1.0), ssm_thresholds=(10.0, 20.0)),
     "bf16": CompressionConfig("bf16", cache_dtype="bfloat16"),
 }
@@ -90,7 +91,7 @@ SETTINGS["strong-bf16"] = replace(SETTINGS["strong"], name="strong-bf16", cache_
 
 
 def get_compression(setting) -> Optional[CompressionConfig]:
-    """A setting by name ("off", "light", "strong", "bf16", "strong-bf16"), a config, or None."""
+    """A setting by name ("off", "light", "medium", "strong", "bf16", "strong-bf16"), a config, or None."""
     if setting is None or isinstance(setting, CompressionConfig):
         return setting
     if setting not in SETTINGS:
