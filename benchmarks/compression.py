@@ -79,6 +79,8 @@ def measure_all(model, episodes, args: Args) -> list[dict]:
         for setting, eng in engines.items():
             t0 = time.perf_counter()
             eng.step(later[:, i])
+            if eng.device.type == "cuda":  # (kernels run asynchronously: time them finished)
+                torch.cuda.synchronize()
             seconds[setting].append(time.perf_counter() - t0)
             for k, v in eng.model_state_nbytes_by_part().items():
                 parts[setting][k] = parts[setting].get(k, 0.0) + v / (n * args.steps)
