@@ -108,9 +108,8 @@ class FrameLocalAttention(nn.Module):
         else:
             cache = KVCache(cache.k.index_put((bidx, slots), k), cache.v.index_put((bidx, slots), v),
                             cache.pos.index_put((bidx, slots), pos), cache.keep.index_put((bidx, slots), keep))
-        if self.window is not None:  # the next frame's slot holds a frame no one sees any more: free it
-            free = (pos[:, -1] + 1) % s
-            cache.pos[torch.arange(k.shape[0], device=k.device), free] = -1  # (pos is a fresh tensor if not inplace)
+        if self.window is not None:
+            _free_next_slot(cache, pos[:, -1])  # (pos is a fresh tensor if not inplace)
         return cache
 
     # -- forward -------------------------------------------------------------------------------
@@ -159,9 +158,7 @@ class FrameLocalAttention(nn.Module):
                 keys_k.insert(0, pkh), keys_v.insert(0, pvh), kpos.insert(0, cpos), kkeep.insert(0, ckeep)
             kk, vv, kp = torch.cat(keys_k, 2), torch.cat(keys_v, 2), torch.cat(kpos, 1)
             qp = pos[:, s0:s1]
-            allowed = (kp[:, None, :] <= qp[:, :, None]) & (kp[:, None, :] >= 0)
-            if w is not None:
-                allowed = allowed & (kp[:, None, :] > qp[:, :, None] - w)
+            allowed = _visible_frames(kp, qp, w)
             nq, nk = s1 - s0, kp.shape[1]
             kkeep = _token_keep(kkeep, kpos, n)
             if kkeep is not None:  # compressed: dropped tokens are hidden from later frames
@@ -182,7 +179,6 @@ class FrameLocalAttention(nn.Module):
             keep = torch.ones(b, t, n, dtype=torch.bool, device=x.device) if keep is None else keep
             cache = self._write(cache, k, v, pos, keep, inplace=(update == "inplace"))
         return y, cache
-
 
     # -- step: one frame against the ring, in place --------------------------------------------
     def _step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, cache: KVCache, update: str,
@@ -206,7 +202,7 @@ class FrameLocalAttention(nn.Module):
         kpos = cache.pos.clone()
         kpos[rows, slot] = t
         own = kpos == t[:, None]
-        visible = own | ((kpos >= 0) & (kpos < t[:, None]) & (kpos > t[:, None] - s))  # (B, S) frames
+        visible = _visible_frames(kpos, t[:, None], self.window)[:, 0]  # (B, S) frames
         tok = visible[:, :, None] & (cache.keep | own[:, :, None])  # (B, S, N) tokens
         keys, vals = cache.k.reshape(b, s * n, h, hd), cache.v.reshape(b, s * n, h, hd)  # the ring, no copy
         mask = tok.reshape(b, 1, 1, s * n)
@@ -224,8 +220,23 @@ class FrameLocalAttention(nn.Module):
         if update == "inplace":
             cache.pos[rows, slot] = t
             cache.keep[rows, slot] = True if keep is None else keep[:, 0]
-            cache.pos[rows, (t + 1) % s] = -1  # free the next frame's slot (as _write)
+            _free_next_slot(cache, t)
         return y.transpose(1, 2).reshape(b, 1, n, h * hd)
+
+
+def _visible_frames(kpos: Tensor, qpos: Tensor, window: int | None) -> Tensor:
+    """(B, Q, K) bool: key frame ``kpos`` (B, K) is visible from query frame ``qpos`` (B, Q):
+    filled (>= 0), not later, and inside the window (None: every past frame)."""
+    allowed = (kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] >= 0)
+    if window is not None:
+        allowed = allowed & (kpos[:, None, :] > qpos[:, :, None] - window)
+    return allowed
+
+
+def _free_next_slot(cache: KVCache, last: Tensor) -> None:
+    """After frame ``last`` (B,): the ring slot of frame last+1 holds frame last+1-k, which no
+    frame from last+1 on can see; mark it empty, as the next frame's scratch (local windows)."""
+    cache.pos[torch.arange(last.shape[0], device=last.device), (last + 1) % cache.pos.shape[1]] = -1
 
 
 def _token_keep(parts: list, kpos: list, n: int) -> Tensor | None:
