@@ -10,7 +10,6 @@ of the best sequence in the real maze; the model is then re-synced on the real f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from ssm_gym.checkpoints import shipped_checkpoint
 from ssm_gym.maze.sim import N_ACTIONS
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.rollout.engine import RolloutEngine
+from ssm_gym.train.config import config_to_json
 
 
 def cem_plan(engine, env: int, horizon: int, population: int, elites: int, iterations: int,
@@ -104,8 +104,8 @@ def main(args: Args) -> dict:
         print(f"{name:>8}: real-maze return {s['mean']:.2f} +- {s['stderr']:.2f} ({s['episodes']} episodes)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()}
-        args.out.write_text(json.dumps({**res, "planner_returns": returns, "seeds": seeds, "args": settings}, indent=2))
+        args.out.write_text(json.dumps({**res, "planner_returns": returns, "seeds": seeds,
+                                        "args": config_to_json(args)}, indent=2))
     return res
 
 

@@ -162,6 +162,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 }
 
 
-def config_to_json(cfg: TrainConfig) -> dict:
+def config_to_json(cfg) -> dict:
+    """A (flat) dataclass config as JSON-ready fields: paths as strings."""
     d = dataclasses.asdict(cfg)
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
