@@ -1,4 +1,4 @@
-"""Frame-local attention: mask, window, cache (ring buffer / growing) == parallel form."""
+"""Frame-local attention: mask, window, cache (ring buffer / growing / token pool) == parallel form."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssm_gym.model.attention import FrameLocalAttention, apply_rope, rope_tables
+from ssm_gym.model.attention import FrameLocalAttention, TokenPool, apply_rope, rope_tables
 
 
 
@@ -154,3 +154,49 @@ def test_step_refuses_a_ring_out_of_step():
         m(x, torch.tensor([[5]]), cache, update="inplace")
         with pytest.raises(RuntimeError, match="window"):
             m(x, torch.tensor([[1]]), cache, update="inplace")  # frame 1 (same slot) after frame 5
+
+
+@settings(max_examples=30, deadline=None)
+@given(window=st.sampled_from([1, 2, 3, 6, None]), keep_p=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+       t=st.integers(1, 14), offsets=st.lists(st.integers(0, 20), min_size=1, max_size=3),
+       switch=st.integers(0, 14), slack=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_token_pool_steps_equal_parallel(window, keep_p, t, offsets, switch, slack, seed):
+    """Frame by frame on a token pool (a denoising pass before each frame, the pool starting from
+    the ring at frame ``switch``, growing on demand and compacted between frames) == the parallel
+    form with the same keep flags; the pool turned back into a ring holds what the ring holds."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=window)
+    b = len(offsets)
+    x = torch.randn(b, t, N_TOK, D, generator=g)
+    pos = torch.tensor(offsets)[:, None] + torch.arange(t)
+    keep = torch.rand(b, t, N_TOK, generator=g) < keep_p
+    cache = m.init_cache(b)
+    with torch.no_grad():
+        y, _ = m(x, pos, keep=keep)
+        ys = []
+        for i in range(t):
+            if i == min(switch, t - 1):  # (a full-attention ring may have grown: the one returned)
+                cache = TokenPool.from_ring(cache, slack) if i > 0 else TokenPool.from_ring(m.init_cache(b), 0)
+            m(torch.randn_like(x[:, i:i + 1]), pos[:, i:i + 1], cache, update="none")
+            yi, cache = m(x[:, i:i + 1], pos[:, i:i + 1], cache, update="inplace", keep=keep[:, i:i + 1])
+            if isinstance(cache, TokenPool):
+                cache.compact_(slack)
+                assert int(cache.used().max()) <= ((window or t + 1) - 1) * N_TOK  # only frames still in view
+            ys.append(yi)
+        _, ring_ref = frame_by_frame(m, x, pos, keep)
+    torch.testing.assert_close(torch.cat(ys, 1), y, rtol=1e-4, atol=1e-5)
+    if isinstance(cache, TokenPool) and window is not None:
+        back = cache.to_ring(ring_ref.pos.shape[1], window)
+        stored = ring_ref.keep & (ring_ref.pos >= 0)[..., None]
+        assert torch.equal(back.keep, stored)
+        torch.testing.assert_close(back.k[stored], ring_ref.k[stored])
+
+
+def test_token_pool_refuses_clips_and_autograd():
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=4)
+    pool = TokenPool.from_ring(m.init_cache(1), 2)
+    with pytest.raises(ValueError, match="one frame per call"):
+        m(torch.randn(1, 2, N_TOK, D), torch.tensor([[0, 1]]), pool, update="inplace")
+    with pytest.raises(ValueError, match="autograd"):
+        m(torch.randn(1, 1, N_TOK, D), torch.tensor([[0]]), pool, update="inplace")

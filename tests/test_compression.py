@@ -210,7 +210,9 @@ def test_recall_cli_compares_settings(model, tmp_path):
     off, on = res["models"]["ours+off"]["retrieval"], res["models"]["ours+strong-bf16"]["retrieval"]
     assert off["frames"] == on["frames"] == 2 * 4
     assert on["state_bytes_per_env"] < off["state_bytes_per_env"]
-    assert on["state_bytes_by_part"]["attention_cache"] < off["state_bytes_by_part"]["attention_cache"] / 2
+    # bf16 halves the cache; the token pool holds at most the ring's tokens + a quarter frame of slack
+    # (an untrained model on a first-person maze keeps nearly every token)
+    assert on["state_bytes_by_part"]["attention_cache"] < off["state_bytes_by_part"]["attention_cache"] * 0.55
     assert "| ours+strong-bf16 | full |" in (tmp_path / "out" / "recall.md").read_text()
     with pytest.raises(ValueError, match="unknown compression setting"):
         run(Args(checkpoints=(ckpt,), compression=("zip",), out_dir=tmp_path / "x"))
@@ -231,7 +233,8 @@ def test_env_takes_compression(model):
 
 def test_chunked_engine_matches_whole_batch(model, episode):
     """Stepping a packed batch chunk by chunk (small dense working set) gives the same rollouts,
-    resets and state as one chunk, and holds the same bytes."""
+    resets and state as one chunk; it holds no more bytes (a token pool is as large as its own
+    chunk's largest env needs)."""
     frames, actions = episode
 
     def run(chunk):
@@ -250,30 +253,39 @@ def test_chunked_engine_matches_whole_batch(model, episode):
         parts, eng = run(chunk)
         # different batch sizes may round the last bit of a matmul differently: allow 1 level
         assert (whole.int() - parts.int()).abs().max() <= 1
-        assert abs(eng.state_nbytes() - eng_whole.state_nbytes()) <= 0.01 * eng_whole.state_nbytes()
+        assert eng.state_nbytes() <= eng_whole.state_nbytes()
         assert torch.equal(eng.state.t, eng_whole.state.t)
+        for a, b in zip(eng.state.kv, eng_whole.state.kv):  # the same tokens stored
+            assert torch.equal(a.pos, b.pos) and torch.equal(a.keep, b.keep)
     with pytest.raises(ValueError, match="chunk_envs"):
         RolloutEngine(model, 2, chunk_envs=0)
+
+
+def _stored(cache):
+    """(pos, keep, kept keys, kept values) of a ring: what the model can read of it."""
+    m = cache.keep & (cache.pos >= 0)[..., None]
+    return cache.pos.masked_fill(~m.any(-1), -1), m, cache.k[m], cache.v[m]
 
 
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 5), cut=st.integers(0, 5), setting=st.sampled_from(["light", "strong", "strong-bf16"]),
        seed=st.integers(0, 2**16))
-def test_packed_rows_and_cat_round_trip(model, n, cut, setting, seed):
-    """Any split of a packed batch into env ranges and back is the identity, and unpacking a
-    range equals unpacking the whole batch and taking those envs."""
+def test_packed_chunks_round_trip(model, n, cut, setting, seed):
+    """Packing is lossless, and packing two env ranges apart and joining them (the engine's
+    chunks, each pool with its own capacity) gives back the whole batch."""
     cut = min(cut, n)
     g = torch.Generator().manual_seed(seed)
     state = model.init_state(n, compression=setting)
     frames = torch.randint(0, 256, (n, 12, 64, 64, 3), generator=g, dtype=torch.uint8)
     frames[:, 6:] = frames[:, 5:6]  # a static stretch: blocks shrink, tokens are dropped
+    frames[:cut, 3:] = frames[:cut, 2:3]  # the first envs keep fewer tokens: pools of different sizes
     model.observe_clip(state, frames, torch.randint(0, 6, (n, 12), generator=g))
     packed = pack_state(state, model.layers)
-    parts = [packed.rows(0, cut), packed.rows(cut, n)]
-    again = type(packed).cat([p for p in parts if p.batch_size > 0])
-    assert again.nbytes() == packed.nbytes()
-    whole, part = unpack_state(packed), unpack_state(parts[1])
-    for a, b in zip(whole.ssm, part.ssm):
-        assert torch.equal(a[1][cut:], b[1])
-    for a, b in zip(whole.kv, part.kv):
-        assert torch.equal(a.k[cut:], b.k) and torch.equal(a.keep[cut:], b.keep)
+    parts = [pack_state(state.index_select(torch.arange(a, b)), model.layers) for a, b in ((0, cut), (cut, n)) if b > a]
+    for again in (unpack_state(packed), unpack_state(type(packed).cat(parts))):
+        for a, b in zip(state.ssm, again.ssm):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for a, b in zip(state.kv, again.kv):
+            for x, y in zip(_stored(a), _stored(b)):
+                assert torch.equal(x, y)
+    assert sum(p.nbytes() for p in parts) <= packed.nbytes() + 64  # (+ a step counter's worth of rounding)

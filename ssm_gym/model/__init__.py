@@ -1,6 +1,6 @@
 """World model core: block-wise Mamba-2 (SSD) scan, frame-local attention, diffusion forcing."""
 
-from .attention import FrameLocalAttention, KVCache
+from .attention import FrameLocalAttention, KVCache, TokenPool
 from .diffusion import (
     diffusion_forcing_loss,
     float_to_frames,
@@ -24,6 +24,7 @@ __all__ = [
     "BlockwiseSSM",
     "FrameLocalAttention",
     "KVCache",
+    "TokenPool",
     "WorldModel",
     "WorldModelConfig",
     "WorldModelOutput",

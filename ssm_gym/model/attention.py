@@ -15,7 +15,12 @@ Three forms, one module:
   frames it holds, so the frame being processed is written into its own slot (the one of frame
   t-k, which no frame from t on can see) and attends over the ring in place: no copy of the
   cache per call. With state compression the kept tokens are gathered first, so the work
-  follows the number of tokens kept (:meth:`FrameLocalAttention._step`).
+  follows the number of tokens kept (:meth:`FrameLocalAttention._step`);
+- pool step (inference with dynamic state compression): the past is a :class:`TokenPool`, a
+  compact list of the *kept* tokens of the frames still in the window, read in place by the
+  step; a stored frame's kept tokens move into free entries, a frame that leaves the window
+  frees its entries (:meth:`FrameLocalAttention._pool_step`). No dense ring is rebuilt, so the
+  state held between steps and the attention work both follow the number of kept tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +44,115 @@ class KVCache:
     v: Tensor
     pos: Tensor
     keep: Tensor
+
+    def map(self, fn) -> KVCache:
+        return KVCache(fn(self.k), fn(self.v), fn(self.pos), fn(self.keep))
+
+    def reset_(self, mask: Tensor) -> None:
+        self.pos[mask] = -1
+        self.keep[mask] = True
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.pos, self.keep))
+
+
+@dataclass
+class TokenPool:
+    """Kept keys/values of past frames, compact (dynamic state compression, step by step).
+
+    ``k, v``: (B, P, heads, head_dim) (keys already rotated); ``pos`` (B, P) frame index of each
+    entry, -1 = free; ``tok`` (B, P) its token index within that frame (to rebuild the ring).
+    The last ``n_tok`` entries are the scratch space of the frame being processed (never stored:
+    its kept tokens move from there into free entries of the rest). Entries are in no particular
+    order; a frame that leaves the attention window frees its entries. All envs of a batch share
+    the capacity P (the largest env's count plus some slack): grown on demand by the step,
+    shrunk by :meth:`compact_`."""
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    tok: Tensor
+    n_tok: int
+
+    @property
+    def main(self) -> int:
+        """Entries that hold stored tokens (the rest is the scratch space)."""
+        return self.pos.shape[1] - self.n_tok
+
+    def map(self, fn) -> TokenPool:
+        return TokenPool(fn(self.k), fn(self.v), fn(self.pos), fn(self.tok), self.n_tok)
+
+    def reset_(self, mask: Tensor) -> None:
+        self.pos[mask] = -1
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.pos, self.tok))
+
+    def used(self) -> Tensor:
+        """(B,) stored tokens per env."""
+        return (self.pos[:, :self.main] >= 0).sum(1)
+
+    def resize_(self, main: int) -> None:
+        """Give every env ``main`` stored entries (in place). Growing keeps every entry where it
+        is; shrinking first moves each env's stored tokens to the front (``main`` must hold them)."""
+        old = self.main
+        if main == old:
+            return
+        b, n = self.pos.shape[0], self.n_tok
+        keep = min(main, old)
+        if main < old:  # compact: each env's stored entries first (stable), then the free ones
+            order = torch.argsort((self.pos[:, :old] < 0).to(torch.uint8), dim=1, stable=True)[:, :main]
+            rows = torch.arange(b, device=order.device)[:, None]
+            front = [x[rows, order] for x in (self.k, self.v, self.pos, self.tok)]
+        else:
+            front = [x[:, :keep] for x in (self.k, self.v, self.pos, self.tok)]
+        fields = []
+        for x, f, fill in zip((self.k, self.v, self.pos, self.tok), front, (0, 0, -1, 0)):
+            y = x.new_full((b, main + n, *x.shape[2:]), fill)
+            y[:, :keep] = f[:, :keep]
+            y[:, main:] = x[:, old:]  # the scratch space
+            fields.append(y)
+        self.k, self.v, self.pos, self.tok = fields
+
+    def compact_(self, slack: int) -> None:
+        """Shrink to the largest env's count + ``slack`` when more than twice that slack is free
+        (hysteresis: a pool that just grew is not shrunk at once)."""
+        need = int(self.used().max()) + slack if self.pos.shape[0] else 0
+        if self.main > need + slack:
+            self.resize_(need)
+
+    @staticmethod
+    def from_ring(cache: KVCache, slack: int) -> TokenPool:
+        """The stored tokens of a ring (kept tokens of filled slots) as a pool with room for
+        ``slack`` more per env."""
+        b, s, n = cache.keep.shape
+        stored = (cache.keep & (cache.pos >= 0)[..., None]).reshape(b, s * n)
+        counts = stored.sum(1)
+        main = (int(counts.max()) if b else 0) + slack
+        pool = TokenPool(cache.k.new_zeros(b, main + n, *cache.k.shape[3:]), cache.v.new_zeros(b, main + n, *cache.v.shape[3:]),
+                         cache.pos.new_full((b, main + n), -1), torch.zeros(b, main + n, dtype=torch.int16, device=cache.pos.device), n)
+        bi, ji = stored.nonzero(as_tuple=True)
+        dst = (stored.cumsum(1) - 1)[bi, ji]
+        pool.k[bi, dst], pool.v[bi, dst] = cache.k.reshape(b, s * n, *cache.k.shape[3:])[bi, ji], cache.v.reshape(b, s * n, *cache.v.shape[3:])[bi, ji]
+        pool.pos[bi, dst] = cache.pos[bi, ji // n]
+        pool.tok[bi, dst] = (ji % n).to(torch.int16)
+        return pool
+
+    def to_ring(self, slots: int, window: int | None) -> KVCache:
+        """The dense ring (``slots`` slots; frame p in slot p % slots for local windows, slot p
+        for full attention) holding these tokens; a slot's tokens not in the pool are not kept."""
+        b, n = self.pos.shape[0], self.n_tok
+        hd = self.k.shape[2:]
+        k, v = self.k.new_zeros(b, slots, n, *hd), self.v.new_zeros(b, slots, n, *hd)
+        pos = self.pos.new_full((b, slots), -1)
+        keep = torch.zeros(b, slots, n, dtype=torch.bool, device=self.pos.device)
+        bi, ei = (self.pos[:, :self.main] >= 0).nonzero(as_tuple=True)
+        frame = self.pos[bi, ei]
+        slot = frame % slots if window is not None else frame
+        tok = self.tok[bi, ei].long()
+        k[bi, slot, tok], v[bi, slot, tok] = self.k[bi, ei], self.v[bi, ei]
+        pos[bi, slot], keep[bi, slot, tok] = frame, True
+        return KVCache(k, v, pos, keep)
 
 
 def rope_tables(pos: Tensor, head_dim: int, base: float, dtype) -> tuple[Tensor, Tensor]:
@@ -126,8 +240,14 @@ class FrameLocalAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, t, n, 3, h, hd).unbind(3)
         cos, sin = rope_tables(pos, hd, self.rope_base, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if (t == 1 and cache is not None and self.window is not None and update in ("none", "inplace")
-                and not torch.is_grad_enabled()):
+        one_frame = t == 1 and update in ("none", "inplace") and not torch.is_grad_enabled()
+        if isinstance(cache, TokenPool):
+            if not one_frame:
+                raise ValueError("a TokenPool cache takes one frame per call, without autograd, update 'none' or "
+                                 f"'inplace' (got {t} frames, update={update!r}, grad={torch.is_grad_enabled()}); "
+                                 "convert it with TokenPool.to_ring for anything else")
+            return self.proj(self._pool_step(q, k, v, pos[:, 0], cache, update, keep)), cache
+        if one_frame and cache is not None and self.window is not None:
             return self.proj(self._step(q, k, v, pos[:, 0], cache, update, keep)), cache
 
         past = cache is not None and cache.pos.shape[1] > 0
@@ -222,6 +342,56 @@ class FrameLocalAttention(nn.Module):
             cache.keep[rows, slot] = True if keep is None else keep[:, 0]
             _free_next_slot(cache, t)
         return y.transpose(1, 2).reshape(b, 1, n, h * hd)
+
+
+    # -- pool step: one frame against the kept tokens, in place --------------------------------
+    def _pool_step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, pool: TokenPool, update: str,
+                   keep: Tensor | None) -> Tensor:
+        """Attention of frame ``t`` (B,) over the pool's visible entries and its own tokens (written
+        to the scratch space). ``update="inplace"`` then stores the frame: entries of the frame
+        that leaves the window are freed and this frame's kept tokens move into free entries
+        (the pool grows if an env has too few)."""
+        b, _, n, h, hd = q.shape
+        if b == 0:
+            return q.new_zeros(0, 1, n, h * hd)
+        main = pool.main
+        pool.k[:, main:], pool.v[:, main:] = k[:, 0].to(pool.k.dtype), v[:, 0].to(pool.v.dtype)
+        visible = _visible_frames(pool.pos[:, :main], t[:, None], self.window)[:, 0]  # (B, main)
+        mask = torch.cat([visible, visible.new_ones(b, n)], 1)[:, None, None]  # own frame: all tokens
+        if not q.is_cuda and bool(mask.all()):
+            mask = None  # SDPA's fastest path (checked on the CPU only: no host round trip on a GPU)
+        y = F.scaled_dot_product_attention(q[:, 0].transpose(1, 2), pool.k.to(q.dtype).transpose(1, 2),
+                                           pool.v.to(q.dtype).transpose(1, 2), attn_mask=mask)
+        if update == "inplace":
+            self._pool_store(pool, k[:, 0], v[:, 0], t, keep[:, 0] if keep is not None else None)
+        return y.transpose(1, 2).reshape(b, 1, n, h * hd)
+
+    def _pool_store(self, pool: TokenPool, k: Tensor, v: Tensor, t: Tensor, keep: Tensor | None) -> None:
+        """Store frame ``t``'s kept tokens (k, v: (B, N, h, hd); keep (B, N) or None = all)."""
+        b, n = k.shape[0], pool.n_tok
+        rows = torch.arange(b, device=k.device)[:, None]
+        if self.window is not None:  # the oldest frame leaves the window of frame t + 1
+            stale = pool.pos[:, :pool.main] <= t[:, None] - self.window + 1
+            pool.pos[:, :pool.main].masked_fill_(stale, -1)
+        kept = torch.ones(b, n, dtype=torch.bool, device=k.device) if keep is None else keep
+        if self.window == 1:  # no later frame sees this one
+            kept = torch.zeros_like(kept)
+        free = pool.pos[:, :pool.main] < 0
+        short = int((kept.sum(1) - free.sum(1)).max())
+        if short > 0:  # grow by what the neediest env lacks, rounded up to 1/4 frame (fewer regrowths)
+            step = max(1, n // 4)
+            pool.resize_(pool.main + -(-short // step) * step)
+            free = pool.pos[:, :pool.main] < 0
+        scratch = pool.main + torch.arange(n, device=k.device)
+        if pool.main == 0:
+            dst = scratch.expand(b, n)
+        else:  # the j-th kept token of an env takes its j-th free entry; dropped ones stay in scratch
+            first_free = torch.argsort((~free).to(torch.uint8), dim=1, stable=True)[:, :n]
+            rank = (kept.cumsum(1) - 1).clamp(0, first_free.shape[1] - 1)
+            dst = torch.where(kept, first_free.gather(1, rank), scratch)
+        pool.k[rows, dst], pool.v[rows, dst] = k.to(pool.k.dtype), v.to(pool.v.dtype)
+        pool.pos[rows, dst] = torch.where(kept, t[:, None], -1)
+        pool.tok[rows, dst] = torch.arange(n, dtype=torch.int16, device=k.device).expand(b, n)
 
 
 def _visible_frames(kpos: Tensor, qpos: Tensor, window: int | None) -> Tensor:

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import TokenPool
+
 NOVEL = 255.0  # change score of a frame with no previous frame (an episode start): all new
 
 
@@ -251,13 +253,20 @@ def truncate_ssm_(state, layers, comp: CompressionState) -> None:
 # ---------------------------------------------------------------------------------------------
 # packed storage: only what the rule keeps
 # ---------------------------------------------------------------------------------------------
+def pool_slack(n_tok: int) -> int:
+    """Free entries a token pool keeps per env beyond the largest env's count (a quarter frame):
+    fewer regrowths during steps, at a small cost in bytes."""
+    return max(1, n_tok // 4)
+
+
 @dataclass
 class PackedState:
     """A :class:`WorldModelState` stored compactly between steps.
 
     SSM states: dimensions [0, s_0) of every block dense; dimensions [s_{i-1}, s_i) only for the
-    blocks whose prefix reaches s_i (rows selected by a boolean mask). Attention cache: only the
-    kept tokens of filled slots. Masks, step counters, convolution tails and scores dense."""
+    blocks whose prefix reaches s_i (rows selected by a boolean mask). Attention cache: a
+    :class:`TokenPool` per layer, the kept tokens of the frames in the window (what the step
+    reads directly). Masks, step counters, convolution tails and scores dense."""
 
     t: Tensor
     comp: CompressionState
@@ -265,36 +274,17 @@ class PackedState:
     ssm_masks: list  # per layer: list of (N, nb) bool per tier, or None
     ssm_tiers: list  # per layer: list of (rows, heads, headdim, width) tensors, or None
     ssm_shape: list  # per layer: full (N, nb, heads, headdim, d_state) shape, or None
-    kv_pos: list  # per layer (N, S)
-    kv_mask: list  # per layer (N, S, n_tok) bool: stored tokens
-    kv_k: list  # per layer (stored tokens, heads, head_dim)
-    kv_v: list
-    kv_shape: list  # per layer (N, S, n_tok, heads, head_dim)
+    kv: list  # per layer: TokenPool
+    kv_slots: list  # per layer: slots of the dense ring (KVCache) it unpacks to
+    kv_window: list  # per layer: attention window (None: full attention, slot = frame index)
 
     @property
     def batch_size(self) -> int:
         return self.t.shape[0]
 
-    def rows(self, a: int, b: int) -> PackedState:
-        """Envs a..b-1 (views, no copy): the packed rows of each env are contiguous, in env order."""
-        def span(mask: Tensor, vals: Tensor) -> Tensor:
-            counts = mask.flatten(1).sum(1)
-            start, stop = int(counts[:a].sum()), int(counts[:b].sum())
-            return vals[start:stop]
-
-        cut = lambda x: x[a:b]  # noqa: E731
-        with_n = lambda shape: None if shape is None else (b - a, *shape[1:])  # noqa: E731
-        return PackedState(
-            cut(self.t), self.comp.map(cut), [None if c is None else cut(c) for c in self.conv],
-            [None if ms is None else [cut(m) for m in ms] for ms in self.ssm_masks],
-            [None if ts is None else [span(m, v) for m, v in zip(ms, ts)] for ms, ts in zip(self.ssm_masks, self.ssm_tiers)],
-            [with_n(s) for s in self.ssm_shape], [cut(p) for p in self.kv_pos], [cut(m) for m in self.kv_mask],
-            [span(m, k) for m, k in zip(self.kv_mask, self.kv_k)], [span(m, v) for m, v in zip(self.kv_mask, self.kv_v)],
-            [with_n(s) for s in self.kv_shape])
-
     @staticmethod
     def cat(parts: list[PackedState]) -> PackedState:
-        """Envs of several packed states, in order (the inverse of :meth:`rows`)."""
+        """Envs of several packed states, in order (pools brought to the largest capacity)."""
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
@@ -302,12 +292,15 @@ class PackedState:
         n = sum(p.batch_size for p in parts)
         layers = range(len(first.conv))
         with_n = lambda shape: None if shape is None else (n, *shape[1:])  # noqa: E731
-        slots = [max(p.kv_shape[i][1] for p in parts) for i in layers]  # "attn_full" caches grow per part
-
-        def pad(x: Tensor, i: int, value) -> Tensor:  # empty slots hold no rows: padding is free
-            extra = slots[i] - x.shape[1]
-            return x if extra == 0 else torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), value)], 1)
-
+        kv = []
+        for i in layers:
+            main = max(p.kv[i].main for p in parts)
+            pools = []
+            for p in parts:
+                pool = p.kv[i].map(lambda x: x)  # (a new view object: resizing it leaves the part alone)
+                pool.resize_(main)
+                pools.append(pool)
+            kv.append(TokenPool(*(cat(getattr(q, f) for q in pools) for f in ("k", "v", "pos", "tok")), first.kv[i].n_tok))
         return PackedState(
             cat(p.t for p in parts),
             CompressionState(first.comp.cfg, cat(p.comp.act for p in parts), cat(p.comp.last for p in parts)),
@@ -316,10 +309,8 @@ class PackedState:
                                                       for j in range(len(first.ssm_masks[i]))] for i in layers],
             [None if first.ssm_tiers[i] is None else [cat(p.ssm_tiers[i][j] for p in parts)
                                                       for j in range(len(first.ssm_tiers[i]))] for i in layers],
-            [with_n(s) for s in first.ssm_shape], [cat(pad(p.kv_pos[i], i, -1) for p in parts) for i in layers],
-            [cat(pad(p.kv_mask[i], i, False) for p in parts) for i in layers],
-            [cat(p.kv_k[i] for p in parts) for i in layers], [cat(p.kv_v[i] for p in parts) for i in layers],
-            [(n, slots[i], *first.kv_shape[i][2:]) for i in layers])
+            [with_n(s) for s in first.ssm_shape], kv, [max(p.kv_slots[i] for p in parts) for i in layers],
+            list(first.kv_window))
 
     def nbytes(self) -> int:
         return sum(self.nbytes_by_part().values())
@@ -332,8 +323,8 @@ class PackedState:
             if conv is not None:
                 parts["ssm_conv"] += size(conv)
                 parts["ssm_state"] += sum(size(x) for x in tiers) + sum(size(m) for m in masks)
-        for pos, mask, k, v in zip(self.kv_pos, self.kv_mask, self.kv_k, self.kv_v):
-            parts["attention_cache"] += size(pos) + size(mask) + size(k) + size(v)
+        for pool in self.kv:
+            parts["attention_cache"] += pool.nbytes()
         return parts
 
 
@@ -342,9 +333,10 @@ def _tier_bounds(sizes: list[int]) -> list[tuple[int, int]]:
 
 
 def pack_state(state, layers) -> PackedState:
-    """Compact copy of a dense state (``state.comp`` must be set). Exact: :func:`unpack_state`
-    restores every value the model reads (dropped SSM dimensions are zero already; dropped cache
-    tokens are masked out of attention)."""
+    """Compact form of a state (``state.comp`` must be set). Ring caches become token pools
+    (copies); token pools are kept as they are (the same objects, shrunk if far too big). Exact:
+    :func:`unpack_state` restores every value the model reads (dropped SSM dimensions are zero
+    already; dropped cache tokens are invisible to later frames)."""
     comp = state.comp
     conv, masks, tiers, shapes = [], [], [], []
     for s, layer in zip(state.ssm, layers):
@@ -366,20 +358,23 @@ def pack_state(state, layers) -> PackedState:
             ms.append(m)
             ts.append(ssm[..., lo:hi][m])  # (boolean indexing copies)
         masks.append(ms), tiers.append(ts)
-    kv_pos, kv_mask, kv_k, kv_v, kv_shape = [], [], [], [], []
-    for cache in state.kv:
-        mask = cache.keep & (cache.pos >= 0)[..., None]
-        kv_pos.append(cache.pos.clone()), kv_mask.append(mask)
-        kv_k.append(cache.k[mask]), kv_v.append(cache.v[mask])  # (boolean indexing copies)
-        kv_shape.append(tuple(cache.k.shape))
-    return PackedState(state.t.clone(), comp.map(lambda x: x.clone()), conv, masks, tiers, shapes,
-                       kv_pos, kv_mask, kv_k, kv_v, kv_shape)
+    kv, slots, windows = [], [], []
+    for cache, layer in zip(state.kv, layers):
+        slack = pool_slack(layer.attn.n_tok)
+        if isinstance(cache, TokenPool):
+            cache.compact_(slack)
+            pool, n_slots = cache, layer.attn.window or 1
+        else:
+            pool, n_slots = TokenPool.from_ring(cache, slack), cache.pos.shape[1]
+        kv.append(pool), slots.append(n_slots), windows.append(layer.attn.window)
+    return PackedState(state.t.clone(), comp.map(lambda x: x.clone()), conv, masks, tiers, shapes, kv, slots, windows)
 
 
-def unpack_state(p: PackedState, dtype=torch.float32):
-    """Dense :class:`WorldModelState` (fresh tensors) from a packed one."""
-    from .attention import KVCache  # local: attention does not depend on this module
-    from .world_model import WorldModelState
+def unpack_state(p: PackedState, dtype=torch.float32, pools: bool = False):
+    """A :class:`WorldModelState` from a packed one: dense SSM states (fresh tensors) and either
+    dense ring caches (fresh; the default) or, with ``pools=True``, the packed token pools
+    themselves, which the step API reads and updates in place (the engine's step)."""
+    from .world_model import WorldModelState  # local: world_model imports this module
 
     ssm = []
     for conv, masks, tiers, shape in zip(p.conv, p.ssm_masks, p.ssm_tiers, p.ssm_shape):
@@ -393,10 +388,12 @@ def unpack_state(p: PackedState, dtype=torch.float32):
             dense[..., lo:hi][m] = vals
             lo = hi
         ssm.append((conv.clone(), dense))
-    kv = []
-    for pos, mask, k, v, shape in zip(p.kv_pos, p.kv_mask, p.kv_k, p.kv_v, p.kv_shape):
-        dk = torch.zeros(shape, dtype=k.dtype, device=k.device)
-        dv = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        dk[mask], dv[mask] = k, v
-        kv.append(KVCache(dk, dv, pos.clone(), mask.clone()))
+    if pools:
+        kv = list(p.kv)
+    else:
+        kv = []
+        for pool, slots, window in zip(p.kv, p.kv_slots, p.kv_window):
+            if window is None:  # full attention: a slot per frame, up to the newest stored one
+                slots = max(slots, int(pool.pos.max()) + 1 if pool.pos.numel() else 0, 1)
+            kv.append(pool.to_ring(slots, window))
     return WorldModelState(p.t.clone(), ssm, kv, p.comp.map(lambda x: x.clone()))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import FrameLocalAttention, KVCache
+from .attention import FrameLocalAttention, KVCache, TokenPool
 from .compression import ClipCompression, CompressionState, NOVEL, get_compression, truncate_ssm_
 from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
 from .ssm import BlockwiseSSM
@@ -111,7 +111,8 @@ class WorldModelState:
     """Inference state of a batch of N environments, all preallocated tensors.
 
     t: (N,) frames seen per env; ssm[l]: (conv_state, ssm_state) per spatial block, or None;
-    kv[l]: :class:`KVCache` ring of the last k-1 frames (growing for "attn_full");
+    kv[l]: :class:`KVCache` ring of the last k-1 frames (growing for "attn_full"), or a
+    :class:`TokenPool` of their kept tokens (the rollout engine's form with dynamic compression);
     comp: the running scores of dynamic state compression (None = off), see compression.py.
     """
 
@@ -122,7 +123,7 @@ class WorldModelState:
 
     def _map(self, fn) -> WorldModelState:
         ssm = [None if s is None else tuple(fn(x) for x in s) for s in self.ssm]
-        kv = [KVCache(fn(c.k), fn(c.v), fn(c.pos), fn(c.keep)) for c in self.kv]
+        kv = [c.map(fn) for c in self.kv]
         return WorldModelState(fn(self.t), ssm, kv, None if self.comp is None else self.comp.map(fn))
 
     def clone(self) -> WorldModelState:
@@ -144,9 +145,9 @@ class WorldModelState:
                     if a is not b:
                         a.copy_(b)
         for i, (mine, theirs) in enumerate(zip(self.kv, other.kv)):
-            if mine is theirs:
+            if mine is theirs:  # (a step on a TokenPool updates it in place: always this case)
                 continue
-            if mine.k.shape == theirs.k.shape:
+            if isinstance(mine, KVCache) and isinstance(theirs, KVCache) and mine.k.shape == theirs.k.shape:
                 mine.k.copy_(theirs.k), mine.v.copy_(theirs.v), mine.pos.copy_(theirs.pos), mine.keep.copy_(theirs.keep)
             else:
                 self.kv[i] = theirs
@@ -157,6 +158,8 @@ class WorldModelState:
     def index_copy_(self, idx: Tensor, other: WorldModelState) -> WorldModelState:
         """In place: env ``idx[j]`` takes the state of env j of ``other`` (resets with context)."""
         idx = idx.to(self.t.device)
+        if any(isinstance(c, TokenPool) for c in (*self.kv, *other.kv)):
+            raise TypeError("index_copy_ works on ring caches (KVCache); convert TokenPool caches with to_ring first")
         self.t.index_copy_(0, idx, other.t)
         for mine, theirs in zip(self.ssm, other.ssm):
             if mine is not None:
@@ -183,8 +186,7 @@ class WorldModelState:
                 for x in s:
                     x[m] = 0
         for c in self.kv:
-            c.pos[m] = -1
-            c.keep[m] = True
+            c.reset_(m)
         if self.comp is not None:
             self.comp.reset_(m)
         return self
@@ -206,7 +208,7 @@ class WorldModelState:
                 parts["ssm_conv"] += size(s[0])
                 parts["ssm_state"] += size(s[1])
         for c in self.kv:
-            parts["attention_cache"] += size(c.k) + size(c.v) + size(c.pos) + size(c.keep)
+            parts["attention_cache"] += c.nbytes()
         if self.comp is not None:
             parts["compression_scores"] = self.comp.nbytes()
         return parts

@@ -13,10 +13,12 @@ not depend on which other environments share the batch.
     planner = engine.fork(torch.tensor([3, 3, 3, 3]))                  # 4 copies of env 3
 
 With ``compression`` set (see ``ssm_gym.model.compression``), the state is kept packed between
-calls: each SSM block holds only its current prefix of state dimensions and the attention cache
-only its kept tokens, so the bytes held per environment follow the scene. A call unpacks, runs
-the model and packs again, ``chunk_envs`` environments at a time (default: all), so the dense
-working set is that of one chunk while the whole batch stays packed.
+calls, ``chunk_envs`` environments per chunk (default: all in one): each SSM block holds only its
+current prefix of state dimensions and the attention cache is a pool of the kept tokens, so the
+bytes held per environment follow the scene. A step reads and updates the token pools in place
+and unpacks only the SSM states (one chunk at a time, so the dense working set is one chunk's);
+a pool's capacity is its chunk's largest count plus a little slack. Resets with context, forks
+and ``engine.state`` go through the dense form.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class RolloutEngine:
         if chunk_envs is not None and chunk_envs < 1:
             raise ValueError(f"chunk_envs must be >= 1, got {chunk_envs}")
         self.chunk_envs = chunk_envs
-        self._packed: Optional[PackedState] = None
+        self._chunks: list[PackedState] = []  # packed state, one per chunk of envs (compression on)
         self.state = model.init_state(num_envs, self.device, compression=self.compression)
         self.frames = torch.zeros((num_envs, *self.frame_shape), dtype=torch.uint8, device=self.device)
         self.steps = torch.zeros(num_envs, dtype=torch.long, device=self.device)
@@ -126,7 +128,7 @@ class RolloutEngine:
             self.frames[rows], rewards[rows], terminated[rows] = self.model.generate(
                 state, a[rows], steps=self.sampling_steps, noise=noise[rows])
 
-        self._update(advance)
+        self._update(advance, one_frame=True)
         self.steps += 1
         return self.frames, rewards, terminated
 
@@ -139,7 +141,7 @@ class RolloutEngine:
         if frames.dtype != torch.uint8 or tuple(frames.shape) != (self.num_envs, *self.frame_shape):
             raise ValueError(f"frames must be uint8 of shape {(self.num_envs, *self.frame_shape)}, "
                              f"got {frames.dtype} {tuple(frames.shape)}")
-        self._update(lambda state, rows: self.model.observe(state, frames[rows], a[rows]))
+        self._update(lambda state, rows: self.model.observe(state, frames[rows], a[rows]), one_frame=True)
         self.frames.copy_(frames)
         self.steps += 1
         return self.frames
@@ -154,7 +156,7 @@ class RolloutEngine:
         new = RolloutEngine.__new__(RolloutEngine)
         new.device, new.model, new.num_envs = self.device, self.model, len(idx)
         new.sampling_steps, new.frame_shape = self.sampling_steps, self.frame_shape
-        new.compression, new.chunk_envs, new._packed = self.compression, self.chunk_envs, None
+        new.compression, new.chunk_envs, new._chunks = self.compression, self.chunk_envs, []
         new.state = self.state.index_select(idx)
         new.frames = self.frames.index_select(0, idx).clone()
         new.steps = self.steps.index_select(0, idx).clone()
@@ -175,37 +177,46 @@ class RolloutEngine:
     def state(self) -> WorldModelState:
         """The model state of all envs, dense. With dynamic compression this unpacks a fresh copy:
         assign it back (``engine.state = s``) to keep changes."""
-        return unpack_state(self._packed) if self.packed else self._state
+        if not self.packed:
+            return self._state
+        return unpack_state(PackedState.cat(self._chunks))
 
     @state.setter
     def state(self, state: WorldModelState) -> None:
         if self.packed:
-            self._packed = pack_state(state, self.model.layers)
+            self._chunks = [pack_state(state.index_select(torch.arange(r.start, r.stop, device=self.device)),
+                                       self.model.layers) for r in self._chunk_rows()]
         else:
             self._state = state
 
-    def _update(self, fn, touched: Optional[Tensor] = None) -> None:
-        """Run ``fn(dense_state, rows)`` on the envs ``rows`` (a slice), in place. Unpacked: once
-        for all envs. Packed: chunk by chunk (only chunks with a ``touched`` env, if given), each
-        unpacked, updated and packed again."""
+    def _chunk_rows(self) -> list[slice]:
+        chunk = self.chunk_envs or self.num_envs
+        return [slice(lo, min(lo + chunk, self.num_envs)) for lo in range(0, self.num_envs, chunk)]
+
+    def _update(self, fn, touched: Optional[Tensor] = None, one_frame: bool = False) -> None:
+        """Run ``fn(state, rows)`` on the envs ``rows`` (a slice), in place. Unpacked: once for all
+        envs. Packed: chunk by chunk (only chunks with a ``touched`` env, if given); a one-frame
+        step works on the chunk's token pools in place (SSM states unpacked and packed again),
+        anything else on a dense copy of the chunk, packed again after."""
         if not self.packed:
             fn(self._state, slice(0, self.num_envs))
             return
-        chunk = self.chunk_envs or self.num_envs
-        parts = []
-        for lo in range(0, self.num_envs, chunk):
-            rows = slice(lo, min(lo + chunk, self.num_envs))
-            part = self._packed.rows(rows.start, rows.stop)
-            if touched is None or bool(touched[rows].any()):
-                state = unpack_state(part)
-                fn(state, rows)
-                part = pack_state(state, self.model.layers)
-            parts.append(part)
-        self._packed = PackedState.cat(parts)
+        for i, rows in enumerate(self._chunk_rows()):
+            if touched is not None and not bool(touched[rows].any()):
+                continue
+            state = unpack_state(self._chunks[i], pools=one_frame)
+            fn(state, rows)
+            self._chunks[i] = pack_state(state, self.model.layers)
 
     def model_state_nbytes_by_part(self) -> dict[str, int]:
         """Bytes of the model state as held (packed when compressed), split by part."""
-        return self._packed.nbytes_by_part() if self.packed else self._state.nbytes_by_part()
+        if not self.packed:
+            return self._state.nbytes_by_part()
+        total: dict[str, int] = {}
+        for chunk in self._chunks:
+            for k, v in chunk.nbytes_by_part().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def state_nbytes(self) -> int:
         """Bytes of per-environment state held for all envs (model state, frames, counters)."""
