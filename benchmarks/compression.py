@@ -6,10 +6,11 @@
 Every setting runs the same work: `num_envs` held-out mazes, `context` real frames of exploration
 (warm-up), then `steps` imagined steps on the real actions, the settings taking turns step by step
 (speed: median step time, so the ratios come from one run under the same load). The bytes are those the engine holds
-between steps (packed when compression is on; measured from the tensors, not counted from a
-formula), averaged over the imagined steps; they depend on the scene, which is why real maze
-episodes are used. "dense working set" is the unpacked state one step works on at a time (all
-envs, or `--chunk-envs` of them when compressed): held only during the step.
+between steps (packed when compression is on: SSM size tiers and token pools; measured from the
+tensors, not counted from a formula), averaged over the imagined steps; they depend on the scene,
+which is why real maze episodes are used. "dense working set" is what one step unpacks and holds
+only while it runs: the whole dense state when off; the dense SSM states of one chunk (all envs,
+or `--chunk-envs` of them) when compressed (the token pools are read in place).
 Recall quality under each setting is measured by `python -m ssm_gym.eval.recall --compression ...`.
 
 JSON keys (same figures as the table):
@@ -87,7 +88,8 @@ def measure_all(model, episodes, args: Args) -> list[dict]:
     rows = []
     for setting, eng in engines.items():
         chunk = min(eng.chunk_envs or n, n) if eng.packed else n
-        dense = model.init_state(chunk, args.device, compression=setting).nbytes()  # what one step unpacks at a time
+        full = model.init_state(chunk, args.device, compression=setting).nbytes_by_part()
+        dense = full["ssm_state"] + full["ssm_conv"] if eng.packed else sum(full.values())  # unpacked per step
         sec = statistics.median(seconds[setting][2:])  # (the first steps warm caches up)
         rows.append({"setting": setting, "state_bytes_per_env": round(sum(parts[setting].values())),
                      "by_part": {k: round(v) for k, v in parts[setting].items()}, "dense_working_set_bytes": dense,

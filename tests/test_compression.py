@@ -65,11 +65,13 @@ def test_off_and_keep_all_reproduce_the_exact_model(model, episode):
     assert torch.equal(plain, off) and torch.equal(plain, kept)
 
 
-def test_packed_engine_equals_dense_compressed_model(model, episode):
-    """Packing between steps is lossless: the engine (packed) and the model stepped on a dense
-    compressed state give identical frames."""
+@pytest.mark.parametrize("setting", ["strong", "strong-compact"])
+def test_packed_engine_equals_dense_compressed_model(model, episode, setting):
+    """Packing between steps is lossless (both storages: token pools stepped in place, compact
+    tokens rebuilt into a ring): the engine and the model stepped on a dense compressed state give
+    identical frames."""
     frames, actions = episode
-    cfg = SETTINGS["strong"]
+    cfg = SETTINGS[setting]
     packed, eng = rollout(model, cfg, frames, actions, 8, num_envs=1)
     state = model.init_state(1, compression=cfg)
     model.observe_clip(state, frames[None, :8], torch.cat([torch.tensor([model.START]), actions[:7]])[None])
@@ -268,7 +270,8 @@ def _stored(cache):
 
 
 @settings(max_examples=10, deadline=None)
-@given(n=st.integers(1, 5), cut=st.integers(0, 5), setting=st.sampled_from(["light", "strong", "strong-bf16"]),
+@given(n=st.integers(1, 5), cut=st.integers(0, 5),
+       setting=st.sampled_from(["light", "strong", "strong-bf16", "strong-compact", "strong-bf16-compact"]),
        seed=st.integers(0, 2**16))
 def test_packed_chunks_round_trip(model, n, cut, setting, seed):
     """Packing is lossless, and packing two env ranges apart and joining them (the engine's
@@ -289,3 +292,16 @@ def test_packed_chunks_round_trip(model, n, cut, setting, seed):
             for x, y in zip(_stored(a), _stored(b)):
                 assert torch.equal(x, y)
     assert sum(p.nbytes() for p in parts) <= packed.nbytes() + 64  # (+ a step counter's worth of rounding)
+
+
+def test_compact_storage_holds_fewer_bytes_than_pools(model, episode):
+    """The two storages of one rule: the same frames (to one level: the attention sums its keys in
+    another order), the compact one holds only the stored tokens, fewer bytes than the pools."""
+    frames, actions = episode
+    pool, eng_pool = rollout(model, "strong", frames, actions, 6, num_envs=3)
+    compact, eng_compact = rollout(model, "strong-compact", frames, actions, 6, num_envs=3)
+    assert (pool.int() - compact.int()).abs().max() <= 1
+    a, b = eng_pool.model_state_nbytes_by_part(), eng_compact.model_state_nbytes_by_part()
+    assert b["attention_cache"] < a["attention_cache"] and b["ssm_state"] == a["ssm_state"]
+    with pytest.raises(ValueError, match="storage"):
+        CompressionConfig("x", kv_threshold=1.0, storage="zip")

@@ -139,20 +139,72 @@ class TokenPool:
         return pool
 
     def to_ring(self, slots: int, window: int | None) -> KVCache:
-        """The dense ring (``slots`` slots; frame p in slot p % slots for local windows, slot p
-        for full attention) holding these tokens; a slot's tokens not in the pool are not kept."""
-        b, n = self.pos.shape[0], self.n_tok
-        hd = self.k.shape[2:]
-        k, v = self.k.new_zeros(b, slots, n, *hd), self.v.new_zeros(b, slots, n, *hd)
-        pos = self.pos.new_full((b, slots), -1)
-        keep = torch.zeros(b, slots, n, dtype=torch.bool, device=self.pos.device)
+        """The dense ring (``slots`` slots) holding these tokens (see :func:`ring_from_tokens`)."""
         bi, ei = (self.pos[:, :self.main] >= 0).nonzero(as_tuple=True)
-        frame = self.pos[bi, ei]
-        slot = frame % slots if window is not None else frame
-        tok = self.tok[bi, ei].long()
-        k[bi, slot, tok], v[bi, slot, tok] = self.k[bi, ei], self.v[bi, ei]
-        pos[bi, slot], keep[bi, slot, tok] = frame, True
-        return KVCache(k, v, pos, keep)
+        return ring_from_tokens(self.pos.shape[0], slots, self.n_tok, window, bi, self.pos[bi, ei], self.tok[bi, ei],
+                                self.k[bi, ei], self.v[bi, ei])
+
+    @staticmethod
+    def cat(pools: list[TokenPool]) -> TokenPool:
+        """Envs of several pools, in order (each brought to the largest capacity first)."""
+        main = max(p.main for p in pools)
+        grown = []
+        for p in pools:
+            p = p.map(lambda x: x)  # (a new object over the same tensors: resizing it leaves p alone)
+            p.resize_(main)
+            grown.append(p)
+        return TokenPool(*(torch.cat([getattr(p, f) for p in grown]) for f in ("k", "v", "pos", "tok")), pools[0].n_tok)
+
+
+@dataclass
+class CompactTokens:
+    """The stored tokens of a ring (kept tokens of filled slots), nothing else: the smallest
+    form of a compressed attention cache, for storage between steps (a step rebuilds the ring).
+    ``k, v`` (M, heads, head_dim), ``pos`` (M,) frame index, ``tok`` (M,) int16 token index:
+    the tokens of env 0, then env 1, ...; ``counts`` (B,) tokens per env; ``n_tok`` per frame."""
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    tok: Tensor
+    counts: Tensor
+    n_tok: int
+
+    @staticmethod
+    def from_ring(cache: KVCache) -> CompactTokens:
+        b, s, n = cache.keep.shape
+        stored = cache.keep & (cache.pos >= 0)[..., None]
+        bi, si, ti = stored.nonzero(as_tuple=True)
+        return CompactTokens(cache.k[stored], cache.v[stored], cache.pos[bi, si], ti.to(torch.int16),
+                             stored.flatten(1).sum(1), n)
+
+    def to_ring(self, slots: int, window: int | None) -> KVCache:
+        b = self.counts.shape[0]
+        bi = torch.repeat_interleave(torch.arange(b, device=self.counts.device), self.counts)
+        return ring_from_tokens(b, slots, self.n_tok, window, bi, self.pos, self.tok, self.k, self.v)
+
+    @staticmethod
+    def cat(parts: list[CompactTokens]) -> CompactTokens:
+        return CompactTokens(*(torch.cat([getattr(p, f) for p in parts]) for f in ("k", "v", "pos", "tok", "counts")),
+                             parts[0].n_tok)
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.pos, self.tok, self.counts))
+
+
+def ring_from_tokens(b: int, slots: int, n_tok: int, window: int | None, env: Tensor, frame: Tensor, tok: Tensor,
+                     k: Tensor, v: Tensor) -> KVCache:
+    """A dense ring of ``slots`` slots (frame p in slot p % slots for local windows, slot p for
+    full attention) holding the given stored tokens (env, frame, token index, key, value; one
+    row each); every other token of a slot is not kept."""
+    shape = (b, slots, n_tok, *k.shape[1:])
+    ring = KVCache(k.new_zeros(shape), v.new_zeros(shape), frame.new_full((b, slots), -1),
+                   torch.zeros(b, slots, n_tok, dtype=torch.bool, device=frame.device))
+    slot = frame % slots if window is not None else frame
+    tok = tok.long()
+    ring.k[env, slot, tok], ring.v[env, slot, tok] = k, v
+    ring.pos[env, slot], ring.keep[env, slot, tok] = frame, True
+    return ring
 
 
 def rope_tables(pos: Tensor, head_dim: int, base: float, dtype) -> tuple[Tensor, Tensor]:

@@ -25,8 +25,12 @@ decayed remainder, the step-by-step form zeros).
 
 Settings (``SETTINGS``, by name): "off" (no compression: the model's exact outputs), "light",
 "medium", "strong", "bf16" (only the attention cache stored in bfloat16, content-independent) and
-"strong-bf16". Training: ``TrainConfig.compression`` + ``compression_prob`` apply the same rule
-to a share of the training clips.
+"strong-bf16"; "strong-compact" and "strong-bf16-compact" apply the same rules and store the
+state in the fewest bytes (``storage``: the default "pool" keeps attention token pools that the
+step reads in place, sized by the neediest env of a chunk; "compact" keeps each env's stored
+tokens only and rebuilds a dense ring every step, which is slower). Training:
+``TrainConfig.compression`` + ``compression_prob`` apply the same rule to a share of the
+training clips.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import TokenPool
+from .attention import CompactTokens, TokenPool
 
 NOVEL = 255.0  # change score of a frame with no previous frame (an episode start): all new
 
@@ -53,6 +57,8 @@ class CompressionConfig:
     ssm_thresholds: tuple = ()  # ... activity below ssm_thresholds[i] -> ssm_fractions[i] (len = fractions - 1)
     activity_rate: float = 0.1  # EMA rate of the per-token activity (time constant ~10 frames)
     cache_dtype: str = "float32"  # storage precision of the attention cache
+    storage: str = "pool"  # between steps: "pool" (token pools the step reads in place: faster) or
+    # "compact" (only the stored tokens: fewest bytes; the step rebuilds a dense ring)
 
     def __post_init__(self):
         if self.ssm_fractions:
@@ -68,6 +74,8 @@ class CompressionConfig:
             raise ValueError(f"activity_rate must be in (0, 1], got {self.activity_rate}")
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"cache_dtype must be float32, bfloat16 or float16, got {self.cache_dtype!r}")
+        if self.storage not in ("pool", "compact"):
+            raise ValueError(f"storage must be 'pool' or 'compact', got {self.storage!r}")
 
     @property
     def dynamic(self) -> bool:
@@ -90,10 +98,12 @@ SETTINGS: dict[str, Optional[CompressionConfig]] = {
     "bf16": CompressionConfig("bf16", cache_dtype="bfloat16"),
 }
 SETTINGS["strong-bf16"] = replace(SETTINGS["strong"], name="strong-bf16", cache_dtype="bfloat16")
+for _name in ("strong", "strong-bf16"):  # the same rule, stored with the fewest bytes (slower steps)
+    SETTINGS[f"{_name}-compact"] = replace(SETTINGS[_name], name=f"{_name}-compact", storage="compact")
 
 
 def get_compression(setting) -> Optional[CompressionConfig]:
-    """A setting by name ("off", "light", "medium", "strong", "bf16", "strong-bf16"), a config, or None."""
+    """A setting by name (see ``SETTINGS``), a config, or None."""
     if setting is None or isinstance(setting, CompressionConfig):
         return setting
     if setting not in SETTINGS:
@@ -266,7 +276,8 @@ class PackedState:
     SSM states: dimensions [0, s_0) of every block dense; dimensions [s_{i-1}, s_i) only for the
     blocks whose prefix reaches s_i (rows selected by a boolean mask). Attention cache: a
     :class:`TokenPool` per layer, the kept tokens of the frames in the window (what the step
-    reads directly). Masks, step counters, convolution tails and scores dense."""
+    reads directly) or, with ``storage="compact"``, :class:`CompactTokens` (only the stored tokens).
+    Masks, step counters, convolution tails and scores dense."""
 
     t: Tensor
     comp: CompressionState
@@ -274,7 +285,7 @@ class PackedState:
     ssm_masks: list  # per layer: list of (N, nb) bool per tier, or None
     ssm_tiers: list  # per layer: list of (rows, heads, headdim, width) tensors, or None
     ssm_shape: list  # per layer: full (N, nb, heads, headdim, d_state) shape, or None
-    kv: list  # per layer: TokenPool
+    kv: list  # per layer: TokenPool or CompactTokens
     kv_slots: list  # per layer: slots of the dense ring (KVCache) it unpacks to
     kv_window: list  # per layer: attention window (None: full attention, slot = frame index)
 
@@ -284,7 +295,7 @@ class PackedState:
 
     @staticmethod
     def cat(parts: list[PackedState]) -> PackedState:
-        """Envs of several packed states, in order (pools brought to the largest capacity)."""
+        """Envs of several packed states, in order."""
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
@@ -292,15 +303,7 @@ class PackedState:
         n = sum(p.batch_size for p in parts)
         layers = range(len(first.conv))
         with_n = lambda shape: None if shape is None else (n, *shape[1:])  # noqa: E731
-        kv = []
-        for i in layers:
-            main = max(p.kv[i].main for p in parts)
-            pools = []
-            for p in parts:
-                pool = p.kv[i].map(lambda x: x)  # (a new view object: resizing it leaves the part alone)
-                pool.resize_(main)
-                pools.append(pool)
-            kv.append(TokenPool(*(cat(getattr(q, f) for q in pools) for f in ("k", "v", "pos", "tok")), first.kv[i].n_tok))
+        kv = [type(first.kv[i]).cat([p.kv[i] for p in parts]) for i in layers]
         return PackedState(
             cat(p.t for p in parts),
             CompressionState(first.comp.cfg, cat(p.comp.act for p in parts), cat(p.comp.last for p in parts)),
@@ -360,20 +363,22 @@ def pack_state(state, layers) -> PackedState:
         masks.append(ms), tiers.append(ts)
     kv, slots, windows = [], [], []
     for cache, layer in zip(state.kv, layers):
-        slack = pool_slack(layer.attn.n_tok)
         if isinstance(cache, TokenPool):
-            cache.compact_(slack)
-            pool, n_slots = cache, layer.attn.window or 1
+            cache.compact_(pool_slack(layer.attn.n_tok))
+            stored, n_slots = cache, layer.attn.window or 1
+        elif comp.cfg.storage == "pool":
+            stored, n_slots = TokenPool.from_ring(cache, pool_slack(layer.attn.n_tok)), cache.pos.shape[1]
         else:
-            pool, n_slots = TokenPool.from_ring(cache, slack), cache.pos.shape[1]
-        kv.append(pool), slots.append(n_slots), windows.append(layer.attn.window)
+            stored, n_slots = CompactTokens.from_ring(cache), cache.pos.shape[1]
+        kv.append(stored), slots.append(n_slots), windows.append(layer.attn.window)
     return PackedState(state.t.clone(), comp.map(lambda x: x.clone()), conv, masks, tiers, shapes, kv, slots, windows)
 
 
 def unpack_state(p: PackedState, dtype=torch.float32, pools: bool = False):
     """A :class:`WorldModelState` from a packed one: dense SSM states (fresh tensors) and either
     dense ring caches (fresh; the default) or, with ``pools=True``, the packed token pools
-    themselves, which the step API reads and updates in place (the engine's step)."""
+    themselves, which the step API reads and updates in place (the engine's step; compact
+    storage always unpacks to rings)."""
     from .world_model import WorldModelState  # local: world_model imports this module
 
     ssm = []
@@ -388,12 +393,12 @@ def unpack_state(p: PackedState, dtype=torch.float32, pools: bool = False):
             dense[..., lo:hi][m] = vals
             lo = hi
         ssm.append((conv.clone(), dense))
-    if pools:
-        kv = list(p.kv)
-    else:
-        kv = []
-        for pool, slots, window in zip(p.kv, p.kv_slots, p.kv_window):
-            if window is None:  # full attention: a slot per frame, up to the newest stored one
-                slots = max(slots, int(pool.pos.max()) + 1 if pool.pos.numel() else 0, 1)
-            kv.append(pool.to_ring(slots, window))
+    kv = []
+    for stored, slots, window in zip(p.kv, p.kv_slots, p.kv_window):
+        if pools and isinstance(stored, TokenPool):
+            kv.append(stored)
+            continue
+        if window is None:  # full attention: a slot per frame, up to the newest stored one
+            slots = max(slots, int(stored.pos.max()) + 1 if stored.pos.numel() else 0, 1)
+        kv.append(stored.to_ring(slots, window))
     return WorldModelState(p.t.clone(), ssm, kv, p.comp.map(lambda x: x.clone()))
