@@ -9,8 +9,8 @@ Every setting runs the same work: `num_envs` held-out mazes, `context` real fram
 between steps (packed when compression is on: SSM size tiers and token pools; measured from the
 tensors, not counted from a formula), averaged over the imagined steps; they depend on the scene,
 which is why real maze episodes are used. "dense working set" is what one step unpacks and holds
-only while it runs: the whole dense state when off; the dense SSM states of one chunk (all envs,
-or `--chunk-envs` of them) when compressed (the token pools are read in place).
+only while it runs: the whole dense state when off or with compact storage; the dense SSM states
+of one chunk (all envs, or `--chunk-envs` of them) with pool storage (the pools are read in place).
 Recall quality under each setting is measured by `python -m ssm_gym.eval.recall --compression ...`.
 
 JSON keys (same figures as the table):
@@ -89,7 +89,8 @@ def measure_all(model, episodes, args: Args) -> list[dict]:
     for setting, eng in engines.items():
         chunk = min(eng.chunk_envs or n, n) if eng.packed else n
         full = model.init_state(chunk, args.device, compression=setting).nbytes_by_part()
-        dense = full["ssm_state"] + full["ssm_conv"] if eng.packed else sum(full.values())  # unpacked per step
+        in_place = eng.packed and eng.compression.storage == "pool"  # (compact storage rebuilds the ring)
+        dense = full["ssm_state"] + full["ssm_conv"] if in_place else sum(full.values())  # unpacked per step
         sec = statistics.median(seconds[setting][2:])  # (the first steps warm caches up)
         rows.append({"setting": setting, "state_bytes_per_env": round(sum(parts[setting].values())),
                      "by_part": {k: round(v) for k, v in parts[setting].items()}, "dense_working_set_bytes": dense,

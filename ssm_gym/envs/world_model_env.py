@@ -92,7 +92,8 @@ class WorldModelEnv(gym.Env):
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
     - `compression` (None = off): dynamic state compression, a setting name ("light", "medium", "strong",
-      "bf16", "strong-bf16") or a `CompressionConfig` (see ssm_gym/model/compression.py).
+      "bf16", "strong-bf16", "strong-compact", "strong-bf16-compact") or a `CompressionConfig` (see
+      ssm_gym/model/compression.py).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
@@ -147,8 +148,8 @@ class WorldModelVectorEnv(VectorEnv):
     """N imagined mazes in one batched model call per step (`gym.make_vec("SSMWorld-Maze-v0", N)`).
 
     Sub-env i reset with seed s behaves like `WorldModelEnv` reset with seed s + i. Arguments as
-    `WorldModelEnv`, plus `num_envs`, `chunk_envs` (with compression: envs unpacked and stepped
-    this many at a time, bounding the dense working set) and `autoreset_mode` (`NEXT_STEP`, Gymnasium's default, or
+    `WorldModelEnv`, plus `num_envs`, `chunk_envs` (with compression: envs stored and stepped
+    this many at a time, each chunk packed on its own: bounds the dense working set) and `autoreset_mode` (`NEXT_STEP`, Gymnasium's default, or
     `SAME_STEP`: the last frame of a finished episode goes to `info["final_obs"]`, as
     stable-baselines3 expects). Reset options: `reset_mask` (N,) bool to reset a subset, and
     `context_obs` (N, T, 64, 64, 3) / `context_actions` (N, T-1) to start after real history.
