@@ -102,8 +102,21 @@ def test_prediction_cli_rows(tmp_path):
     torch.manual_seed(0)
     ckpt = save_model(tmp_path / "m", WorldModel(PRESETS["tiny"][1].model))
     rows = predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", episodes=2, context=4, horizon=6,
-                                 sampling_steps=(1, 2), json=tmp_path / "p.json"))
-    assert [r["sampling_steps"] for r in rows] == [1, 2] and all(0 < r["psnr_1step"] < 100 for r in rows)
+                                 sampling_steps=(1, 2), whole_episode_len=13, json=tmp_path / "p.json"))
+    head, rows_ = rows[0], rows[1:]
+    assert head["rewards"] == "head on real frames" and head["frames"] == 2 * 13
+    assert [r["sampling_steps"] for r in rows_] == [1, 2] and all(0 < r["psnr_1step"] < 100 for r in rows_)
+    assert all(r["open_loop"]["false_payouts_per_1k"] >= 0 for r in rows_)
     assert json.loads((tmp_path / "p.json").read_text()) == rows
     with pytest.raises(ValueError, match="no episode with 40 frames"):
         predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", context=20, horizon=20))
+
+
+def test_reward_metrics_count_paid_events_and_false_payouts():
+    from ssm_gym.eval.prediction import reward_metrics
+
+    real = np.array([[0, 1, 0, 0, 1, 0, 0, 0, 0, 0]], dtype=np.float32)
+    pred = np.array([[0.9, 0.8, 0.1, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    m = reward_metrics(pred, real)
+    assert m["reward_events"] == 2 and m["reward_recall"] == 0.5
+    assert m["false_payouts_per_1k"] == 1000 / 8 and m["mean_pred_at_events"] == pytest.approx(0.55)

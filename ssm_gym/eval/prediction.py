@@ -1,4 +1,5 @@
-"""How well a world model predicts held-out episodes: one-step and open-loop n-step PSNR.
+"""How well a world model predicts held-out episodes: frames (one-step and open-loop n-step
+PSNR) and rewards (the reward head, judged against the real maze's rewards).
 
     python -m ssm_gym.eval.prediction --checkpoints runs/a/model ssm_gym/checkpoints/maze-cpu \
         --val-dir data/maze-val --episodes 8 --context 32 --horizon 100 --sampling-steps 1 3
@@ -9,6 +10,10 @@ next `horizon` frames for the real actions two ways:
   advanced on the real frame;
 - open-loop: each frame predicted from the model's own previous predictions (what an agent
   training in imagination sees).
+Rewards are judged the way the imagined env pays them (1 when the head predicts more than 0.5):
+the share of real reward events (touching the target) the head pays for, and the false payouts
+per 1,000 steps without one, for the one-step and open-loop predictions and for the head on the
+real frames themselves (whole episodes, teacher-forced: the head's own accuracy).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -25,16 +30,23 @@ from ssm_gym.eval.metrics import psnr
 from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
 
 
-def load_clips(folder: str | Path, episodes: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` frames (N, length, 64, 64, 3) uint8 and the actions that led to them
-    (N, length) of the first `episodes` episodes of a folder that are long enough."""
+class Clips(NamedTuple):
+    frames: torch.Tensor  # (N, T, 64, 64, 3) uint8
+    prev_actions: torch.Tensor  # (N, T) long: the action that led to each frame
+    rewards: torch.Tensor  # (N, T) float: the real reward received on arriving at each frame
+
+
+def load_clips(folder: str | Path, episodes: int, length: int) -> Clips:
+    """The first `length` frames, the actions that led to them and the rewards received on
+    arriving at them, of the first `episodes` episodes of a folder that are long enough."""
     files = [p for p, t in list_episodes(folder) if t + 1 >= length][:episodes]
     if not files:
         raise ValueError(f"{folder}: no episode with {length} frames")
     eps = [load_episode(p) for p in files]
     frames = torch.from_numpy(np.stack([e["image"][:length] for e in eps]))
     prev = np.stack([episode_prev_actions(e)[:length] for e in eps])
-    return frames, torch.from_numpy(prev)
+    rewards = np.stack([e["reward"][:length] for e in eps]).astype(np.float32)
+    return Clips(frames, torch.from_numpy(prev), torch.from_numpy(rewards))
 
 
 @torch.no_grad()
@@ -42,7 +54,8 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
                      steps: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """frames (N, context + horizon, 64, 64, 3) uint8; prev_actions (N, context + horizon) long
     (the action that led to each frame). Returns uint8 arrays `one_step` and `open_loop`
-    (N, horizon, 64, 64, 3) and `real`."""
+    (N, horizon, 64, 64, 3) and `real`, and the predicted rewards `one_step_reward`,
+    `open_loop_reward` (N, horizon) float."""
     n, total = frames.shape[:2]
     if total < context + horizon:
         raise ValueError(f"need {context + horizon} frames, got {total}")
@@ -52,15 +65,43 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
     state = model.init_state(n, dev)
     model.observe_clip(state, frames[:, :context], prev_actions[:, :context])
     open_state = state.clone()
-    one_step, open_loop = [], []
+    one_step, open_loop, one_r, open_r = [], [], [], []
     for h in range(context, context + horizon):
         a = prev_actions[:, h]
-        one_step.append(model.generate(state.clone(), a, steps=steps, generator=gen)[0])
+        frame, reward, _ = model.generate(state.clone(), a, steps=steps, generator=gen)
+        one_step.append(frame), one_r.append(reward)
         model.observe(state, frames[:, h], a)
-        open_loop.append(model.generate(open_state, a, steps=steps, generator=gen)[0])
+        frame, reward, _ = model.generate(open_state, a, steps=steps, generator=gen)
+        open_loop.append(frame), open_r.append(reward)
     to_np = lambda xs: torch.stack(xs, 1).cpu().numpy()  # noqa: E731
     return {"one_step": to_np(one_step), "open_loop": to_np(open_loop),
-            "real": frames[:, context : context + horizon].cpu().numpy()}
+            "real": frames[:, context : context + horizon].cpu().numpy(),
+            "one_step_reward": to_np(one_r), "open_loop_reward": to_np(open_r)}
+
+
+@torch.no_grad()
+def teacher_forced_rewards(model, frames: torch.Tensor, prev_actions: torch.Tensor, batch: int = 4) -> np.ndarray:
+    """The reward head on the real frames of whole episodes (N, T) (one parallel pass per
+    ``batch`` episodes): what the head makes of the true frames, generation errors aside."""
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(frames), batch):
+        f = frames[i:i + batch].to(dev)
+        sigma = torch.zeros(f.shape[:2], device=dev)
+        out.append(model(f, sigma, prev_actions[i:i + batch].to(dev)).reward.cpu().numpy())
+    return np.concatenate(out)
+
+
+def reward_metrics(pred: np.ndarray, real: np.ndarray, threshold: float = 0.5) -> dict[str, float | None]:
+    """Predicted vs real rewards (same shapes), paid as the imagined env pays them (1 above
+    ``threshold``): events (real reward > 0.5), the share of them paid (recall), false payouts
+    per 1,000 steps without an event, and the mean raw prediction at events (None without events)."""
+    event, paid = real > 0.5, pred > threshold
+    quiet = max(int((~event).sum()), 1)
+    return {"reward_events": int(event.sum()),
+            "reward_recall": float(paid[event].mean()) if event.any() else None,
+            "false_payouts_per_1k": 1000.0 * float((paid & ~event).sum()) / quiet,
+            "mean_pred_at_events": float(pred[event].mean()) if event.any() else None}
 
 
 def prediction_metrics(pred: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
@@ -90,6 +131,9 @@ class Args:
     """Denoising steps to evaluate (each a row)."""
     device: str = "cpu"
     seed: int = 0
+    whole_episodes: bool = True
+    """Also judge the reward head on the real frames of whole episodes (teacher-forced)."""
+    whole_episode_len: int = 1001
     json: Optional[Path] = None
     """Also write the rows as JSON here."""
 
@@ -97,15 +141,25 @@ class Args:
 def main(args: Args) -> list[dict]:
     from ssm_gym.model.checkpoint import load_model
 
-    frames, prev = load_clips(args.val_dir, args.episodes, args.context + args.horizon)
+    frames, prev, rewards = load_clips(args.val_dir, args.episodes, args.context + args.horizon)
+    real_r = rewards[:, args.context:].numpy()
+    r3 = lambda d: {k: v if v is None else round(v, 3) for k, v in d.items()}  # noqa: E731
     rows = []
     for ckpt in args.checkpoints:
         model = load_model(ckpt, args.device)
+        if args.whole_episodes:  # the head on real frames, all of every episode
+            whole, whole_prev, whole_r = load_clips(args.val_dir, args.episodes, args.whole_episode_len)
+            m = reward_metrics(teacher_forced_rewards(model, whole, whole_prev), whole_r.numpy())
+            rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})
+            print(json.dumps(rows[-1]), flush=True)
         for steps in args.sampling_steps:
-            m = prediction_metrics(predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed))
+            pred = predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed)
+            m = prediction_metrics(pred)
             rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "episodes": len(frames),
                          "psnr_1step": round(m["psnr_1step"], 2), f"psnr_{args.horizon}step": round(m["psnr_open_loop_last"], 2),
-                         "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2)})
+                         "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2),
+                         "one_step": r3(reward_metrics(pred["one_step_reward"], real_r)),
+                         "open_loop": r3(reward_metrics(pred["open_loop_reward"], real_r))})
             print(json.dumps(rows[-1]), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -210,7 +210,7 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
 # Validation
 
 
-def load_validation_set(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+def load_validation_set(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     from ssm_gym.eval.prediction import load_clips
 
     if cfg.val_dir is None:
