@@ -69,6 +69,27 @@ def test_engine_on_gpu_deterministic_and_constant_state():
     assert outs[0].dtype == torch.uint8 and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("setting", ["strong", "strong-compact"])
+def test_compressed_engine_on_gpu_equals_cpu(setting):
+    """Token pools (grown and compacted on the GPU, no host round trips in attention) and the
+    compact storage: the model's outputs on real frames match the CPU's."""
+    m = randomized(tiny_config("full"))
+    frames, actions = clip(b=3, t=10)
+    frames[:, 6:] = frames[:, 5:6]  # a static stretch: tokens dropped, blocks shrunk
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        eng = RolloutEngine(m.to(dev), 3, device=dev, compression=setting)
+        eng.reset(torch.ones(3, dtype=torch.bool), frames[:, 0])
+        rewards = []
+        for i in range(1, frames.shape[1]):  # teacher-forced: the same frames on both devices
+            eng.observe(frames[:, i].to(dev), actions[:, i].to(dev))
+            rewards.append(m.to(dev).generate(eng.state, actions[:, i].to(dev), steps=1,
+                                              noise=torch.zeros(3, 1, *frames.shape[2:], device=dev))[1].cpu())
+        outs[dev] = (torch.stack(rewards), eng.model_state_nbytes_by_part())
+    assert max_err(outs["cuda"][0], outs["cpu"][0]) < 1e-3
+    assert outs["cuda"][1] == outs["cpu"][1]
+
+
 def test_tiny_training_run_on_gpu(tmp_path):
     from ssm_gym.maze.dataset import save_episode
     from ssm_gym.maze.record import record_episodes
