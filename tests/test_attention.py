@@ -193,9 +193,13 @@ def test_token_pool_steps_equal_parallel(window, keep_p, t, offsets, switch, sla
         torch.testing.assert_close(back.k[stored], ring_ref.k[stored])
 
 
-def test_token_pool_refuses_clips_and_autograd():
+def test_token_pool_refuses_clips_autograd_and_lossy_shrinks():
     m = FrameLocalAttention(D, HEADS, N_TOK, window=4)
     pool = TokenPool.from_ring(m.init_cache(1), 2)
+    with torch.no_grad():
+        m(torch.randn(1, 1, N_TOK, D), torch.tensor([[0]]), pool, update="inplace")  # stores N_TOK tokens
+    with pytest.raises(ValueError, match="cannot shrink"):
+        pool.resize_(N_TOK - 1)
     with pytest.raises(ValueError, match="one frame per call"):
         m(torch.randn(1, 2, N_TOK, D), torch.tensor([[0, 1]]), pool, update="inplace")
     with pytest.raises(ValueError, match="autograd"):

@@ -100,6 +100,8 @@ class TokenPool:
             return
         b, n = self.pos.shape[0], self.n_tok
         keep = min(main, old)
+        if main < old and b and int(self.used().max()) > main:
+            raise ValueError(f"cannot shrink a token pool to {main} entries: an env stores {int(self.used().max())}")
         if main < old:  # compact: each env's stored entries first (stable), then the free ones
             order = torch.argsort((self.pos[:, :old] < 0).to(torch.uint8), dim=1, stable=True)[:, :main]
             rows = torch.arange(b, device=order.device)[:, None]
