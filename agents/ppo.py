@@ -38,6 +38,9 @@ class Args:
     """Episode length while training (shorter than the maze's 1000 keeps returns informative)."""
     sampling_steps: Optional[int] = 1
     """Denoising steps of the world model (1 = fast mode)."""
+    reward_mode: Literal["threshold", "expected"] = "threshold"
+    """Imagined rewards: the head on the generated frame, thresholded (default), or the expected
+    reward from history and action (see SSMWorld-Maze-v0's reward_mode)."""
     recurrent: bool = False
     """sb3-contrib RecurrentPPO with an LSTM (the maze rewards memory)."""
     n_steps: int = 64
@@ -61,7 +64,7 @@ def make_env(args: Args) -> SB3VecEnv:
     if args.env == "real":
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", **common))
     return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", checkpoint=args.checkpoint, device=args.device,
-                                  sampling_steps=args.sampling_steps, **common))
+                                  sampling_steps=args.sampling_steps, reward_mode=args.reward_mode, **common))
 
 
 class RealMazeCurve(BaseCallback):

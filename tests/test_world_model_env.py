@@ -213,3 +213,35 @@ def test_shipped_model_loads_and_runs_by_default():
     obs, _ = env.reset(seed=0)
     obs, reward, terminated, truncated, _ = env.step(1)
     assert obs.shape == (64, 64, 3) and not terminated and reward in (0.0, 1.0)
+
+
+def test_expected_reward_mode_pays_the_head_on_the_first_denoising_pass(model, checkpoint):
+    """reward_from="denoiser" is the head on the first denoising pass (pure noise at sigma_max, the
+    state's history and the action); the env's "expected" mode pays it clipped to [0, 1]."""
+    frames = real_first_frames([1, 2])
+    a = torch.tensor([2, 4])
+    noise = torch.randn((2, 1, 64, 64, 3), generator=torch.Generator().manual_seed(0))
+    state = model.init_state(2)
+    model.observe(state, frames, torch.full((2,), model.START))
+    before = state.clone()
+    sigma = torch.full((2, 1), model.config.sigma_max)
+    with torch.no_grad():
+        manual = model(noise * model.config.sigma_max, sigma, a[:, None], state=before, update="none").reward[:, 0]
+    frame_d, reward_d, _ = model.generate(state.clone(), a, steps=2, noise=noise, reward_from="denoiser")
+    frame_f, reward_f, _ = model.generate(state.clone(), a, steps=2, noise=noise)
+    torch.testing.assert_close(reward_d, manual)
+    assert torch.equal(frame_d, frame_f) and not torch.equal(reward_d, reward_f)
+
+    env = WorldModelEnv(checkpoint=checkpoint, reward_mode="expected")
+    env.reset(seed=1)
+    for _ in range(3):
+        _, r, *_, info = env.step(0)
+        assert r == pytest.approx(min(max(info["reward_raw"], 0.0), 1.0))
+    venv = gym.make_vec("SSMWorld-Maze-v0", num_envs=2, checkpoint=checkpoint, reward_mode="expected")
+    venv.reset(seed=1)
+    _, r, *_, info = venv.step(np.array([0, 1]))
+    np.testing.assert_allclose(r, np.clip(info["reward_raw"], 0, 1))
+    with pytest.raises(ValueError, match="reward_mode"):
+        WorldModelEnv(checkpoint=checkpoint, reward_mode="sometimes")
+    with pytest.raises(ValueError, match="reward_from"):
+        model.generate(model.init_state(1), 0, reward_from="sky")

@@ -37,6 +37,23 @@ def _load(checkpoint: str | Path | None, model: Optional[WorldModel], device: st
     return load_model(shipped_checkpoint() if checkpoint is None else checkpoint, device)
 
 
+REWARD_MODES = {"threshold": "frame", "expected": "denoiser"}  # reward_mode -> where the engine reads the head
+
+
+def check_reward_mode(mode: str) -> str:
+    if mode not in REWARD_MODES:
+        raise ValueError(f"reward_mode must be one of {sorted(REWARD_MODES)}, got {mode!r}")
+    return REWARD_MODES[mode]
+
+
+def pay(raw: np.ndarray, mode: str, threshold: float) -> np.ndarray:
+    """Reward paid for raw head outputs: 1/0 at ``threshold`` ("threshold") or the expected reward
+    clipped to [0, 1] ("expected")."""
+    if mode == "expected":
+        return np.clip(raw, 0.0, 1.0).astype(np.float32)
+    return (raw > threshold).astype(np.float32)
+
+
 def check_context(options: dict, n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Validate reset options {"context_obs": (T, 64, 64, 3) uint8, "context_actions": (T-1,) int}
     (with a leading env dimension n for the vector env). Raises an error naming the problem."""
@@ -77,8 +94,12 @@ class WorldModelEnv(gym.Env):
     observation is the last context frame and the next `step` predicts frame T.
 
     ## Rewards
-    The model's reward head: 1.0 when its prediction exceeds `reward_threshold` (the real maze pays
-    +1 for touching the target), else 0.0; the raw prediction is in `info["reward_raw"]`.
+    The model's reward head (the real maze pays +1 for touching the target). `reward_mode`
+    "threshold" (default): the head read on the generated frame, 1.0 when it exceeds
+    `reward_threshold`, else 0.0. "expected": the head read on the first denoising pass, i.e. from
+    the history and the action alone (the expected reward), paid as is, clipped to [0, 1]; use it
+    when the generated frames do not show the reward events (see README, Agents). The raw
+    prediction is in `info["reward_raw"]`.
 
     ## Episode End
     Terminates when the termination head says so (the maze itself never terminates); truncates
@@ -88,7 +109,7 @@ class WorldModelEnv(gym.Env):
     - `checkpoint`: folder with config.json + model.safetensors (default: the shipped model).
     - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
     - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
-    - `max_episode_steps` (1000), `reward_threshold` (0.5).
+    - `max_episode_steps` (1000), `reward_mode` ("threshold"), `reward_threshold` (0.5).
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
     - `compression` (None = off): dynamic state compression, a setting name ("light", "medium", "strong",
@@ -100,11 +121,14 @@ class WorldModelEnv(gym.Env):
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", sampling_steps: Optional[int] = None,
                  max_episode_steps: int = 1000, reward_threshold: float = 0.5, maze_size: int = 9, n_objects: int = 3,
-                 render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None):
+                 render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None,
+                 reward_mode: str = "threshold"):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
-        self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps, compression=compression)
+        self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps, compression=compression,
+                                    reward_from=check_reward_mode(reward_mode))
+        self.reward_mode = reward_mode
         self.real = MazeRealEnv(maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
         self.observation_space, self.action_space = OBSERVATION_SPACE, ACTION_SPACE
@@ -137,7 +161,7 @@ class WorldModelEnv(gym.Env):
         self._elapsed += 1
         self._obs = frames[0].cpu().numpy()
         raw = float(rewards[0])
-        return (self._obs.copy(), float(raw > self.reward_threshold), bool(terminated[0]),
+        return (self._obs.copy(), float(pay(np.float32(raw), self.reward_mode, self.reward_threshold)), bool(terminated[0]),
                 self._elapsed >= self.max_episode_steps, {"step": self._elapsed, "reward_raw": raw})
 
     def render(self):
@@ -161,10 +185,12 @@ class WorldModelVectorEnv(VectorEnv):
                  sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
-                 compression=None, chunk_envs: Optional[int] = None):
+                 compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold"):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
-                                    compression=compression, chunk_envs=chunk_envs)
+                                    compression=compression, chunk_envs=chunk_envs,
+                                    reward_from=check_reward_mode(reward_mode))
+        self.reward_mode = reward_mode
         self.real = MazeBatch(num_envs, maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
@@ -220,7 +246,7 @@ class WorldModelVectorEnv(VectorEnv):
         a = check_actions(actions, self.num_envs)
         frames, raw, terminated = self.engine.step(torch.from_numpy(a))
         raw = raw.float().cpu().numpy()
-        rewards = (raw > self.reward_threshold).astype(np.float32)
+        rewards = pay(raw, self.reward_mode, self.reward_threshold)
         terminated = terminated.cpu().numpy()
         self._elapsed += 1
         truncated = self._elapsed >= self.max_episode_steps

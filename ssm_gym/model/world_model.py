@@ -426,11 +426,18 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, state: WorldModelState, action, steps: int | None = None,
-                 generator: torch.Generator | None = None, noise: Tensor | None = None):
+                 generator: torch.Generator | None = None, noise: Tensor | None = None, reward_from: str = "frame"):
         """Imagine the next frame after taking ``action`` (N,) long, then advance ``state`` once on
         the generated (uint8-quantised, clean) frame. ``steps`` denoising steps (default
         ``config.sample_steps``; 1 = fast mode). Returns ``(frame (N, H, W, C) uint8,
-        reward (N,) float, terminated (N,) bool)``."""
+        reward (N,) float, terminated (N,) bool)``.
+
+        reward_from: "frame" reads the reward head on the generated frame (what the frame shows);
+        "denoiser" reads it on the first denoising pass, from pure noise, i.e. from the history and
+        the action alone: the expected reward (the head is trained with a squared loss at every
+        noise level), which does not depend on the generated frame showing the event."""
+        if reward_from not in ("frame", "denoiser"):
+            raise ValueError(f"reward_from must be 'frame' or 'denoiser', got {reward_from!r}")
         cfg = self.config
         n = state.batch_size
         a = self._actions(action, n)[:, None]
@@ -438,15 +445,20 @@ class WorldModel(nn.Module):
         dev = self.pos_emb.device
 
         current = None if state.comp is None else state.comp.current()
+        first_pass = []
 
         def denoise(x, s):
-            return self(x, s.expand(n, 1), a, state=state, update="none", compress=current).denoised
+            out = self(x, s.expand(n, 1), a, state=state, update="none", compress=current)
+            if not first_pass:
+                first_pass.append(out.reward[:, 0])
+            return out.denoised
 
         x = sample(denoise, shape, steps or cfg.sample_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                    generator=generator, device=dev, dtype=self.pos_emb.dtype, noise=noise)
         frame = float_to_frames(x)
         out = self.observe_clip(state, frame, a)
-        return frame[:, 0], out.reward[:, 0], out.term_logit[:, 0] > 0
+        reward = first_pass[0] if reward_from == "denoiser" else out.reward[:, 0]
+        return frame[:, 0], reward, out.term_logit[:, 0] > 0
 
     def _actions(self, action, n: int) -> Tensor:
         a = torch.as_tensor(action, dtype=torch.long, device=self.pos_emb.device)

@@ -36,7 +36,7 @@ from ssm_gym.model.world_model import WorldModel, WorldModelState
 class RolloutEngine:
     def __init__(self, model: WorldModel, num_envs: int, device: str | torch.device | None = None,
                  sampling_steps: Optional[int] = None, seed: int = 0, compression=None,
-                 chunk_envs: Optional[int] = None):
+                 chunk_envs: Optional[int] = None, reward_from: str = "frame"):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -51,6 +51,9 @@ class RolloutEngine:
         if self.compression is not None and not model.config.has_ssm and self.compression.ssm_fractions:
             raise ValueError(f"compression {self.compression.name!r} sizes SSM states, but the model "
                              f"(variant {model.config.variant!r}) has none")
+        if reward_from not in ("frame", "denoiser"):
+            raise ValueError(f"reward_from must be 'frame' or 'denoiser' (see WorldModel.generate), got {reward_from!r}")
+        self.reward_from = reward_from
         if chunk_envs is not None and chunk_envs < 1:
             raise ValueError(f"chunk_envs must be >= 1, got {chunk_envs}")
         self.chunk_envs = chunk_envs
@@ -126,7 +129,7 @@ class RolloutEngine:
 
         def advance(state: WorldModelState, rows: slice) -> None:
             self.frames[rows], rewards[rows], terminated[rows] = self.model.generate(
-                state, a[rows], steps=self.sampling_steps, noise=noise[rows])
+                state, a[rows], steps=self.sampling_steps, noise=noise[rows], reward_from=self.reward_from)
 
         self._update(advance, one_frame=True)
         self.steps += 1
@@ -155,7 +158,7 @@ class RolloutEngine:
             raise ValueError(f"fork indices must be in [0, {self.num_envs}), got {idx.tolist()}")
         new = RolloutEngine.__new__(RolloutEngine)
         new.device, new.model, new.num_envs = self.device, self.model, len(idx)
-        new.sampling_steps, new.frame_shape = self.sampling_steps, self.frame_shape
+        new.sampling_steps, new.frame_shape, new.reward_from = self.sampling_steps, self.frame_shape, self.reward_from
         new.compression, new.chunk_envs, new._chunks = self.compression, self.chunk_envs, []
         new.state = self.state.index_select(idx)
         new.frames = self.frames.index_select(0, idx).clone()
