@@ -120,3 +120,6 @@ def test_reward_metrics_count_paid_events_and_false_payouts():
     m = reward_metrics(pred, real)
     assert m["reward_events"] == 2 and m["reward_recall"] == 0.5
     assert m["false_payouts_per_1k"] == 1000 / 8 and m["mean_pred_at_events"] == pytest.approx(0.55)
+    # AUC: each event (0.8, 0.3) is above 7 of the 8 other steps (all but the 0.9), no ties
+    assert m["auc"] == pytest.approx((7 + 7) / 16) and m["mean_pred_elsewhere"] == pytest.approx(1.0 / 8)
+    assert reward_metrics(pred, np.zeros_like(real))["auc"] is None

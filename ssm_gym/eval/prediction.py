@@ -51,11 +51,12 @@ def load_clips(folder: str | Path, episodes: int, length: int) -> Clips:
 
 @torch.no_grad()
 def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int, horizon: int,
-                     steps: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+                     steps: int | None = None, seed: int = 0, reward_from: str = "frame") -> dict[str, np.ndarray]:
     """frames (N, context + horizon, 64, 64, 3) uint8; prev_actions (N, context + horizon) long
     (the action that led to each frame). Returns uint8 arrays `one_step` and `open_loop`
     (N, horizon, 64, 64, 3) and `real`, and the predicted rewards `one_step_reward`,
-    `open_loop_reward` (N, horizon) float."""
+    `open_loop_reward` (N, horizon) float, read where ``reward_from`` says (see
+    ``WorldModel.generate``)."""
     n, total = frames.shape[:2]
     if total < context + horizon:
         raise ValueError(f"need {context + horizon} frames, got {total}")
@@ -68,10 +69,10 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
     one_step, open_loop, one_r, open_r = [], [], [], []
     for h in range(context, context + horizon):
         a = prev_actions[:, h]
-        frame, reward, _ = model.generate(state.clone(), a, steps=steps, generator=gen)
+        frame, reward, _ = model.generate(state.clone(), a, steps=steps, generator=gen, reward_from=reward_from)
         one_step.append(frame), one_r.append(reward)
         model.observe(state, frames[:, h], a)
-        frame, reward, _ = model.generate(open_state, a, steps=steps, generator=gen)
+        frame, reward, _ = model.generate(open_state, a, steps=steps, generator=gen, reward_from=reward_from)
         open_loop.append(frame), open_r.append(reward)
     to_np = lambda xs: torch.stack(xs, 1).cpu().numpy()  # noqa: E731
     return {"one_step": to_np(one_step), "open_loop": to_np(open_loop),
@@ -95,13 +96,23 @@ def teacher_forced_rewards(model, frames: torch.Tensor, prev_actions: torch.Tens
 def reward_metrics(pred: np.ndarray, real: np.ndarray, threshold: float = 0.5) -> dict[str, float | None]:
     """Predicted vs real rewards (same shapes), paid as the imagined env pays them (1 above
     ``threshold``): events (real reward > 0.5), the share of them paid (recall), false payouts
-    per 1,000 steps without an event, and the mean raw prediction at events (None without events)."""
+    per 1,000 steps without an event, the mean raw prediction at events and elsewhere, and the
+    AUC (how often an event's prediction exceeds another step's; 0.5 = no signal). None where
+    undefined (no events, or no other steps)."""
     event, paid = real > 0.5, pred > threshold
     quiet = max(int((~event).sum()), 1)
+    auc = None
+    if event.any() and (~event).any():
+        at, other = np.sort(pred[event]), np.sort(pred[~event])
+        below = np.searchsorted(other, at, side="left")  # other steps strictly below each event
+        ties = np.searchsorted(other, at, side="right") - below
+        auc = float((below + 0.5 * ties).sum() / (len(at) * len(other)))
     return {"reward_events": int(event.sum()),
             "reward_recall": float(paid[event].mean()) if event.any() else None,
             "false_payouts_per_1k": 1000.0 * float((paid & ~event).sum()) / quiet,
-            "mean_pred_at_events": float(pred[event].mean()) if event.any() else None}
+            "mean_pred_at_events": float(pred[event].mean()) if event.any() else None,
+            "mean_pred_elsewhere": float(pred[~event].mean()) if (~event).any() else None,
+            "auc": auc}
 
 
 def prediction_metrics(pred: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
@@ -131,6 +142,9 @@ class Args:
     """Denoising steps to evaluate (each a row)."""
     device: str = "cpu"
     seed: int = 0
+    reward_from: str = "frame"
+    """Where imagined rewards are read: "frame" (the generated frame, as reward_mode="threshold")
+    or "denoiser" (the first denoising pass, as reward_mode="expected")."""
     whole_episodes: bool = True
     """Also judge the reward head on the real frames of whole episodes (teacher-forced)."""
     whole_episode_len: int = 1001
@@ -153,9 +167,9 @@ def main(args: Args) -> list[dict]:
             rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})
             print(json.dumps(rows[-1]), flush=True)
         for steps in args.sampling_steps:
-            pred = predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed)
+            pred = predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed, args.reward_from)
             m = prediction_metrics(pred)
-            rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "episodes": len(frames),
+            rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "episodes": len(frames), "reward_from": args.reward_from,
                          "psnr_1step": round(m["psnr_1step"], 2), f"psnr_{args.horizon}step": round(m["psnr_open_loop_last"], 2),
                          "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2),
                          "one_step": r3(reward_metrics(pred["one_step_reward"], real_r)),
