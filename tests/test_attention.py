@@ -42,6 +42,18 @@ def frame_by_frame(m, x, pos, keep=None, denoise_first=False):
     return torch.cat(ys, 1), cache
 
 
+def clip_with_keep_flags(window, keep_p, t, offsets, seed):
+    """A module, a clip x (B, T, N, D) of envs starting at frame ``offsets``, their frame indices
+    and random keep flags (each token kept with probability ``keep_p``)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = FrameLocalAttention(D, HEADS, N_TOK, window=window)
+    x = torch.randn(len(offsets), t, N_TOK, D, generator=g)
+    pos = torch.tensor(offsets)[:, None] + torch.arange(t)
+    keep = torch.rand(len(offsets), t, N_TOK, generator=g) < keep_p
+    return m, x, pos, keep
+
+
 @pytest.mark.parametrize("window,chunk", [(1, None), (3, None), (3, 2), (10, None), (10, 4), (None, 4), (None, 32)])
 def test_parallel_matches_dense_mask(window, chunk):
     torch.manual_seed(0)
@@ -133,13 +145,7 @@ def test_rope_is_relative_in_time():
 def test_step_path_with_dropped_tokens_equals_parallel(window, keep_p, t, offsets, seed):
     """The in-place step (ring in place, visible tokens gathered when many are dropped) == the
     parallel form with the same keep flags, for envs at different episode positions."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    m = FrameLocalAttention(D, HEADS, N_TOK, window=window)
-    b = len(offsets)
-    x = torch.randn(b, t, N_TOK, D, generator=g)
-    pos = torch.tensor(offsets)[:, None] + torch.arange(t)
-    keep = torch.rand(b, t, N_TOK, generator=g) < keep_p
+    m, x, pos, keep = clip_with_keep_flags(window, keep_p, t, offsets, seed)
     with torch.no_grad():
         y, _ = m(x, pos, keep=keep)
         ys, _ = frame_by_frame(m, x, pos, keep)
@@ -164,20 +170,14 @@ def test_token_pool_steps_equal_parallel(window, keep_p, t, offsets, switch, sla
     """Frame by frame on a token pool (a denoising pass before each frame, the pool starting from
     the ring at frame ``switch``, growing on demand and compacted between frames) == the parallel
     form with the same keep flags; the pool turned back into a ring holds what the ring holds."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    m = FrameLocalAttention(D, HEADS, N_TOK, window=window)
-    b = len(offsets)
-    x = torch.randn(b, t, N_TOK, D, generator=g)
-    pos = torch.tensor(offsets)[:, None] + torch.arange(t)
-    keep = torch.rand(b, t, N_TOK, generator=g) < keep_p
-    cache = m.init_cache(b)
+    m, x, pos, keep = clip_with_keep_flags(window, keep_p, t, offsets, seed)
+    cache = m.init_cache(len(offsets))
     with torch.no_grad():
         y, _ = m(x, pos, keep=keep)
         ys = []
         for i in range(t):
             if i == min(switch, t - 1):  # (a full-attention ring may have grown: the one returned)
-                cache = TokenPool.from_ring(cache, slack) if i > 0 else TokenPool.from_ring(m.init_cache(b), 0)
+                cache = TokenPool.from_ring(cache, slack if i > 0 else 0)  # (from empty: grows at once)
             m(torch.randn_like(x[:, i:i + 1]), pos[:, i:i + 1], cache, update="none")
             yi, cache = m(x[:, i:i + 1], pos[:, i:i + 1], cache, update="inplace", keep=keep[:, i:i + 1])
             if isinstance(cache, TokenPool):

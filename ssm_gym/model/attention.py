@@ -32,6 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def tensor_bytes(*xs: Tensor) -> int:
+    return sum(x.numel() * x.element_size() for x in xs)
+
+
 @dataclass
 class KVCache:
     """Keys/values of past frames. ``k, v``: (B, S, N, heads, head_dim) (keys already rotated);
@@ -53,7 +57,7 @@ class KVCache:
         self.keep[mask] = True
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.pos, self.keep))
+        return tensor_bytes(self.k, self.v, self.pos, self.keep)
 
 
 @dataclass
@@ -86,7 +90,7 @@ class TokenPool:
         self.pos[mask] = -1
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.pos, self.tok))
+        return tensor_bytes(self.k, self.v, self.pos, self.tok)
 
     def used(self) -> Tensor:
         """(B,) stored tokens per env."""
@@ -125,19 +129,16 @@ class TokenPool:
 
     @staticmethod
     def from_ring(cache: KVCache, slack: int) -> TokenPool:
-        """The stored tokens of a ring (kept tokens of filled slots) as a pool with room for
-        ``slack`` more per env."""
-        b, s, n = cache.keep.shape
-        stored = (cache.keep & (cache.pos >= 0)[..., None]).reshape(b, s * n)
-        counts = stored.sum(1)
-        main = (int(counts.max()) if b else 0) + slack
-        pool = TokenPool(cache.k.new_zeros(b, main + n, *cache.k.shape[3:]), cache.v.new_zeros(b, main + n, *cache.v.shape[3:]),
-                         cache.pos.new_full((b, main + n), -1), torch.zeros(b, main + n, dtype=torch.int16, device=cache.pos.device), n)
-        bi, ji = stored.nonzero(as_tuple=True)
-        dst = (stored.cumsum(1) - 1)[bi, ji]
-        pool.k[bi, dst], pool.v[bi, dst] = cache.k.reshape(b, s * n, *cache.k.shape[3:])[bi, ji], cache.v.reshape(b, s * n, *cache.v.shape[3:])[bi, ji]
-        pool.pos[bi, dst] = cache.pos[bi, ji // n]
-        pool.tok[bi, dst] = (ji % n).to(torch.int16)
+        """The stored tokens of a ring (as :meth:`CompactTokens.from_ring`) as a pool with room
+        for ``slack`` more per env."""
+        flat = CompactTokens.from_ring(cache)
+        b, n = flat.counts.shape[0], flat.n_tok
+        main = (int(flat.counts.max()) if b else 0) + slack
+        pool = TokenPool(flat.k.new_zeros(b, main + n, *flat.k.shape[1:]), flat.v.new_zeros(b, main + n, *flat.v.shape[1:]),
+                         flat.pos.new_full((b, main + n), -1), flat.tok.new_zeros(b, main + n), n)
+        env = torch.repeat_interleave(torch.arange(b, device=flat.counts.device), flat.counts)
+        entry = torch.arange(len(env), device=env.device) - (flat.counts.cumsum(0) - flat.counts)[env]  # 0.. per env
+        pool.k[env, entry], pool.v[env, entry], pool.pos[env, entry], pool.tok[env, entry] = flat.k, flat.v, flat.pos, flat.tok
         return pool
 
     def to_ring(self, slots: int, window: int | None) -> KVCache:
@@ -182,8 +183,8 @@ class CompactTokens:
 
     def to_ring(self, slots: int, window: int | None) -> KVCache:
         b = self.counts.shape[0]
-        bi = torch.repeat_interleave(torch.arange(b, device=self.counts.device), self.counts)
-        return ring_from_tokens(b, slots, self.n_tok, window, bi, self.pos, self.tok, self.k, self.v)
+        env = torch.repeat_interleave(torch.arange(b, device=self.counts.device), self.counts)
+        return ring_from_tokens(b, slots, self.n_tok, window, env, self.pos, self.tok, self.k, self.v)
 
     @staticmethod
     def cat(parts: list[CompactTokens]) -> CompactTokens:
@@ -191,7 +192,7 @@ class CompactTokens:
                              parts[0].n_tok)
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (self.k, self.v, self.pos, self.tok, self.counts))
+        return tensor_bytes(self.k, self.v, self.pos, self.tok, self.counts)
 
 
 def ring_from_tokens(b: int, slots: int, n_tok: int, window: int | None, env: Tensor, frame: Tensor, tok: Tensor,
@@ -396,7 +397,6 @@ class FrameLocalAttention(nn.Module):
             cache.keep[rows, slot] = True if keep is None else keep[:, 0]
             _free_next_slot(cache, t)
         return y.transpose(1, 2).reshape(b, 1, n, h * hd)
-
 
     # -- pool step: one frame against the kept tokens, in place --------------------------------
     def _pool_step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, pool: TokenPool, update: str,

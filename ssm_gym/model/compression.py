@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import CompactTokens, TokenPool
+from .attention import CompactTokens, TokenPool, tensor_bytes
 
 NOVEL = 255.0  # change score of a frame with no previous frame (an episode start): all new
 
@@ -222,7 +222,7 @@ class CompressionState:
         self.act[mask] = NOVEL
 
     def nbytes(self) -> int:
-        return self.act.numel() * self.act.element_size() + self.last.numel() * self.last.element_size()
+        return tensor_bytes(self.act, self.last)
 
     def block_sizes(self, block: tuple[int, int], d_state: int) -> Tensor:
         """(N, nblocks) SSM prefix of every block at the next frame (from the activity so far)."""
@@ -319,13 +319,12 @@ class PackedState:
         return sum(self.nbytes_by_part().values())
 
     def nbytes_by_part(self) -> dict[str, int]:
-        size = lambda x: x.numel() * x.element_size()  # noqa: E731
-        parts = {"ssm_state": 0, "ssm_conv": 0, "attention_cache": 0, "step_counter": size(self.t),
+        parts = {"ssm_state": 0, "ssm_conv": 0, "attention_cache": 0, "step_counter": tensor_bytes(self.t),
                  "compression_scores": self.comp.nbytes()}
         for conv, masks, tiers in zip(self.conv, self.ssm_masks, self.ssm_tiers):
             if conv is not None:
-                parts["ssm_conv"] += size(conv)
-                parts["ssm_state"] += sum(size(x) for x in tiers) + sum(size(m) for m in masks)
+                parts["ssm_conv"] += tensor_bytes(conv)
+                parts["ssm_state"] += tensor_bytes(*tiers, *masks)
         for pool in self.kv:
             parts["attention_cache"] += pool.nbytes()
         return parts

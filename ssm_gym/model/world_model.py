@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import FrameLocalAttention, KVCache, TokenPool
+from .attention import FrameLocalAttention, KVCache, TokenPool, tensor_bytes
 from .compression import ClipCompression, CompressionState, NOVEL, get_compression, truncate_ssm_
 from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
 from .ssm import BlockwiseSSM
@@ -89,6 +89,15 @@ class WorldModelConfig:
         if self.variant == "ssm_flat":
             return None
         return self.block_sizes[layer % len(self.block_sizes)]
+
+
+REWARD_SOURCES = ("frame", "denoiser")  # where generate() reads the reward head
+
+
+def check_reward_from(reward_from: str) -> str:
+    if reward_from not in REWARD_SOURCES:
+        raise ValueError(f"reward_from must be one of {REWARD_SOURCES} (see WorldModel.generate), got {reward_from!r}")
+    return reward_from
 
 
 def incoming_actions(context_actions: Tensor, start: int) -> Tensor:
@@ -201,12 +210,11 @@ class WorldModelState:
     def nbytes_by_part(self) -> dict[str, int]:
         """Bytes held, split into the SSM states, the SSM convolution tails and the attention
         cache (what a state-compression scheme has to work on)."""
-        size = lambda x: x.numel() * x.element_size()  # noqa: E731
-        parts = {"ssm_state": 0, "ssm_conv": 0, "attention_cache": 0, "step_counter": size(self.t)}
+        parts = {"ssm_state": 0, "ssm_conv": 0, "attention_cache": 0, "step_counter": tensor_bytes(self.t)}
         for s in self.ssm:
             if s is not None:
-                parts["ssm_conv"] += size(s[0])
-                parts["ssm_state"] += size(s[1])
+                parts["ssm_conv"] += tensor_bytes(s[0])
+                parts["ssm_state"] += tensor_bytes(s[1])
         for c in self.kv:
             parts["attention_cache"] += c.nbytes()
         if self.comp is not None:
@@ -436,8 +444,7 @@ class WorldModel(nn.Module):
         "denoiser" reads it on the first denoising pass, from pure noise, i.e. from the history and
         the action alone: the expected reward (the head is trained with a squared loss at every
         noise level), which does not depend on the generated frame showing the event."""
-        if reward_from not in ("frame", "denoiser"):
-            raise ValueError(f"reward_from must be 'frame' or 'denoiser', got {reward_from!r}")
+        check_reward_from(reward_from)
         cfg = self.config
         n = state.batch_size
         a = self._actions(action, n)[:, None]

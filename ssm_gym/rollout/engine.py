@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ssm_gym.maze.sim import N_ACTIONS
 from ssm_gym.model.compression import PackedState, get_compression, pack_state, unpack_state
-from ssm_gym.model.world_model import WorldModel, WorldModelState
+from ssm_gym.model.world_model import WorldModel, WorldModelState, check_reward_from
 
 
 class RolloutEngine:
@@ -51,9 +51,7 @@ class RolloutEngine:
         if self.compression is not None and not model.config.has_ssm and self.compression.ssm_fractions:
             raise ValueError(f"compression {self.compression.name!r} sizes SSM states, but the model "
                              f"(variant {model.config.variant!r}) has none")
-        if reward_from not in ("frame", "denoiser"):
-            raise ValueError(f"reward_from must be 'frame' or 'denoiser' (see WorldModel.generate), got {reward_from!r}")
-        self.reward_from = reward_from
+        self.reward_from = check_reward_from(reward_from)
         if chunk_envs is not None and chunk_envs < 1:
             raise ValueError(f"chunk_envs must be >= 1, got {chunk_envs}")
         self.chunk_envs = chunk_envs
