@@ -3,6 +3,7 @@
     python -m agents.ppo --checkpoint runs/maze-cpu/model --total-steps 100000          # imagination
     python -m agents.ppo --env real --total-steps 100000                                  # real maze
     python -m agents.ppo --checkpoint ... --recurrent                                     # RecurrentPPO (LSTM)
+    python -m agents.ppo --context-data data/maze --max-episode-steps 32                  # short imagined horizons from real data
 
 The agent is evaluated in the *real* maze every `--eval-every` env steps (held-out seeds); the
 learning curve (real-maze return vs env steps) goes to `curve.csv` and `curve.png`, the agent to
@@ -41,6 +42,12 @@ class Args:
     reward_mode: Literal["threshold", "expected"] = "threshold"
     """Imagined rewards: the head on the generated frame, thresholded (default), or the expected
     reward from history and action (see SSMWorld-Maze-v0's reward_mode)."""
+    context_data: Optional[Path] = None
+    """Start imagined episodes after real history drawn from this dataset folder (e.g. data/maze,
+    the model's training data), as DIAMOND / IRIS / Dreamer do; pair with a short
+    --max-episode-steps (the imagination horizon, e.g. 32)."""
+    context_len: int = 32
+    """Real frames the model is warmed up on at each start (with --context-data)."""
     recurrent: bool = False
     """sb3-contrib RecurrentPPO with an LSTM (the maze rewards memory)."""
     n_steps: int = 64
@@ -64,7 +71,8 @@ def make_env(args: Args) -> SB3VecEnv:
     if args.env == "real":
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", **common))
     return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", checkpoint=args.checkpoint, device=args.device,
-                                  sampling_steps=args.sampling_steps, reward_mode=args.reward_mode, **common))
+                                  sampling_steps=args.sampling_steps, reward_mode=args.reward_mode,
+                                  context_data=args.context_data, context_len=args.context_len, **common))
 
 
 class RealMazeCurve(BaseCallback):

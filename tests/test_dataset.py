@@ -137,3 +137,31 @@ def test_collect_cli_writes_resumes_and_loader_yields_clips(tmp_path):
 def test_collect_rejects_bad_policy_mix(tmp_path):
     with pytest.raises(ValueError, match="policy_mix"):
         collect(Args(out_dir=tmp_path, policy_mix={"explore": -1.0}))
+
+
+def test_reward_clips_are_oversampled(tmp_path):
+    """reward_clip_prob=1: every clip holds a reward event after its first frame; 0: the same
+    clips as before the option existed (uniform positions, same random stream)."""
+    eps = record_episodes([31, 32], ["oracle", "oracle"], steps=60)
+    assert sum(int((e["reward"] > 0).sum()) for e in eps) >= 1
+    for i, ep in enumerate(eps):
+        save_episode(tmp_path / f"ep_{i:06d}.npz", ep)
+    ds = ClipDataset(tmp_path, clip_len=10, reward_clip_prob=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        assert ds.sample(rng)["rewards"][1:].sum() > 0
+    uniform, plain = ClipDataset(tmp_path, clip_len=10), ClipDataset(tmp_path, clip_len=10, reward_clip_prob=0.0)
+    r1, r2 = np.random.default_rng(1), np.random.default_rng(1)
+    starts = [uniform.draw(r1) for _ in range(50)]
+    assert starts == [plain.draw(r2) for _ in range(50)] and len(set(starts)) > 10
+    half = ClipDataset(tmp_path, clip_len=10, reward_clip_prob=0.5)
+    share = np.mean([half.sample(rng)["rewards"][1:].sum() > 0 for _ in range(400)])
+    base = np.mean([uniform.sample(rng)["rewards"][1:].sum() > 0 for _ in range(400)])
+    assert share > base + 0.2
+    with pytest.raises(ValueError, match="reward_clip_prob"):
+        ClipDataset(tmp_path, clip_len=10, reward_clip_prob=1.5)
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    save_episode(quiet / "ep_000000.npz", {**eps[0], "reward": np.zeros_like(eps[0]["reward"])})
+    with pytest.raises(DatasetError, match="no episode has a reward"):
+        ClipDataset(quiet, clip_len=10, reward_clip_prob=0.5)

@@ -93,8 +93,9 @@ def test_merge_combines_per_checkpoint_runs_and_refuses_mixed_protocols(tmp_path
 
 def test_prediction_cli_rows(tmp_path):
     from ssm_gym.eval.prediction import Args as PredArgs
+    from ssm_gym.eval.prediction import load_clips
     from ssm_gym.eval.prediction import main as predict_main
-    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.dataset import load_episode, save_episode
     from ssm_gym.maze.record import record_episodes
 
     for s, ep in zip((100, 101), record_episodes([100, 101], ["explore"] * 2, steps=12)):
@@ -108,8 +109,17 @@ def test_prediction_cli_rows(tmp_path):
     assert [r["sampling_steps"] for r in rows_] == [1, 2] and all(0 < r["psnr_1step"] < 100 for r in rows_)
     assert all(r["open_loop"]["false_payouts_per_1k"] >= 0 for r in rows_)
     assert json.loads((tmp_path / "p.json").read_text()) == rows
-    with pytest.raises(ValueError, match="no episode with 40 frames"):
+    with pytest.raises(ValueError, match="no episode with 1 x 40 frames"):
         predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", context=20, horizon=20))
+    # Windows: consecutive stretches of each episode, episode-major.
+    clips = load_clips(tmp_path / "val", 2, 6, windows=2)
+    ep = load_episode(tmp_path / "val" / "ep_000101.npz")
+    assert clips.frames.shape[:2] == (4, 6) and np.array_equal(clips.frames[3].numpy(), ep["image"][6:12])
+    assert np.array_equal(clips.prev_actions[3].numpy(), ep["action"][6:12].argmax(-1))
+    assert np.array_equal(clips.rewards[3].numpy(), ep["reward"][6:12])
+    rows = predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", episodes=2, context=2, horizon=4,
+                                 windows=2, sampling_steps=(1,), whole_episodes=False))
+    assert rows[0]["clips"] == 4 and rows[0]["episodes"] == 2
 
 
 def test_reward_metrics_count_paid_events_and_false_payouts():

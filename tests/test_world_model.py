@@ -233,6 +233,17 @@ def test_training_smoke_loss_decreases():
     assert after < 0.7 * before, (before, after)
 
 
+def test_reward_weight_scales_only_the_reward_loss():
+    m = WorldModel(tiny_config("full", n_layers=1))
+    frames, actions, rewards = moving_square_clip(2, 4)
+    with torch.no_grad():
+        one, stats1 = diffusion_forcing_loss(m, frames, actions, rewards, generator=torch.Generator().manual_seed(1))
+        three, stats3 = diffusion_forcing_loss(m, frames, actions, rewards, generator=torch.Generator().manual_seed(1),
+                                               reward_weight=3.0)
+    assert stats1["reward_loss"] == stats3["reward_loss"] > 0 and stats1["frame_loss"] == stats3["frame_loss"]
+    assert three.item() == pytest.approx(one.item() + 2 * stats1["reward_loss"], rel=1e-5)
+
+
 def test_default_config_size():
     m = WorldModel(WorldModelConfig())
     assert 1e6 <= m.num_params() <= 5e6

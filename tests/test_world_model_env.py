@@ -12,6 +12,8 @@ from gymnasium.utils.env_checker import check_env
 import ssm_gym  # noqa: F401
 from ssm_gym.envs.sb3 import SB3VecEnv
 from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv
+from ssm_gym.maze.dataset import DatasetError, load_episode, save_episode
+from ssm_gym.maze.record import record_episodes
 from ssm_gym.model.checkpoint import CheckpointError, save_model
 from ssm_gym.rollout.engine import RolloutEngine
 
@@ -19,6 +21,15 @@ from ssm_gym.rollout.engine import RolloutEngine
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
     return save_model(tmp_path_factory.mktemp("ckpt") / "tiny", model)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A folder of three short real episodes (other lengths than the contexts drawn from them)."""
+    folder = tmp_path_factory.mktemp("data")
+    for i, ep in enumerate(record_episodes([21, 22, 23], ["explore", "oracle", "random"], steps=30)):
+        save_episode(folder / f"ep_{i:06d}.npz", ep)
+    return folder
 
 
 def real_first_frames(seeds):
@@ -148,12 +159,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         WorldModelEnv(checkpoint=tmp_path / "missing")
 
 
-@pytest.mark.parametrize("mode", ["NextStep", "SameStep"])
-def test_vector_env_equals_n_single_envs(checkpoint, mode):
+@pytest.mark.parametrize("mode, starts", [("NextStep", False), ("SameStep", False), ("NextStep", True),
+                                          ("SameStep", True)])
+def test_vector_env_equals_n_single_envs(checkpoint, dataset, mode, starts):
     n, horizon = 3, 4
-    venv = gym.make_vec("SSMWorld-Maze-v0", num_envs=n, checkpoint=checkpoint, max_episode_steps=horizon,
-                        autoreset_mode=mode)
-    singles = [WorldModelEnv(checkpoint=checkpoint, max_episode_steps=horizon) for _ in range(n)]
+    kw = dict(checkpoint=checkpoint, max_episode_steps=horizon, context_data=dataset if starts else None, context_len=5)
+    venv = gym.make_vec("SSMWorld-Maze-v0", num_envs=n, autoreset_mode=mode, **kw)
+    singles = [WorldModelEnv(**kw) for _ in range(n)]
     vobs, _ = venv.reset(seed=10)
     sobs = [e.reset(seed=10 + i)[0] for i, e in enumerate(singles)]
     np.testing.assert_array_equal(vobs, np.stack(sobs))
@@ -180,6 +192,31 @@ def test_vector_env_equals_n_single_envs(checkpoint, mode):
     # Batched and single matrix products may round differently in the last bit; frames are
     # uint8, so allow a difference of a few intensity levels, nothing more.
     assert max_diff <= 3
+
+
+def test_dataset_starts_are_real_history(checkpoint, dataset):
+    """With context_data, a reset warms the model up on a random stretch of a real episode: the
+    same as passing that stretch as context, and seeded."""
+    env = WorldModelEnv(checkpoint=checkpoint, context_data=dataset, context_len=6)
+    obs, info = env.reset(seed=4)
+    ep = load_episode(dataset / info["context_episode"])
+    t0 = info["context_start"]
+    assert info["context_len"] == 6 and 0 <= t0 <= len(ep["image"]) - 6
+    np.testing.assert_array_equal(obs, ep["image"][t0 + 5])
+    starts = {(i["context_episode"], i["context_start"]) for i in (env.reset()[1] for _ in range(8))}
+    assert len(starts) > 1  # every reset draws a new stretch
+    assert env.reset(seed=4)[1]["context_start"] == t0  # ... from the seeded generator
+    given = WorldModelEnv(checkpoint=checkpoint)
+    given.reset(seed=4, options={"context_obs": ep["image"][t0:t0 + 6],
+                                 "context_actions": ep["action"][t0 + 1:t0 + 6].argmax(-1)})
+    for a in [1, 3, 0]:  # same history and same noise seed: the same imagined future
+        np.testing.assert_array_equal(env.step(a)[0], given.step(a)[0])
+    with pytest.raises(ValueError, match="context_len"):
+        WorldModelEnv(checkpoint=checkpoint, context_data=dataset, context_len=0)
+    with pytest.raises(ValueError, match="context_len 500 is longer than every episode"):
+        WorldModelEnv(checkpoint=checkpoint, context_data=dataset, context_len=500)
+    with pytest.raises(DatasetError, match="not a directory"):
+        WorldModelEnv(checkpoint=checkpoint, context_data=dataset / "missing")
 
 
 def test_vector_reset_with_some_seeds_none(checkpoint):

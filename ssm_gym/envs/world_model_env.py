@@ -25,6 +25,7 @@ from ssm_gym.envs.maze_real import (
     check_max_episode_steps,
     setup_vector_env,
 )
+from ssm_gym.maze.dataset import ClipDataset, DatasetError
 from ssm_gym.maze.sim import MazeBatch, check_actions
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.world_model import WorldModel
@@ -74,6 +75,34 @@ def check_context(options: dict, n: Optional[int] = None) -> tuple[np.ndarray, n
     return obs, acts.astype(np.int64)
 
 
+class DatasetStarts:
+    """Real histories to start imagined episodes from: `context_len` consecutive frames of a
+    random episode of a dataset folder (`python -m training.collect`), from a random place, with
+    the actions taken between them. DIAMOND, IRIS and Dreamer start imagination this way (from
+    replayed real data, for short horizons), which keeps the imagined world close to the real one."""
+
+    def __init__(self, directory: str | Path, context_len: int = 32, cache_episodes: int = 64):
+        if context_len < 1:
+            raise ValueError(f"context_len must be >= 1, got {context_len}")
+        try:
+            self.clips = ClipDataset(directory, context_len, cache_size=cache_episodes)
+        except DatasetError:
+            raise
+        except ValueError:  # longer than every episode
+            raise ValueError(f"context_len {context_len} is longer than every episode in {directory}") from None
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(context_obs (T, 64, 64, 3) uint8, context_actions (T-1,) int64, facts for `info`)."""
+        i, t0 = self.clips.draw(rng)
+        clip = self.clips.clip(i, t0)
+        facts = {"context_episode": self.clips.episodes[i][0].name, "context_start": t0}
+        return clip["frames"].numpy(), clip["prev_actions"][1:].numpy(), facts
+
+
+def _starts(context_data: str | Path | None, context_len: int) -> Optional[DatasetStarts]:
+    return None if context_data is None else DatasetStarts(context_data, context_len)
+
+
 class WorldModelEnv(gym.Env):
     """The maze imagined by the learned world model.
 
@@ -92,6 +121,10 @@ class WorldModelEnv(gym.Env):
     `reset(options={"context_obs": (T, 64, 64, 3) uint8, "context_actions": (T-1,) int})`: the model is
     warmed up on real history (`context_actions[i]` was taken after `context_obs[i]`); the returned
     observation is the last context frame and the next `step` predicts frame T.
+    With `context_data` (a dataset folder), every other reset starts after `context_len` real
+    frames drawn from it at random (the way DIAMOND, IRIS and Dreamer start imagination from replayed
+    real data); `info` names the episode file and first frame. Pair it with a short
+    `max_episode_steps` (e.g. 32) to train agents on short imagined horizons that drift little.
 
     ## Rewards
     The model's reward head (the real maze pays +1 for touching the target). `reward_mode`
@@ -112,6 +145,7 @@ class WorldModelEnv(gym.Env):
     - `max_episode_steps` (1000), `reward_mode` ("threshold"), `reward_threshold` (0.5).
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
+    - `context_data` (None): a dataset folder to start episodes from (above); `context_len` (32).
     - `compression` (None = off): dynamic state compression, a setting name ("light", "medium", "strong",
       "bf16", "strong-bf16", "strong-compact", "strong-bf16-compact") or a `CompressionConfig` (see
       ssm_gym/model/compression.py).
@@ -122,10 +156,11 @@ class WorldModelEnv(gym.Env):
     def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", sampling_steps: Optional[int] = None,
                  max_episode_steps: int = 1000, reward_threshold: float = 0.5, maze_size: int = 9, n_objects: int = 3,
                  render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None,
-                 reward_mode: str = "threshold"):
+                 reward_mode: str = "threshold", context_data: str | Path | None = None, context_len: int = 32):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
+        self.starts = _starts(context_data, context_len)
         self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps, compression=compression,
                                     reward_from=check_reward_mode(reward_mode))
         self.reward_mode = reward_mode
@@ -139,8 +174,14 @@ class WorldModelEnv(gym.Env):
         maze_seed = seed if seed is not None else int(self.np_random.integers(2**31))
         noise_seed = int(self.np_random.integers(2**62))
         info: dict[str, Any] = {"step": 0}
+        context = None
         if options and ("context_obs" in options or "context_actions" in options):
-            obs, acts = check_context(options)
+            context = check_context(options)
+        elif self.starts is not None:
+            *context, facts = self.starts.draw(self.np_random)
+            info.update(facts)
+        if context is not None:
+            obs, acts = context
             self.engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None],
                               torch.from_numpy(acts)[None], seeds=[noise_seed])
             info["context_len"] = len(obs)
@@ -176,7 +217,9 @@ class WorldModelVectorEnv(VectorEnv):
     this many at a time, each chunk packed on its own: bounds the dense working set) and `autoreset_mode` (`NEXT_STEP`, Gymnasium's default, or
     `SAME_STEP`: the last frame of a finished episode goes to `info["final_obs"]`, as
     stable-baselines3 expects). Reset options: `reset_mask` (N,) bool to reset a subset, and
-    `context_obs` (N, T, 64, 64, 3) / `context_actions` (N, T-1) to start after real history.
+    `context_obs` (N, T, 64, 64, 3) / `context_actions` (N, T-1) to start after real history. With
+    `context_data`, every other (re)start, autoresets included, draws each env's real history from
+    the dataset with that env's generator.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -185,8 +228,10 @@ class WorldModelVectorEnv(VectorEnv):
                  sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
-                 compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold"):
+                 compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold",
+                 context_data: str | Path | None = None, context_len: int = 32):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
+        self.starts = _starts(context_data, context_len)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
                                     compression=compression, chunk_envs=chunk_envs,
                                     reward_from=check_reward_mode(reward_mode))
@@ -201,12 +246,18 @@ class WorldModelVectorEnv(VectorEnv):
     def _start(self, idx: np.ndarray, maze_seeds: Optional[list[int]] = None,
                context: Optional[tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
         """(Re)start episodes in envs idx, exactly as `WorldModelEnv.reset` does for one env: the
-        maze seed is given (a seeded reset) or drawn from the env's generator, then the noise seed."""
+        maze seed is given (a seeded reset) or drawn from the env's generator, then the noise seed
+        (then the real history, with `context_data`)."""
         maze_seeds = [int(self._rngs[i].integers(2**31)) if maze_seeds is None or maze_seeds[k] is None else maze_seeds[k]
                       for k, i in enumerate(idx)]
         noise_seeds = [int(self._rngs[i].integers(2**62)) for i in idx]
         mask = torch.zeros(self.num_envs, dtype=torch.bool)
         mask[torch.from_numpy(idx)] = True
+        if context is None and self.starts is not None and len(idx):
+            drawn = [self.starts.draw(self._rngs[i]) for i in idx]
+            context = tuple(np.zeros((self.num_envs,) + drawn[0][k].shape, drawn[0][k].dtype) for k in (0, 1))
+            for k, i in enumerate(idx):
+                context[0][i], context[1][i] = drawn[k][0], drawn[k][1]
         if context is None:
             for i, s in zip(idx, maze_seeds):
                 self.real.reset_env(i, np.random.default_rng(s))

@@ -36,16 +36,20 @@ class Clips(NamedTuple):
     rewards: torch.Tensor  # (N, T) float: the real reward received on arriving at each frame
 
 
-def load_clips(folder: str | Path, episodes: int, length: int) -> Clips:
-    """The first `length` frames, the actions that led to them and the rewards received on
-    arriving at them, of the first `episodes` episodes of a folder that are long enough."""
-    files = [p for p, t in list_episodes(folder) if t + 1 >= length][:episodes]
+def load_clips(folder: str | Path, episodes: int, length: int, windows: int = 1) -> Clips:
+    """Clips of `length` frames, the actions that led to them and the rewards received on
+    arriving at them, from the first `episodes` episodes of a folder that are long enough: the
+    first `windows` consecutive non-overlapping stretches of each (episode-major order)."""
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    files = [p for p, t in list_episodes(folder) if t + 1 >= windows * length][:episodes]
     if not files:
-        raise ValueError(f"{folder}: no episode with {length} frames")
+        raise ValueError(f"{folder}: no episode with {windows} x {length} frames")
     eps = [load_episode(p) for p in files]
-    frames = torch.from_numpy(np.stack([e["image"][:length] for e in eps]))
-    prev = np.stack([episode_prev_actions(e)[:length] for e in eps])
-    rewards = np.stack([e["reward"][:length] for e in eps]).astype(np.float32)
+    cut = lambda x: x[:windows * length].reshape(windows, length, *x.shape[1:])  # noqa: E731
+    frames = torch.from_numpy(np.concatenate([cut(e["image"]) for e in eps]))
+    prev = np.concatenate([cut(episode_prev_actions(e)) for e in eps])
+    rewards = np.concatenate([cut(e["reward"]) for e in eps]).astype(np.float32)
     return Clips(frames, torch.from_numpy(prev), torch.from_numpy(rewards))
 
 
@@ -138,6 +142,9 @@ class Args:
     episodes: int = 8
     context: int = 32
     horizon: int = 100
+    windows: int = 1
+    """Clips per episode: consecutive stretches of context + horizon frames (more reward events
+    to judge short horizons on, e.g. --horizon 32 --windows 15)."""
     sampling_steps: tuple[int, ...] = (1, 3)
     """Denoising steps to evaluate (each a row)."""
     device: str = "cpu"
@@ -155,7 +162,7 @@ class Args:
 def main(args: Args) -> list[dict]:
     from ssm_gym.model.checkpoint import load_model
 
-    frames, prev, rewards = load_clips(args.val_dir, args.episodes, args.context + args.horizon)
+    frames, prev, rewards = load_clips(args.val_dir, args.episodes, args.context + args.horizon, args.windows)
     real_r = rewards[:, args.context:].numpy()
     r3 = lambda d: {k: v if v is None else round(v, 3) for k, v in d.items()}  # noqa: E731
     rows = []
@@ -169,7 +176,7 @@ def main(args: Args) -> list[dict]:
         for steps in args.sampling_steps:
             pred = predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed, args.reward_from)
             m = prediction_metrics(pred)
-            rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "episodes": len(frames), "reward_from": args.reward_from,
+            rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "episodes": args.episodes, "clips": len(frames), "reward_from": args.reward_from,
                          "psnr_1step": round(m["psnr_1step"], 2), f"psnr_{args.horizon}step": round(m["psnr_open_loop_last"], 2),
                          "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2),
                          "one_step": r3(reward_metrics(pred["one_step_reward"], real_r)),

@@ -147,15 +147,30 @@ class ClipDataset(torch.utils.data.IterableDataset):
 
     Each item is a dict of tensors: `frames` (L, 64, 64, 3) uint8, `prev_actions` (L,) int64 (the
     action that led to each frame; `START_ACTION` at an episode's first frame), `rewards` and
-    `terminals` (L,) float32 (for the transition into each frame). Clips are drawn uniformly over all valid start positions from a seeded generator,
-    and the last `cache_size` episodes read are kept in memory.
+    `terminals` (L,) float32 (for the transition into each frame). Clips are drawn uniformly over
+    all valid start positions from a seeded generator (or, a share `reward_clip_prob` of them,
+    around a reward event), and the last `cache_size` episodes read are kept in memory.
     """
 
-    def __init__(self, directory: str | Path, clip_len: int, seed: int = 0, cache_size: int = 256):
+    def __init__(self, directory: str | Path, clip_len: int, seed: int = 0, cache_size: int = 256,
+                 reward_clip_prob: float = 0.0):
+        if not 0.0 <= reward_clip_prob <= 1.0:
+            raise ValueError(f"reward_clip_prob must be in [0, 1], got {reward_clip_prob}")
         self.episodes = list_episodes(directory)
-        self.seed, self.cache_size = seed, cache_size
+        self.seed, self.cache_size, self.reward_clip_prob = seed, cache_size, reward_clip_prob
         self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self.events = self._reward_events() if reward_clip_prob > 0 else np.zeros((0, 2), np.int64)
+        if reward_clip_prob > 0 and not len(self.events):
+            raise DatasetError(f"{directory}: reward_clip_prob > 0 but no episode has a reward")
         self.set_clip_len(clip_len)
+
+    def _reward_events(self) -> np.ndarray:
+        """(K, 2) int64: (episode, frame) of every reward event (frame > 0: a clip can hold its history)."""
+        rows = []
+        for i, (path, _) in enumerate(self.episodes):
+            r = load_episode(path)["reward"]
+            rows += [(i, int(t)) for t in np.flatnonzero(r > 0) if t > 0]
+        return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
     def set_clip_len(self, clip_len: int) -> None:
         """Change the clip length (curriculum stages share one dataset and its episode cache)."""
@@ -187,11 +202,25 @@ class ClipDataset(torch.utils.data.IterableDataset):
                               "terminals": terminals}
         return self._cache[i]
 
-    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
+        """A random valid clip position: (episode index, first frame). Uniform over all positions,
+        except that a share `reward_clip_prob` of clips is drawn around a uniformly chosen reward
+        event (after the clip's first frame), since rewards are rare (touching the target)."""
+        if self.reward_clip_prob > 0 and rng.random() < self.reward_clip_prob:
+            i, e = (int(v) for v in self.events[rng.integers(len(self.events))])
+            lo, hi = max(0, e - self.clip_len + 1), min(e - 1, self.episodes[i][1] + 1 - self.clip_len)
+            if lo <= hi:  # else the episode is too short for a clip around this event: draw uniformly
+                return i, int(rng.integers(lo, hi + 1))
         i = int(rng.choice(len(self.episodes), p=self.weights))
+        return i, int(rng.integers(0, self.episodes[i][1] + 1 - self.clip_len + 1))
+
+    def clip(self, i: int, t0: int) -> dict[str, torch.Tensor]:
+        """The clip of episode i that starts at frame t0."""
         ep = self._episode(i)
-        t0 = int(rng.integers(0, len(ep["frames"]) - self.clip_len + 1))
         return {k: torch.from_numpy(np.ascontiguousarray(v[t0 : t0 + self.clip_len])) for k, v in ep.items()}
+
+    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return self.clip(*self.draw(rng))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

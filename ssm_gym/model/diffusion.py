@@ -76,6 +76,7 @@ def diffusion_forcing_loss(
     sigma: Tensor | None = None,
     return_state: bool = False,
     compress=None,
+    reward_weight: float = 1.0,
 ):
     """Training loss for a batch of clips.
 
@@ -83,6 +84,7 @@ def diffusion_forcing_loss(
     the action that led to frame t (``model.START`` for a first frame); rewards (B, T) float and
     terminals (B, T) bool/float for the transition into frame t (optional); valid (B, T) bool
     masks padding. compress: state-compression masks of these frames (``ClipCompression``).
+    reward_weight scales the reward head's loss (``stats`` report it unscaled).
     Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
     cfg = getattr(model, "module", model).config  # (model may be wrapped in DDP)
@@ -109,7 +111,7 @@ def diffusion_forcing_loss(
     m = torch.ones(b, t, device=dev) if valid is None else valid.float()
     if rewards is not None:
         r_loss = ((out.reward.float() - rewards.float()).pow(2) * m).sum() / m.sum().clamp(min=1.0)
-        loss = loss + r_loss
+        loss = loss + reward_weight * r_loss
         stats["reward_loss"] = r_loss.detach().item()
     if terminals is not None:
         bce = F.binary_cross_entropy_with_logits(out.term_logit.float(), terminals.float(), reduction="none")

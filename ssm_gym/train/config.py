@@ -41,6 +41,11 @@ class TrainConfig:
     long_context: bool = True
     """Paper's long-context training: a clean prefix longer than half the clip, loss on the rest."""
     long_context_prob: float = 0.5
+    reward_clip_prob: float = 0.0
+    """Share of training clips drawn around a reward event (touching the target, under 1% of
+    frames), so the model learns when touches happen and shows them (0: uniform clips)."""
+    reward_loss_weight: float = 1.0
+    """Weight of the reward head's loss next to the frame loss."""
     compression: str = "off"
     """Dynamic state compression trained in (ssm_gym/model/compression.py): a setting name such as
     "strong"; its content rule masks the SSM state prefixes and the attention cache of a share of clips."""

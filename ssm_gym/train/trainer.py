@@ -300,7 +300,7 @@ def train(cfg: TrainConfig) -> Path:
 
     timed = cfg.time_budget_s is not None
     data = ClipDataset(cfg.data_dir, cfg.stage_clip_lens[cfg.stage_at_progress(cfg.progress(start, elapsed_before))],
-                       seed=cfg.seed, cache_size=10**6)
+                       seed=cfg.seed, cache_size=10**6, reward_clip_prob=cfg.reward_clip_prob)
     if timed:
         data.preload()
     val = load_validation_set(cfg) if env.main else None
@@ -356,7 +356,7 @@ def train(cfg: TrainConfig) -> Path:
                 with amp:
                     loss, stats, state = diffusion_forcing_loss(
                         net, frames[:, s:e], actions[:, s:e], rewards=rewards[:, s:e], terminals=terminals[:, s:e], sigma=sigma[:, s:e],
-                        state=state, generator=noise_gen, return_state=True,
+                        state=state, generator=noise_gen, return_state=True, reward_weight=cfg.reward_loss_weight,
                         compress=None if compress is None else compress[s:e])
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
