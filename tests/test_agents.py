@@ -75,12 +75,17 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
         load_agent(tmp_path / "missing.zip")
 
 
-def test_ppo_time_budget_stops_training_early(tmp_path):
+def test_ppo_time_budget_stops_training_early_with_starts_from_real_data(tmp_path):
+    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.record import record_episodes
+
+    for i, ep in enumerate(record_episodes([41, 42], ["explore", "random"], steps=20)):
+        save_episode(tmp_path / "data" / f"ep_{i:06d}.npz", ep)
     torch.manual_seed(0)
     ckpt = save_model(tmp_path / "tiny", WorldModel(PRESETS["tiny"][1].model))
-    args = PPOArgs(checkpoint=ckpt, total_steps=10**7, num_envs=4, max_episode_steps=32, n_steps=32, batch_size=64,
+    args = PPOArgs(checkpoint=ckpt, total_steps=10**7, num_envs=4, max_episode_steps=8, n_steps=32, batch_size=64,
                    n_epochs=1, eval_every=10**8, eval_episodes=1, eval_max_steps=5, time_budget_s=2.0,
-                   out_dir=tmp_path / "ppo")
+                   context_data=tmp_path / "data", context_len=4, out_dir=tmp_path / "ppo")
     path = train_ppo(args)
     steps = [int(r.split(",")[0]) for r in (tmp_path / "ppo" / "curve.csv").read_text().splitlines()[1:]]
     assert path.is_file() and 0 < steps[-1] < 10**5
