@@ -133,3 +133,16 @@ def test_reward_metrics_count_paid_events_and_false_payouts():
     # AUC: each event (0.8, 0.3) is above 7 of the 8 other steps (all but the 0.9), no ties
     assert m["auc"] == pytest.approx((7 + 7) / 16) and m["mean_pred_elsewhere"] == pytest.approx(1.0 / 8)
     assert reward_metrics(pred, np.zeros_like(real))["auc"] is None
+
+
+def test_reward_auc_by_step_buckets():
+    from ssm_gym.eval.prediction import reward_auc_by_step
+
+    real = np.zeros((2, 10), dtype=np.float32)
+    real[0, 0] = real[1, 2] = real[0, 6] = 1  # events at steps 1, 3 and 7
+    pred = np.zeros((2, 10), dtype=np.float32)
+    pred[0, 0], pred[1, 2], pred[0, 6], pred[1, 5] = 0.9, 0.4, 0.1, 0.2  # the step-7 event ranks below a quiet step
+    by = reward_auc_by_step(pred, real)
+    assert list(by) == ["1", "2-4", "5-8", "9-10"]
+    assert by["1"] == 1.0 and by["2-4"] == 1.0 and by["9-10"] is None
+    assert by["5-8"] == pytest.approx((6 + 0) / 7)  # above the 6 zeros of the bucket, below the 0.2

@@ -119,6 +119,18 @@ def reward_metrics(pred: np.ndarray, real: np.ndarray, threshold: float = 0.5) -
             "auc": auc}
 
 
+def reward_auc_by_step(pred: np.ndarray, real: np.ndarray) -> dict[str, float | None]:
+    """AUC of (N, H) predicted rewards against real ones within buckets of prediction steps
+    (1, 2-4, 5-8, 9-16, ...): how fast the reward signal fades as open-loop predictions drift."""
+    h, out = pred.shape[1], {}
+    starts = [1, 2] + [2**k + 1 for k in range(2, max(2, int(np.ceil(np.log2(max(h, 1))))))] + [h + 1]
+    for lo, nxt in zip(starts, starts[1:]):
+        hi = min(h, nxt - 1)
+        if lo <= hi:
+            out[f"{lo}-{hi}" if hi > lo else f"{lo}"] = reward_metrics(pred[:, lo - 1:hi], real[:, lo - 1:hi])["auc"]
+    return out
+
+
 def prediction_metrics(pred: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
     """Mean one-step PSNR, the open-loop PSNR curve over the horizon, and its last value."""
     one = psnr(pred["one_step"], pred["real"])
@@ -180,7 +192,8 @@ def main(args: Args) -> list[dict]:
                          "psnr_1step": round(m["psnr_1step"], 2), f"psnr_{args.horizon}step": round(m["psnr_open_loop_last"], 2),
                          "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2),
                          "one_step": r3(reward_metrics(pred["one_step_reward"], real_r)),
-                         "open_loop": r3(reward_metrics(pred["open_loop_reward"], real_r))})
+                         "open_loop": r3(reward_metrics(pred["open_loop_reward"], real_r)),
+                         "open_loop_auc_by_step": r3(reward_auc_by_step(pred["open_loop_reward"], real_r))})
             print(json.dumps(rows[-1]), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
