@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -69,6 +69,11 @@ class Args:
     elites: int = 4
     iterations: int = 2
     sampling_steps: Optional[int] = 1
+    reward_from: Literal["frame", "denoiser"] = "frame"
+    """Where imagined rewards are read: the head on the generated frame, or its expected reward
+    from history and action (the first denoising pass; see WorldModel.generate)."""
+    threads: Optional[int] = None
+    """torch threads (default: torch's choice)."""
     seed: int = 0
     out: Optional[Path] = None
     """Also write the results (returns per episode, mean, standard error, settings) to this JSON file."""
@@ -77,7 +82,7 @@ class Args:
 def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> float:
     real = gym.make("SSMWorld-MazeReal-v0", max_episode_steps=args.max_steps)
     obs, _ = real.reset(seed=seed)
-    engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed)
+    engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed, reward_from=args.reward_from)
     engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None])
     rng = np.random.default_rng([args.seed, seed])
     total = 0.0
@@ -95,6 +100,8 @@ def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> flo
 
 
 def main(args: Args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint or shipped_checkpoint())
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
     with tqdm(total=len(seeds) * args.max_steps, desc="real steps (planning)", unit="step") as bar:

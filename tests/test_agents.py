@@ -98,7 +98,8 @@ def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_
 
     out = tmp_path / "plan.json"
     res = plan.main(plan.Args(checkpoint=tiny_checkpoint, episodes=2, max_steps=3, horizon=2, population=3, elites=1,
-                              iterations=1, out=out))
+                              iterations=1, reward_from="denoiser", threads=1, out=out))
     saved = json.loads(out.read_text())
     assert saved["planner"] == res["planner"] and res["planner"]["episodes"] == 2
     assert len(saved["planner_returns"]) == 2 and saved["args"]["horizon"] == 2
+    assert saved["args"]["reward_from"] == "denoiser"
