@@ -2,7 +2,8 @@
 
 Both are thin layers over `ssm_gym.rollout.RolloutEngine` (a batch of 1 and of N). Episodes
 start from the real maze's first frame (`reset(seed=s)` shows the same first frame as
-`SSMWorld-MazeReal-v0` reset with seed s) or after real history passed as context.
+`SSMWorld-MazeReal-v0` reset with seed s), after real history passed as context, or (with
+`context_data`) after real history drawn from a dataset folder.
 """
 
 from __future__ import annotations
