@@ -122,7 +122,7 @@ class WorldModelEnv(gym.Env):
     `reset(options={"context_obs": (T, 64, 64, 3) uint8, "context_actions": (T-1,) int})`: the model is
     warmed up on real history (`context_actions[i]` was taken after `context_obs[i]`); the returned
     observation is the last context frame and the next `step` predicts frame T.
-    With `context_data` (a dataset folder), every other reset starts after `context_len` real
+    With `context_data` (a dataset folder), every reset without such options starts after `context_len` real
     frames drawn from it at random (the way DIAMOND, IRIS and Dreamer start imagination from replayed
     real data); `info` names the episode file and first frame. Pair it with a short
     `max_episode_steps` (e.g. 32) to train agents on short imagined horizons that drift little.
@@ -219,7 +219,7 @@ class WorldModelVectorEnv(VectorEnv):
     `SAME_STEP`: the last frame of a finished episode goes to `info["final_obs"]`, as
     stable-baselines3 expects). Reset options: `reset_mask` (N,) bool to reset a subset, and
     `context_obs` (N, T, 64, 64, 3) / `context_actions` (N, T-1) to start after real history. With
-    `context_data`, every other (re)start, autoresets included, draws each env's real history from
+    `context_data`, every (re)start without given context, autoresets included, draws each env's real history from
     the dataset with that env's generator.
     """
 
@@ -254,18 +254,17 @@ class WorldModelVectorEnv(VectorEnv):
         noise_seeds = [int(self._rngs[i].integers(2**62)) for i in idx]
         mask = torch.zeros(self.num_envs, dtype=torch.bool)
         mask[torch.from_numpy(idx)] = True
-        if context is None and self.starts is not None and len(idx):
+        if context is not None:  # given for all envs: keep the restarted ones
+            context = (context[0][idx], context[1][idx])
+        elif self.starts is not None and len(idx):
             drawn = [self.starts.draw(self._rngs[i]) for i in idx]
-            context = tuple(np.zeros((self.num_envs,) + drawn[0][k].shape, drawn[0][k].dtype) for k in (0, 1))
-            for k, i in enumerate(idx):
-                context[0][i], context[1][i] = drawn[k][0], drawn[k][1]
+            context = (np.stack([d[0] for d in drawn]), np.stack([d[1] for d in drawn]))
         if context is None:
             for i, s in zip(idx, maze_seeds):
                 self.real.reset_env(i, np.random.default_rng(s))
             self.engine.reset(mask, torch.from_numpy(self.real.render()[idx]), seeds=noise_seeds)
         else:
-            obs, acts = context
-            self.engine.reset(mask, torch.from_numpy(obs[idx]), torch.from_numpy(acts[idx]), seeds=noise_seeds)
+            self.engine.reset(mask, torch.from_numpy(context[0]), torch.from_numpy(context[1]), seeds=noise_seeds)
         self._elapsed[idx] = 0
         return np.array(maze_seeds, dtype=np.int64)
 

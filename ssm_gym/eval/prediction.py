@@ -123,11 +123,11 @@ def reward_auc_by_step(pred: np.ndarray, real: np.ndarray) -> dict[str, float | 
     """AUC of (N, H) predicted rewards against real ones within buckets of prediction steps
     (1, 2-4, 5-8, 9-16, ...): how fast the reward signal fades as open-loop predictions drift."""
     h, out = pred.shape[1], {}
-    starts = [1, 2] + [2**k + 1 for k in range(2, max(2, int(np.ceil(np.log2(max(h, 1))))))] + [h + 1]
-    for lo, nxt in zip(starts, starts[1:]):
-        hi = min(h, nxt - 1)
-        if lo <= hi:
-            out[f"{lo}-{hi}" if hi > lo else f"{lo}"] = reward_metrics(pred[:, lo - 1:hi], real[:, lo - 1:hi])["auc"]
+    lo, hi = 1, 1
+    while lo <= h:
+        hi = min(hi, h)
+        out[f"{lo}-{hi}" if hi > lo else f"{lo}"] = reward_metrics(pred[:, lo - 1:hi], real[:, lo - 1:hi])["auc"]
+        lo, hi = hi + 1, max(4, 2 * hi)
     return out
 
 
@@ -177,11 +177,12 @@ def main(args: Args) -> list[dict]:
     frames, prev, rewards = load_clips(args.val_dir, args.episodes, args.context + args.horizon, args.windows)
     real_r = rewards[:, args.context:].numpy()
     r3 = lambda d: {k: v if v is None else round(v, 3) for k, v in d.items()}  # noqa: E731
+    if args.whole_episodes:  # for the head on real frames, all of every episode
+        whole, whole_prev, whole_r = load_clips(args.val_dir, args.episodes, args.whole_episode_len)
     rows = []
     for ckpt in args.checkpoints:
         model = load_model(ckpt, args.device)
-        if args.whole_episodes:  # the head on real frames, all of every episode
-            whole, whole_prev, whole_r = load_clips(args.val_dir, args.episodes, args.whole_episode_len)
+        if args.whole_episodes:
             m = reward_metrics(teacher_forced_rewards(model, whole, whole_prev), whole_r.numpy())
             rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})
             print(json.dumps(rows[-1]), flush=True)
