@@ -2,6 +2,7 @@
 
     python benchmarks/rollout.py                          # shipped model
     python benchmarks/rollout.py --checkpoint runs/maze-cpu/model --json
+    python benchmarks/rollout.py --device cuda --cuda-graph   # on a GPU, eager and graphed steps
 
 JSON keys (same figures as the tables):
   "throughput": [{"num_envs", "env_steps_per_s", "ms_per_step"}] at the default sampling steps;
@@ -53,6 +54,8 @@ class Args:
     """Measuring time per throughput row."""
     device: str = "cpu"
     """cpu or cuda (the model, the engine and the matmul reference all run there)."""
+    cuda_graph: bool = False
+    """Also time the throughput rows with the engine's CUDA-graph step (cuda only), in the same run."""
     json: bool = False
 
 
@@ -125,7 +128,13 @@ def main(args: Args) -> dict:
         eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps)
         eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
         sec = time_steps(eng, args.seconds)
-        rows.append({"num_envs": n, "env_steps_per_s": round(n / sec, 1), "ms_per_step": round(1000 * sec, 2)})
+        row = {"num_envs": n, "env_steps_per_s": round(n / sec, 1), "ms_per_step": round(1000 * sec, 2)}
+        if args.cuda_graph:
+            eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps, cuda_graph=True)
+            eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
+            sec = time_steps(eng, args.seconds)
+            row.update(graph_env_steps_per_s=round(n / sec, 1), graph_ms_per_step=round(1000 * sec, 2))
+        rows.append(row)
     out["throughput"] = rows
 
     flat = []
@@ -153,15 +162,20 @@ def main(args: Args) -> dict:
     sec = next(r["ms_per_step"] for r in rows if r["num_envs"] == n) / 1000
     out["flops"] = {"num_envs": n, "gflop_per_step": round(gflop, 2), "achieved_gflops": round(gflop / sec, 1),
                     "matmul_gflops_fp32": round(matmul_gflops(device=args.device), 1)}
+    if args.cuda_graph:  # (counted on the eager step above: a graph replay shows no ops to count)
+        sec = next(r["graph_ms_per_step"] for r in rows if r["num_envs"] == n) / 1000
+        out["flops"]["achieved_gflops_graph"] = round(gflop / sec, 1)
 
     if args.json:
         print(json.dumps(out))
         return out
     print(f"Rollout engine, {model.config.variant} model ({model.num_params() / 1e6:.2f}M params), "
           f"{steps} denoising steps + 1 state update per env-step, {out['threads']} threads")
-    print(f"{'num_envs':>8} | {'env-steps/s':>11} | {'ms/step':>8}")
+    g = args.cuda_graph
+    print(f"{'num_envs':>8} | {'env-steps/s':>11} | {'ms/step':>8}" + (f" | {'graph env-steps/s':>17} | {'ms/step':>8}" if g else ""))
     for r in rows:
-        print(f"{r['num_envs']:>8} | {r['env_steps_per_s']:>11,.1f} | {r['ms_per_step']:>8.1f}")
+        print(f"{r['num_envs']:>8} | {r['env_steps_per_s']:>11,.1f} | {r['ms_per_step']:>8.1f}"
+              + (f" | {r['graph_env_steps_per_s']:>17,.1f} | {r['graph_ms_per_step']:>8.2f}" if g else ""))
     print("\nstep time vs episode step (num_envs=1)")
     print(f"{'variant':>10} | {'episode step':>12} | {'ms/step':>8} | {'state bytes/env':>15}")
     for r in flat:
@@ -174,6 +188,9 @@ def main(args: Args) -> dict:
     f = out["flops"]
     print(f"\nnum_envs={f['num_envs']}: {f['gflop_per_step']} GFLOP per step, {f['achieved_gflops']} GFLOP/s achieved; "
           f"matmul {f['matmul_gflops_fp32']} GFLOP/s fp32 -> {f['achieved_gflops'] / f['matmul_gflops_fp32']:.0%}")
+    if g:
+        print(f"with the CUDA-graph step: {f['achieved_gflops_graph']} GFLOP/s -> "
+              f"{f['achieved_gflops_graph'] / f['matmul_gflops_fp32']:.0%}")
     return out
 
 

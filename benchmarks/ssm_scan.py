@@ -2,16 +2,20 @@
 
     python benchmarks/ssm_scan.py            # human-readable tables
     python benchmarks/ssm_scan.py --json     # one JSON object with the same figures
+    python benchmarks/ssm_scan.py --device cuda   # on a GPU: adds mamba-ssm's kernel when installed
 
 JSON keys
 - ``device``: str, ``threads``: int, ``torch``: torch version.
 - ``scan``: list, one entry per sequence length L:
   ``L`` (tokens), ``chunk_size``, ``sequential_ms`` (plain recurrence, forward), ``chunked_ms``
   (pure-PyTorch chunked SSD, forward), ``speedup`` (sequential / chunked), ``max_rel_err``
-  (chunked fp32 vs sequential fp64, normwise: max|diff| / max|ref|). Times are best of ``repeats``.
+  (chunked fp32 vs sequential fp64, normwise: max|diff| / max|ref|); on CUDA with mamba-ssm
+  installed also ``mamba_ms``, ``mamba_speedup`` (sequential / mamba) and ``mamba_max_rel_err``.
+  Times are best of ``repeats``.
   Shape: batch ``scan_batch`` sequences, 8 heads x 32 headdim, d_state 16 (the default layer).
 - ``matmul_gflops``: {"fp32": ..., "bf16": ...}: measured square matmul (``matmul_n``) GFLOP/s.
-- ``train``: list, one entry per precision ("fp32", "bf16" = bf16 autocast): ``precision``,
+- ``train``: list, one entry per precision ("fp32", "bf16" = bf16 autocast) and SSD backend
+  ("torch"; "mamba" too on CUDA with mamba-ssm): ``precision``, ``backend``,
   ``batch``, ``frames_per_clip``, ``step_s`` (mean seconds per optimizer step, after warm-up),
   ``frames_per_s``, ``gflop_per_step`` (FlopCounterMode count of one train step, forward +
   backward; the CPU flash-attention op counted as dense attention over the keys it is given),
@@ -35,9 +39,11 @@ from torch.utils.flop_counter import (
 )
 
 from ssm_gym.model import (
+    HAS_MAMBA_SSM,
     WorldModel,
     WorldModelConfig,
     diffusion_forcing_loss,
+    ssd,
     ssd_chunked,
     ssd_sequential,
 )
@@ -49,6 +55,8 @@ class Args:
     """print one JSON object instead of tables"""
     threads: int = 0
     """torch threads (0 = torch default)"""
+    device: str = "cpu"
+    """"cpu" or "cuda" (fp32 matmuls without TF32, so the scan errors compare across devices)"""
     lengths: tuple[int, ...] = (256, 1024, 4096)
     scan_batch: int = 4
     chunk_size: int = 16
@@ -63,46 +71,62 @@ class Args:
     """timed repeats for scans / matmuls (best of)"""
 
 
-def best_time(fn, repeats: int) -> float:
+def best_time(fn, repeats: int, device: str = "cpu") -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def has_mamba(device: str) -> bool:
+    return device.startswith("cuda") and HAS_MAMBA_SSM
 
 
 def bench_scan(args: Args) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
-    h, p, n, b = 8, 32, 16, args.scan_batch
+    h, p, n, b, dev = 8, 32, 16, args.scan_batch, args.device
     for L in args.lengths:
-        x = torch.randn(b, L, h, p, generator=g)
-        dt = torch.rand(b, L, h, generator=g) * 0.1 + 1e-3
-        A = -(torch.rand(h, generator=g) * 4 + 0.5)
-        B = torch.randn(b, L, 1, n, generator=g)
-        C = torch.randn(b, L, 1, n, generator=g)
-        D = torch.ones(h)
+        x = torch.randn(b, L, h, p, generator=g).to(dev)
+        dt = (torch.rand(b, L, h, generator=g) * 0.1 + 1e-3).to(dev)
+        A = (-(torch.rand(h, generator=g) * 4 + 0.5)).to(dev)
+        B = torch.randn(b, L, 1, n, generator=g).to(dev)
+        C = torch.randn(b, L, 1, n, generator=g).to(dev)
+        D = torch.ones(h, device=dev)
+        inputs = (x, dt, A, B, C)
         with torch.no_grad():
-            inputs = (x, dt, A, B, C)
-            t_seq = best_time(lambda: ssd_sequential(*inputs, D), args.repeats)  # noqa: B023
-            t_chk = best_time(lambda: ssd_chunked(*inputs, args.chunk_size, D), args.repeats)  # noqa: B023
-            y_ref = ssd_sequential(x.double(), dt.double(), A.double(), B.double(), C.double(), D.double())[0]
+            t_seq = best_time(lambda: ssd_sequential(*inputs, D), args.repeats, dev)  # noqa: B023
+            t_chk = best_time(lambda: ssd_chunked(*inputs, args.chunk_size, D), args.repeats, dev)  # noqa: B023
+            y_ref = ssd_sequential(*(a.double() for a in inputs), D.double())[0]
             y = ssd_chunked(x, dt, A, B, C, args.chunk_size, D)[0]
-        err = ((y.double() - y_ref).abs().max() / y_ref.abs().max()).item()
-        rows.append({"L": L, "chunk_size": args.chunk_size, "sequential_ms": 1e3 * t_seq, "chunked_ms": 1e3 * t_chk,
-                     "speedup": t_seq / t_chk, "max_rel_err": err})
+        row = {"L": L, "chunk_size": args.chunk_size, "sequential_ms": 1e3 * t_seq, "chunked_ms": 1e3 * t_chk,
+               "speedup": t_seq / t_chk, "max_rel_err": rel_err(y, y_ref)}
+        if has_mamba(dev):  # mamba-ssm's fused kernel (its own chunk size: 64 is what Mamba-2 uses)
+            with torch.no_grad():
+                t_mb = best_time(lambda: ssd(*inputs, D, chunk_size=64, backend="mamba"), args.repeats, dev)  # noqa: B023
+                y_mb = ssd(*inputs, D, chunk_size=64, backend="mamba")[0]
+            row.update(mamba_ms=1e3 * t_mb, mamba_speedup=t_seq / t_mb, mamba_max_rel_err=rel_err(y_mb, y_ref))
+        rows.append(row)
     return rows
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 def bench_matmul(args: Args) -> dict:
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(args.matmul_n, args.matmul_n).to(dtype)
-        b = torch.randn(args.matmul_n, args.matmul_n).to(dtype)
-        reps = 10
-        t = best_time(lambda: [a @ b for _ in range(reps)], args.repeats)  # noqa: B023
+        a = torch.randn(args.matmul_n, args.matmul_n).to(args.device, dtype)
+        b = torch.randn(args.matmul_n, args.matmul_n).to(args.device, dtype)
+        reps = 10 if args.device == "cpu" else 100
+        t = best_time(lambda: [a @ b for _ in range(reps)], args.repeats, args.device)  # noqa: B023
         out[name] = 2 * args.matmul_n ** 3 * reps / t / 1e9
     return out
 
@@ -123,17 +147,19 @@ FLOP_EXTRA = {
 
 def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
-    cfg = WorldModelConfig()
-    model = WorldModel(cfg)
+    dev = torch.device(args.device)
+    cfg = WorldModelConfig(backend="torch")
+    model = WorldModel(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(0)
     b, t = args.batch, args.frames
-    frames = torch.randint(0, 256, (b, t, cfg.image_size, cfg.image_size, cfg.channels), generator=g, dtype=torch.uint8)
-    actions = torch.randint(0, cfg.n_actions + 1, (b, t), generator=g)
-    rewards = torch.zeros(b, t)
+    frames = torch.randint(0, 256, (b, t, cfg.image_size, cfg.image_size, cfg.channels), generator=g, dtype=torch.uint8,
+                           device=dev)
+    actions = torch.randint(0, cfg.n_actions + 1, (b, t), generator=g, device=dev)
+    rewards = torch.zeros(b, t, device=dev)
 
     def step(bf16: bool):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss, _ = diffusion_forcing_loss(model, frames, actions, rewards, rewards, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,18 +167,18 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
 
     with FlopCounterMode(display=False, custom_mapping=FLOP_EXTRA) as fc:
         step(False)
-    flops = fc.get_total_flops()
+    flops = fc.get_total_flops()  # the same model and clip for every backend
     rows = []
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        step(bf16)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step(bf16)
-        dt = (time.perf_counter() - t0) / args.steps
-        achieved = flops / dt / 1e9
-        rows.append({"precision": name, "batch": b, "frames_per_clip": t, "step_s": dt, "frames_per_s": b * t / dt,
-                     "gflop_per_step": flops / 1e9, "achieved_gflops": achieved,
-                     "frac_of_matmul": achieved / matmul[name]})
+    for backend in ("torch", "mamba") if has_mamba(args.device) else ("torch",):
+        for layer in model.layers:
+            if layer.ssm is not None:
+                layer.ssm.backend = backend
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            dt = best_time(lambda: [step(bf16) for _ in range(args.steps)], 1, args.device) / args.steps  # noqa: B023
+            achieved = flops / dt / 1e9
+            rows.append({"precision": name, "backend": backend, "batch": b, "frames_per_clip": t, "step_s": dt,
+                         "frames_per_s": b * t / dt, "gflop_per_step": flops / 1e9, "achieved_gflops": achieved,
+                         "frac_of_matmul": achieved / matmul[name]})
     model_info = {"params": model.num_params(), "config": dataclasses.asdict(cfg)}
     return rows, model_info
 
@@ -160,24 +186,28 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
 def main(args: Args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
     scan = bench_scan(args)
     matmul = bench_matmul(args)
     train, model_info = bench_train(args, matmul)
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "scan": scan, "matmul_gflops": matmul, "train": train, "model": model_info}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{result['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"\nSSD scan, forward, fp32 (batch {args.scan_batch}, 8 heads x 32, d_state 16, chunk {args.chunk_size})")
-    print(f"{'L':>6} {'sequential ms':>14} {'chunked ms':>11} {'speedup':>8} {'rel err':>9}")
+    mb = has_mamba(args.device)
+    print(f"{'L':>6} {'sequential ms':>14} {'chunked ms':>11} {'speedup':>8} {'rel err':>9}"
+          + (f" {'mamba ms':>9} {'speedup':>8} {'rel err':>9}" if mb else ""))
     for r in scan:
-        print(f"{r['L']:>6} {r['sequential_ms']:>14.1f} {r['chunked_ms']:>11.2f} {r['speedup']:>7.1f}x {r['max_rel_err']:>9.1e}")
+        print(f"{r['L']:>6} {r['sequential_ms']:>14.1f} {r['chunked_ms']:>11.2f} {r['speedup']:>7.1f}x {r['max_rel_err']:>9.1e}"
+              + (f" {r['mamba_ms']:>9.3f} {r['mamba_speedup']:>7.1f}x {r['mamba_max_rel_err']:>9.1e}" if mb else ""))
     print(f"\nmatmul {args.matmul_n}^3: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
     print(f"\ntrain step, default config ({model_info['params'] / 1e6:.2f}M params), {args.batch} clips x {args.frames} frames")
-    print(f"{'precision':>9} {'s/step':>7} {'frames/s':>9} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")
+    print(f"{'precision':>9} {'backend':>7} {'s/step':>7} {'frames/s':>9} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")
     for r in train:
-        print(f"{r['precision']:>9} {r['step_s']:>7.3f} {r['frames_per_s']:>9.1f} {r['gflop_per_step']:>11.1f} "
+        print(f"{r['precision']:>9} {r['backend']:>7} {r['step_s']:>7.3f} {r['frames_per_s']:>9.1f} {r['gflop_per_step']:>11.1f} "
               f"{r['achieved_gflops']:>8.1f} {100 * r['frac_of_matmul']:>9.1f}%")
 
 

@@ -97,6 +97,8 @@ def test_dispatch_backends_agree():
     assert rel_err(y1, y2) < 1e-10 and rel_err(f1, f2) < 1e-10
     with pytest.raises(ValueError):
         ssd(x, dt, A, B, C, backend="nope")
+    with pytest.raises(ValueError, match="chunk_size >= 16"):  # below the Triton kernels' tile size
+        ssd(x, dt, A, B, C, chunk_size=8, backend="mamba")
 
 
 def test_block_rearrangement_order():

@@ -282,3 +282,12 @@ def test_expected_reward_mode_pays_the_head_on_the_first_denoising_pass(model, c
         WorldModelEnv(checkpoint=checkpoint, reward_mode="sometimes")
     with pytest.raises(ValueError, match="reward_from"):
         model.generate(model.init_state(1), 0, reward_from="sky")
+
+
+def test_cuda_graph_needs_cuda():
+    from ssm_gym.model import WorldModel
+    from ssm_gym.rollout.engine import RolloutEngine
+    from ssm_gym.train.config import PRESETS
+
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        RolloutEngine(WorldModel(PRESETS["tiny"][1].model), 2, device="cpu", cuda_graph=True)

@@ -150,6 +150,8 @@ class WorldModelEnv(gym.Env):
     - `compression` (None = off): dynamic state compression, a setting name ("light", "medium", "strong",
       "bf16", "strong-bf16", "strong-compact", "strong-bf16-compact") or a `CompressionConfig` (see
       ssm_gym/model/compression.py).
+    - `cuda_graph` (False): on a GPU, step by replaying a CUDA graph of the model call (see
+      ssm_gym/rollout/engine.py; uncompressed state and a windowed attention ring only).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
@@ -157,13 +159,14 @@ class WorldModelEnv(gym.Env):
     def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", sampling_steps: Optional[int] = None,
                  max_episode_steps: int = 1000, reward_threshold: float = 0.5, maze_size: int = 9, n_objects: int = 3,
                  render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None,
-                 reward_mode: str = "threshold", context_data: str | Path | None = None, context_len: int = 32):
+                 reward_mode: str = "threshold", context_data: str | Path | None = None, context_len: int = 32,
+                 cuda_graph: bool = False):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
         self.starts = _starts(context_data, context_len)
         self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps, compression=compression,
-                                    reward_from=check_reward_mode(reward_mode))
+                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph)
         self.reward_mode = reward_mode
         self.real = MazeRealEnv(maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
@@ -230,12 +233,12 @@ class WorldModelVectorEnv(VectorEnv):
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
                  compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold",
-                 context_data: str | Path | None = None, context_len: int = 32):
+                 context_data: str | Path | None = None, context_len: int = 32, cuda_graph: bool = False):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.starts = _starts(context_data, context_len)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
                                     compression=compression, chunk_envs=chunk_envs,
-                                    reward_from=check_reward_mode(reward_mode))
+                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph)
         self.reward_mode = reward_mode
         self.real = MazeBatch(num_envs, maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold

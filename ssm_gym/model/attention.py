@@ -394,7 +394,8 @@ class FrameLocalAttention(nn.Module):
                                            vals.to(q.dtype).transpose(1, 2), attn_mask=mask)
         if update == "inplace":
             cache.pos[rows, slot] = t
-            cache.keep[rows, slot] = True if keep is None else keep[:, 0]
+            # (device-side values: a Python scalar here would be a host copy, which CUDA graphs forbid)
+            cache.keep[rows, slot] = cache.keep.new_ones(()) if keep is None else keep[:, 0]
             _free_next_slot(cache, t)
         return y.transpose(1, 2).reshape(b, 1, n, h * hd)
 
@@ -460,7 +461,7 @@ def _visible_frames(kpos: Tensor, qpos: Tensor, window: int | None) -> Tensor:
 def _free_next_slot(cache: KVCache, last: Tensor) -> None:
     """After frame ``last`` (B,): the ring slot of frame last+1 holds frame last+1-k, which no
     frame from last+1 on can see; mark it empty, as the next frame's scratch (local windows)."""
-    cache.pos[torch.arange(last.shape[0], device=last.device), (last + 1) % cache.pos.shape[1]] = -1
+    cache.pos[torch.arange(last.shape[0], device=last.device), (last + 1) % cache.pos.shape[1]] = cache.pos.new_full((), -1)
 
 
 def _token_keep(parts: list, kpos: list, n: int) -> Tensor | None:

@@ -154,7 +154,9 @@ def sample(denoise: Callable[[Tensor, Tensor], Tensor], shape, steps: int, sigma
     batch at scalar noise level ``sigma``. All randomness is the initial noise, drawn from
     ``generator``: the same seed gives the same frame. ``steps=1``: one network call, the
     direct x0 estimate from pure noise (fast mode)."""
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device)
+    # the schedule as host floats (float32 values): no host-device copies or syncs in the loop, so
+    # a step can be captured in a CUDA graph (the rollout engine's cuda_graph option)
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho).tolist()
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     elif tuple(noise.shape) != tuple(shape):
@@ -162,6 +164,6 @@ def sample(denoise: Callable[[Tensor, Tensor], Tensor], shape, steps: int, sigma
     x = noise.to(device=device, dtype=dtype) * sigmas[0]
     for i in range(steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = denoise(x, s)
+        x0 = denoise(x, torch.full((), s, device=x.device))
         x = x0 if s_next == 0 else x + (x - x0) / s * (s_next - s)
     return x

@@ -38,6 +38,11 @@ except Exception:  # noqa: BLE001 (ImportError, or a broken triton/CUDA install)
     HAS_MAMBA_SSM = False
 
 
+# mamba-ssm's SSD kernels multiply chunk x chunk tiles with Triton's tl.dot, which needs tiles of
+# at least 16; smaller chunks (the tiny test models use 8) stay on the torch path.
+MAMBA_MIN_CHUNK = 16
+
+
 def _expand_groups(t: Tensor, nheads: int) -> Tensor:
     """(..., ngroups, n) -> (..., nheads, n): heads of one group share B and C."""
     g = t.shape[-2]
@@ -172,10 +177,11 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
     """SSD scan with one state layout for every backend.
 
     backend: "torch" (chunked, pure PyTorch), "mamba" (mamba-ssm CUDA kernel, error if missing),
-    "sequential" (the reference), or "auto" (mamba on CUDA tensors when importable, else torch).
+    "sequential" (the reference), or "auto" (mamba on CUDA tensors when importable and the chunk
+    is at least MAMBA_MIN_CHUNK, else torch).
     """
     if backend == "auto":
-        backend = "mamba" if (HAS_MAMBA_SSM and x.is_cuda) else "torch"
+        backend = "mamba" if (HAS_MAMBA_SSM and x.is_cuda and chunk_size >= MAMBA_MIN_CHUNK) else "torch"
     if backend == "torch":
         # the scan runs in fp32 (or fp64) even under bf16 autocast: decays and states need the range
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -187,6 +193,9 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
     if backend == "sequential":
         return ssd_sequential(x, dt, A, B, C, D=D, initial_state=initial_state)
     if backend == "mamba":
+        if chunk_size < MAMBA_MIN_CHUNK:
+            raise ValueError(f"backend='mamba' needs chunk_size >= {MAMBA_MIN_CHUNK} (its Triton kernels' "
+                             f"tile size), got {chunk_size}")
         if not HAS_MAMBA_SSM:
             raise RuntimeError("backend='mamba' needs mamba-ssm (pip install ssm-gym[cuda])")
         init = None if initial_state is None else initial_state.float().contiguous()  # states stay fp32

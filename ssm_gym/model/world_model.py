@@ -138,6 +138,12 @@ class WorldModelState:
     def clone(self) -> WorldModelState:
         return self._map(lambda x: x.clone())
 
+    def data_ptrs(self) -> tuple[int, ...]:
+        """Addresses of the state's tensors: whether a CUDA graph captured on it still applies."""
+        ptrs: list[int] = []
+        self._map(lambda x: ptrs.append(x.data_ptr()) or x)
+        return tuple(ptrs)
+
     def detach(self) -> WorldModelState:
         return self._map(lambda x: x.detach())
 

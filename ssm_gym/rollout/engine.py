@@ -19,6 +19,12 @@ bytes held per environment follow the scene. A step reads and updates the token 
 and unpacks only the SSM states (one chunk at a time, so the dense working set is one chunk's);
 a pool's capacity is its chunk's largest count plus a little slack. Resets with context, forks
 and ``engine.state`` go through the dense form.
+
+With ``cuda_graph=True`` on a GPU, ``step`` replays a CUDA graph of the model call (captured on
+the second step, after one eager warm-up step; captured again whenever the state's tensors are
+replaced): one launch instead of thousands of small kernels, which is what bounds a step of this
+small model on a GPU. It needs a fixed-size state: uncompressed (or bf16-only) and a windowed
+attention ring (not the "attn_full" variant, whose cache grows).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from ssm_gym.model.world_model import WorldModel, WorldModelState, check_reward_
 class RolloutEngine:
     def __init__(self, model: WorldModel, num_envs: int, device: str | torch.device | None = None,
                  sampling_steps: Optional[int] = None, seed: int = 0, compression=None,
-                 chunk_envs: Optional[int] = None, reward_from: str = "frame"):
+                 chunk_envs: Optional[int] = None, reward_from: str = "frame", cuda_graph: bool = False):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -60,6 +66,15 @@ class RolloutEngine:
         self.frames = torch.zeros((num_envs, *self.frame_shape), dtype=torch.uint8, device=self.device)
         self.steps = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self.generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(num_envs)]
+        self.cuda_graph = cuda_graph
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
+            if self.packed or model.config.attn_window is None:
+                raise ValueError("cuda_graph=True needs a fixed-size state: no dynamic compression "
+                                 f"(got {compression!r}) and a windowed attention ring (variant "
+                                 f"{model.config.variant!r})")
+        self._graph: Optional[_StepGraph] = None
 
     # -- episode starts ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -122,6 +137,8 @@ class RolloutEngine:
         a = self.check_actions(actions, (self.num_envs,), "actions")
         noise = torch.stack([torch.randn((1, *self.frame_shape), generator=g, device=self.device)
                              for g in self.generators])
+        if self.cuda_graph:
+            return self._graph_step(a, noise)
         rewards = torch.empty(self.num_envs, device=self.device)
         terminated = torch.empty(self.num_envs, dtype=torch.bool, device=self.device)
 
@@ -132,6 +149,15 @@ class RolloutEngine:
         self._update(advance, one_frame=True)
         self.steps += 1
         return self.frames, rewards, terminated
+
+    def _graph_step(self, a: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        key = self._state.data_ptrs() + (self.frames.data_ptr(),)
+        graph = self._graph
+        if graph is None or graph.key != key:  # first step, or the state's tensors were replaced
+            graph = self._graph = _StepGraph(self, key)
+        frames, rewards, terminated = graph.step(a, noise)
+        self.steps += 1
+        return frames, rewards, terminated
 
     @torch.inference_mode()
     def observe(self, frames: Tensor, actions) -> Tensor:
@@ -158,6 +184,7 @@ class RolloutEngine:
         new.device, new.model, new.num_envs = self.device, self.model, len(idx)
         new.sampling_steps, new.frame_shape, new.reward_from = self.sampling_steps, self.frame_shape, self.reward_from
         new.compression, new.chunk_envs, new._chunks = self.compression, self.chunk_envs, []
+        new.cuda_graph, new._graph = self.cuda_graph, None
         new.state = self.state.index_select(idx)
         new.frames = self.frames.index_select(0, idx).clone()
         new.steps = self.steps.index_select(0, idx).clone()
@@ -232,3 +259,41 @@ class RolloutEngine:
         if a.numel() and (a.min() < 0 or a.max() >= N_ACTIONS):
             raise ValueError(f"{name} out of range: values must be in [0, {N_ACTIONS}), got min {int(a.min())} max {int(a.max())}")
         return a.long()
+
+
+class _StepGraph:
+    """A CUDA graph of one engine step's model call (``generate`` on the engine's state, writing
+    the frames), with static buffers for its inputs (actions, noise) and outputs (rewards,
+    terminations). The first ``step`` runs eagerly (a real step that also warms up kernels and
+    allocators; nothing can be captured before that), and the graph is captured after it: capture
+    records kernels without running them, so the state is not advanced twice."""
+
+    def __init__(self, engine: RolloutEngine, key: tuple):
+        self.engine, self.key, self.graph = engine, key, None
+        n = engine.num_envs
+        self.actions = torch.zeros(n, dtype=torch.long, device=engine.device)
+        self.noise = torch.zeros((n, 1, *engine.frame_shape), device=engine.device)
+        self.rewards = torch.zeros(n, device=engine.device)
+        self.terminated = torch.zeros(n, dtype=torch.bool, device=engine.device)
+
+    def _run(self) -> None:
+        e = self.engine
+        frames, rewards, terminated = e.model.generate(e._state, self.actions, steps=e.sampling_steps,
+                                                       noise=self.noise, reward_from=e.reward_from)
+        e.frames.copy_(frames)
+        self.rewards.copy_(rewards)
+        self.terminated.copy_(terminated)
+
+    def step(self, a: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.actions.copy_(a)
+        self.noise.copy_(noise)
+        if self.graph is None:
+            self._run()  # eager warm-up: this step's real result
+            torch.cuda.synchronize(self.engine.device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._run()
+        else:
+            self.graph.replay()
+        # fresh tensors for rewards/terminations (callers may keep them); frames: the engine's buffer
+        return self.engine.frames, self.rewards.clone(), self.terminated.clone()
