@@ -48,6 +48,9 @@ class Args:
     --max-episode-steps (the imagination horizon, e.g. 32)."""
     context_len: int = 32
     """Real frames the model is warmed up on at each start (with --context-data)."""
+    cuda_graph: bool = False
+    """With --device cuda: step the imagined envs by replaying a CUDA graph (several times faster
+    for up to a few hundred envs; see benchmarks/rollout.py)."""
     recurrent: bool = False
     """sb3-contrib RecurrentPPO with an LSTM (the maze rewards memory)."""
     n_steps: int = 64
@@ -72,7 +75,8 @@ def make_env(args: Args) -> SB3VecEnv:
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", **common))
     return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", checkpoint=args.checkpoint, device=args.device,
                                   sampling_steps=args.sampling_steps, reward_mode=args.reward_mode,
-                                  context_data=args.context_data, context_len=args.context_len, **common))
+                                  context_data=args.context_data, context_len=args.context_len,
+                                  cuda_graph=args.cuda_graph, **common))
 
 
 class RealMazeCurve(BaseCallback):

@@ -1,5 +1,7 @@
 """Agents: PPO in imagination end to end, the CEM planner on a toy problem, evaluation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,8 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     assert returns.shape == (2,) and np.isfinite(returns).all()
     with pytest.raises(FileNotFoundError, match="no saved agent"):
         load_agent(tmp_path / "missing.zip")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        train_ppo(dataclasses.replace(args, cuda_graph=True))
 
 
 def test_ppo_time_budget_stops_training_early_with_starts_from_real_data(tmp_path):
