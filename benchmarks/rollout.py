@@ -12,6 +12,9 @@ JSON keys (same figures as the tables):
   "flops": {"num_envs", "gflop_per_step", "achieved_gflops", "matmul_gflops_fp32"} for one step at the
       largest num_envs, next to this machine's matmul throughput measured in the same run;
   "sampling_steps", "threads", "targets".
+With --cuda-graph (cuda only) each throughput row also has "graph_env_steps_per_s" and
+"graph_ms_per_step" (the engine's CUDA-graph step, same run), and "flops" has
+"achieved_gflops_graph" (the eager step's FLOP count over the graphed step's time).
 Step times at a late episode step are measured by placing the engine there: the SSM state and the
 attention ring have fixed sizes, so only the step counter moves; the full-attention cache is filled
 with that many frames, which is exactly what its cost depends on.
@@ -118,6 +121,8 @@ def matmul_gflops(seconds: float = 1.0, n: int = 1024, device: str = "cpu") -> f
 
 
 def main(args: Args) -> dict:
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        raise SystemExit("--cuda-graph needs --device cuda")
     model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
     steps = args.sampling_steps or model.config.sample_steps
     frames = first_frames(max(args.num_envs)).to(args.device)

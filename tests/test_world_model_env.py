@@ -3,6 +3,8 @@
 The checks are about the plumbing (shapes, seeding, resets, forks, constant memory, errors),
 which do not depend on how well the model is trained."""
 
+import dataclasses
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -289,5 +291,12 @@ def test_cuda_graph_needs_cuda():
     from ssm_gym.rollout.engine import RolloutEngine
     from ssm_gym.train.config import PRESETS
 
+    cfg = PRESETS["tiny"][1].model
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
-        RolloutEngine(WorldModel(PRESETS["tiny"][1].model), 2, device="cpu", cuda_graph=True)
+        RolloutEngine(WorldModel(cfg), 2, device="cpu", cuda_graph=True)
+    # a growing cache (full attention) or packed compressed state cannot be captured, on any device
+    full = WorldModel(dataclasses.replace(cfg, variant="attn_full"))
+    with pytest.raises(ValueError, match="fixed-size state"):
+        RolloutEngine(full, 2, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="fixed-size state"):
+        RolloutEngine(WorldModel(cfg), 2, device="cpu", compression="strong", cuda_graph=True)

@@ -394,7 +394,8 @@ class FrameLocalAttention(nn.Module):
                                            vals.to(q.dtype).transpose(1, 2), attn_mask=mask)
         if update == "inplace":
             cache.pos[rows, slot] = t
-            # (device-side values: a Python scalar here would be a host copy, which CUDA graphs forbid)
+            # (a device-side value: a Python scalar here broke CUDA-graph capture with "cannot copy
+            # between CPU and CUDA tensors during capture" on torch 2.11)
             cache.keep[rows, slot] = cache.keep.new_ones(()) if keep is None else keep[:, 0]
             _free_next_slot(cache, t)
         return y.transpose(1, 2).reshape(b, 1, n, h * hd)

@@ -164,6 +164,6 @@ def sample(denoise: Callable[[Tensor, Tensor], Tensor], shape, steps: int, sigma
     x = noise.to(device=device, dtype=dtype) * sigmas[0]
     for i in range(steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = denoise(x, torch.full((), s, device=x.device))
+        x0 = denoise(x, torch.full((), s, dtype=torch.float32, device=x.device))
         x = x0 if s_next == 0 else x + (x - x0) / s * (s_next - s)
     return x

@@ -20,11 +20,13 @@ and unpacks only the SSM states (one chunk at a time, so the dense working set i
 a pool's capacity is its chunk's largest count plus a little slack. Resets with context, forks
 and ``engine.state`` go through the dense form.
 
-With ``cuda_graph=True`` on a GPU, ``step`` replays a CUDA graph of the model call (captured on
-the second step, after one eager warm-up step; captured again whenever the state's tensors are
-replaced): one launch instead of thousands of small kernels, which is what bounds a step of this
-small model on a GPU. It needs a fixed-size state: uncompressed (or bf16-only) and a windowed
-attention ring (not the "attn_full" variant, whose cache grows).
+With ``cuda_graph=True`` on a GPU, ``step`` replays a CUDA graph of the model call: the first
+step runs eagerly (warm-up) and captures the graph right after, later steps replay it; it is
+captured again whenever the state's tensors, the model's parameters, ``sampling_steps`` or
+``reward_from`` change. One launch instead of thousands of small kernels, which is what bounds
+a step of this small model on a GPU. It needs a fixed-size state: uncompressed (or bf16-only)
+and a windowed attention ring (not the "attn_full" variant, whose cache grows). Forks step
+eagerly unless asked (a planner's short branches would not repay a capture).
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ class RolloutEngine:
         self.generators = [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(num_envs)]
         self.cuda_graph = cuda_graph
         if cuda_graph:
-            if self.device.type != "cuda":
-                raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
-            if self.packed or model.config.attn_window is None:
+            if self.packed or model.config.window is None:
                 raise ValueError("cuda_graph=True needs a fixed-size state: no dynamic compression "
                                  f"(got {compression!r}) and a windowed attention ring (variant "
                                  f"{model.config.variant!r})")
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}")
         self._graph: Optional[_StepGraph] = None
 
     # -- episode starts ------------------------------------------------------------------------
@@ -151,11 +153,13 @@ class RolloutEngine:
         return self.frames, rewards, terminated
 
     def _graph_step(self, a: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        key = self._state.data_ptrs() + (self.frames.data_ptr(),)
+        # everything the captured kernels read by address or were specialised on
+        key = (self._state.data_ptrs(), self.frames.data_ptr(), tuple(p.data_ptr() for p in self.model.parameters()),
+               self.sampling_steps, self.reward_from)
         graph = self._graph
-        if graph is None or graph.key != key:  # first step, or the state's tensors were replaced
+        if graph is None or graph.key != key:  # first step, or something it was captured on changed
             graph = self._graph = _StepGraph(self, key)
-        frames, rewards, terminated = graph.step(a, noise)
+        frames, rewards, terminated = graph.step(self, a, noise)
         self.steps += 1
         return frames, rewards, terminated
 
@@ -174,9 +178,10 @@ class RolloutEngine:
         return self.frames
 
     # -- planners ------------------------------------------------------------------------------
-    def fork(self, idx) -> "RolloutEngine":
+    def fork(self, idx, cuda_graph: bool = False) -> "RolloutEngine":
         """A new engine whose env j is a copy of this engine's env idx[j] (idx may repeat): state,
-        frame, step count and noise stream. The copies then evolve independently."""
+        frame, step count and noise stream. The copies then evolve independently. cuda_graph:
+        step the fork with a CUDA graph too (worth it only for long branches)."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.device).flatten()
         if len(idx) == 0 or idx.min() < 0 or idx.max() >= self.num_envs:
             raise ValueError(f"fork indices must be in [0, {self.num_envs}), got {idx.tolist()}")
@@ -184,7 +189,7 @@ class RolloutEngine:
         new.device, new.model, new.num_envs = self.device, self.model, len(idx)
         new.sampling_steps, new.frame_shape, new.reward_from = self.sampling_steps, self.frame_shape, self.reward_from
         new.compression, new.chunk_envs, new._chunks = self.compression, self.chunk_envs, []
-        new.cuda_graph, new._graph = self.cuda_graph, None
+        new.cuda_graph, new._graph = self.cuda_graph and cuda_graph, None
         new.state = self.state.index_select(idx)
         new.frames = self.frames.index_select(0, idx).clone()
         new.steps = self.steps.index_select(0, idx).clone()
@@ -266,34 +271,34 @@ class _StepGraph:
     the frames), with static buffers for its inputs (actions, noise) and outputs (rewards,
     terminations). The first ``step`` runs eagerly (a real step that also warms up kernels and
     allocators; nothing can be captured before that), and the graph is captured after it: capture
-    records kernels without running them, so the state is not advanced twice."""
+    records kernels without running them, so the state is not advanced twice. (The engine is
+    passed in, not kept: no reference cycle holding a discarded engine's memory.)"""
 
     def __init__(self, engine: RolloutEngine, key: tuple):
-        self.engine, self.key, self.graph = engine, key, None
+        self.key, self.graph = key, None
         n = engine.num_envs
         self.actions = torch.zeros(n, dtype=torch.long, device=engine.device)
         self.noise = torch.zeros((n, 1, *engine.frame_shape), device=engine.device)
         self.rewards = torch.zeros(n, device=engine.device)
         self.terminated = torch.zeros(n, dtype=torch.bool, device=engine.device)
 
-    def _run(self) -> None:
-        e = self.engine
+    def _run(self, e: RolloutEngine) -> None:
         frames, rewards, terminated = e.model.generate(e._state, self.actions, steps=e.sampling_steps,
                                                        noise=self.noise, reward_from=e.reward_from)
         e.frames.copy_(frames)
         self.rewards.copy_(rewards)
         self.terminated.copy_(terminated)
 
-    def step(self, a: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step(self, e: RolloutEngine, a: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self.actions.copy_(a)
         self.noise.copy_(noise)
         if self.graph is None:
-            self._run()  # eager warm-up: this step's real result
-            torch.cuda.synchronize(self.engine.device)
+            self._run(e)  # eager warm-up: this step's real result
+            torch.cuda.synchronize(e.device)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self._run()
+                self._run(e)
         else:
             self.graph.replay()
         # fresh tensors for rewards/terminations (callers may keep them); frames: the engine's buffer
-        return self.engine.frames, self.rewards.clone(), self.terminated.clone()
+        return e.frames, self.rewards.clone(), self.terminated.clone()
