@@ -209,3 +209,7 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     other = dataclasses.replace(cfg.model, d_model=48)
     with pytest.raises(ValueError, match="init-from.*d_model: 48 vs 32|init-from.*d_model"):
         train(dataclasses.replace(cfg, out_dir=tmp_path / "c", model=other))
+    # training-noise and sampling fields may change in a fine-tune; the result keeps the new ones
+    noisier = dataclasses.replace(cfg.model, p_mean=0.5, sample_steps=1)
+    tuned = load_model(train(dataclasses.replace(cfg, out_dir=tmp_path / "d", model=noisier)))
+    assert tuned.config.p_mean == 0.5 and tuned.config.sample_steps == 1

@@ -89,6 +89,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
 
 
+# WorldModelConfig fields a fine-tune (--init-from) may change: they do not change what the weights
+# compute (training noise levels, sampling schedule, kernels and chunking of the same maths)
+INIT_FROM_FREE_FIELDS = ("p_mean", "p_std", "sample_steps", "sigma_min", "sigma_max", "rho", "backend",
+                         "ssm_chunk_size", "attn_chunk_frames")
+
+
 def mismatch(a, b) -> str:
     """The fields in which two dataclass configs differ, for error messages."""
     return ", ".join(f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
@@ -274,7 +280,10 @@ def train(cfg: TrainConfig) -> Path:
     model = WorldModel(cfg.model)
     if cfg.init_from is not None:
         start_model = load_model(cfg.init_from)
-        if start_model.config != cfg.model:
+        # fields that only steer training noise, sampling or execution may differ (e.g. a fine-tune
+        # with another noise distribution); the network's own fields must match
+        free = {k: getattr(cfg.model, k) for k in INIT_FROM_FREE_FIELDS}
+        if dataclasses.replace(start_model.config, **free) != cfg.model:
             raise ValueError(f"--init-from {cfg.init_from}: its model config differs from this run's "
                              f"({mismatch(start_model.config, cfg.model)})")
         model.load_state_dict(start_model.state_dict())
