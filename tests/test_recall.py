@@ -104,10 +104,12 @@ def test_prediction_cli_rows(tmp_path):
     ckpt = save_model(tmp_path / "m", WorldModel(PRESETS["tiny"][1].model))
     rows = predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", episodes=2, context=4, horizon=6,
                                  sampling_steps=(1, 2), whole_episode_len=13, json=tmp_path / "p.json"))
-    head, rows_ = rows[0], rows[1:]
+    base, head, rows_ = rows[0], rows[1], rows[2:]
+    assert set(base["baselines"]) == {"repeat_last_frame_1step", "context_mean_open_loop"}
     assert head["rewards"] == "head on real frames" and head["frames"] == 2 * 13
     assert [r["sampling_steps"] for r in rows_] == [1, 2] and all(0 < r["psnr_1step"] < 100 for r in rows_)
     assert all(r["open_loop"]["false_payouts_per_1k"] >= 0 for r in rows_)
+    assert all(0 <= r["actions"]["true_action_best"] <= 1 and r["actions"]["samples"] == 2 * 6 for r in rows_)
     assert json.loads((tmp_path / "p.json").read_text()) == rows
     with pytest.raises(ValueError, match="no episode with 1 x 40 frames"):
         predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", context=20, horizon=20))
@@ -119,7 +121,61 @@ def test_prediction_cli_rows(tmp_path):
     assert np.array_equal(clips.rewards[3].numpy(), ep["reward"][6:12])
     rows = predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", episodes=2, context=2, horizon=4,
                                  windows=2, sampling_steps=(1,), whole_episodes=False))
-    assert rows[0]["clips"] == 4 and rows[0]["episodes"] == 2
+    assert rows[1]["clips"] == 4 and rows[1]["episodes"] == 2
+
+
+class _ActionPainter(torch.nn.Module):
+    """A stand-in world model whose imagined frame is a flat image of brightness 40 * action (or
+    of a constant when it ignores actions): action sensitivity has a known answer."""
+
+    def __init__(self, uses_actions: bool):
+        super().__init__()
+        self.uses_actions, self.w = uses_actions, torch.nn.Parameter(torch.zeros(1))
+
+    def init_state(self, n, device=None):
+        return _Rows(n)
+
+    def observe_clip(self, state, frames, actions):
+        pass
+
+    def observe(self, state, frame, action):
+        pass
+
+    def generate(self, state, actions, steps=None, noise=None):
+        value = actions * 40 if self.uses_actions else torch.full_like(actions, 40)
+        frames = value.to(torch.uint8)[:, None, None, None].expand(len(actions), 8, 8, 3)
+        return frames, torch.zeros(len(actions)), torch.zeros(len(actions), dtype=torch.bool)
+
+
+class _Rows:
+    def __init__(self, n):
+        self.n = n
+
+    def index_select(self, idx):
+        return _Rows(len(idx))
+
+
+def test_action_sensitivity_and_trivial_baselines_on_known_cases():
+    from ssm_gym.eval.prediction import action_sensitivity, trivial_baselines
+
+    g = torch.Generator().manual_seed(0)
+    taken = torch.randint(0, 6, (5, 7), generator=g)
+    frames = (taken * 40).to(torch.uint8)[:, :, None, None, None].expand(5, 7, 8, 8, 3).contiguous()
+    # the real next frame is exactly what the action-using model paints for the action taken
+    good = action_sensitivity(_ActionPainter(True), frames, taken, context=3, positions=4)
+    assert good["true_action_best"] == 1.0 and good["psnr_true_action"] == 100.0
+    assert good["psnr_other_actions"] < 30 and good["psnr_between_actions"] < 30 and good["samples"] == 20
+    blind = action_sensitivity(_ActionPainter(False), frames, taken, context=3, positions=4)
+    assert blind["psnr_between_actions"] == 100.0  # every action gives the same frame
+    assert blind["true_action_best"] == pytest.approx((taken[:, 3:7] == 0).float().mean().item())  # ties: action 0
+    with pytest.raises(ValueError, match="need 10 frames"):
+        action_sensitivity(_ActionPainter(True), frames, taken, context=3, positions=7)
+    static = torch.full((2, 6, 8, 8, 3), 77, dtype=torch.uint8)
+    assert trivial_baselines(static, 2) == {"repeat_last_frame_1step": 100.0, "context_mean_open_loop": 100.0}
+    moving = static.clone()
+    moving[:, 3:] = 0
+    base = trivial_baselines(moving, 3)
+    assert base["repeat_last_frame_1step"] < 100 and base["context_mean_open_loop"] < 100
 
 
 def test_reward_metrics_count_paid_events_and_false_payouts():

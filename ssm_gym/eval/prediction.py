@@ -14,6 +14,11 @@ Rewards are judged the way the imagined env pays them (1 when the head predicts 
 the share of real reward events (touching the target) the head pays for, and the false payouts
 per 1,000 steps without one, for the one-step and open-loop predictions and for the head on the
 real frames themselves (whole episodes, teacher-forced: the head's own accuracy).
+
+Two more checks say whether the model has learned dynamics at all: the scores of trivial
+predictors on the same clips (the last real frame as the next one; the mean context frame as
+every future one), and the action sensitivity (the next frame imagined for every action from
+the same state and noise: is the one for the action actually taken the closest to the truth?).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 from ssm_gym.eval.metrics import psnr
 from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
+from ssm_gym.maze.sim import N_ACTIONS
 
 
 class Clips(NamedTuple):
@@ -82,6 +88,60 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
     return {"one_step": to_np(one_step), "open_loop": to_np(open_loop),
             "real": frames[:, context : context + horizon].cpu().numpy(),
             "one_step_reward": to_np(one_r), "open_loop_reward": to_np(open_r)}
+
+
+@torch.no_grad()
+def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int, positions: int = 8,
+                       steps: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Does the imagined next frame depend on the action taken? At `positions` consecutive steps
+    after `context` real frames (teacher-forced: the state follows the real frames), imagine the
+    next frame once for every action, from the same state and the same noise, and compare with the
+    real next frame (reached by the action actually taken).
+
+    Returns ``psnr_true_action`` (the prediction for the action taken), ``psnr_other_actions``
+    (mean over the other actions), ``true_action_best`` (how often the action taken gives the
+    prediction closest to the real frame; chance is 1/N_ACTIONS) and ``psnr_between_actions``
+    (mean PSNR between the predictions for two different actions: high means the model ignores
+    the action). A world model an agent can learn from has ``true_action_best`` near 1."""
+    n, total = frames.shape[:2]
+    if total < context + positions:
+        raise ValueError(f"need {context + positions} frames, got {total}")
+    dev = next(model.parameters()).device
+    frames, prev_actions = frames.to(dev), prev_actions.to(dev)
+    k = N_ACTIONS
+    rows = torch.arange(n, device=dev).repeat_interleave(k)  # env j*k + a: clip j, action a
+    acts = torch.arange(k, device=dev).repeat(n)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    state = model.init_state(n, dev)
+    model.observe_clip(state, frames[:, :context], prev_actions[:, :context])
+    true_p, other_p, best, between = [], [], [], []
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    for h in range(context, context + positions):
+        noise = torch.randn((n, 1, *frames.shape[2:]), generator=gen, device=dev).repeat_interleave(k, 0)
+        pred, _, _ = model.generate(state.index_select(rows), acts, steps=steps, noise=noise)
+        pred = pred.reshape(n, k, *frames.shape[2:]).cpu().numpy()
+        real = frames[:, h].cpu().numpy()
+        p = psnr(pred, np.repeat(real[:, None], k, 1))  # (n, k)
+        taken = prev_actions[:, h].cpu().numpy()
+        is_taken = np.arange(k)[None] == taken[:, None]
+        true_p.append(p[is_taken]), other_p.append(p[~is_taken].reshape(n, k - 1).mean(1))
+        best.append(p.argmax(1) == taken)
+        between.append(np.stack([psnr(pred[:, i], pred[:, j]) for i, j in pairs], 1).mean(1))
+        model.observe(state, frames[:, h], prev_actions[:, h])
+    return {"psnr_true_action": float(np.mean(true_p)), "psnr_other_actions": float(np.mean(other_p)),
+            "true_action_best": float(np.mean(best)), "psnr_between_actions": float(np.mean(between)),
+            "samples": n * positions}
+
+
+def trivial_baselines(frames: torch.Tensor, context: int) -> dict[str, float]:
+    """What a model that has learned no dynamics scores: the next frame predicted as the last real
+    frame (one-step), and every future frame as the mean of the context frames (open-loop)."""
+    f = frames.numpy()
+    real = f[:, context:]
+    last = psnr(f[:, context - 1:-1], real)
+    mean_ctx = np.repeat(f[:, :context].astype(np.float64).mean(1, keepdims=True).round().astype(np.uint8),
+                         real.shape[1], 1)
+    return {"repeat_last_frame_1step": float(last.mean()), "context_mean_open_loop": float(psnr(mean_ctx, real).mean())}
 
 
 @torch.no_grad()
@@ -167,6 +227,8 @@ class Args:
     whole_episodes: bool = True
     """Also judge the reward head on the real frames of whole episodes (teacher-forced)."""
     whole_episode_len: int = 1001
+    action_positions: int = 8
+    """Steps per clip at which the action sensitivity is measured (at most --horizon; 0 = skip it)."""
     json: Optional[Path] = None
     """Also write the rows as JSON here."""
 
@@ -179,7 +241,9 @@ def main(args: Args) -> list[dict]:
     r3 = lambda d: {k: v if v is None else round(v, 3) for k, v in d.items()}  # noqa: E731
     if args.whole_episodes:  # for the head on real frames, all of every episode
         whole, whole_prev, whole_r = load_clips(args.val_dir, args.episodes, args.whole_episode_len)
-    rows = []
+    rows = [{"baselines": {k: round(v, 2) for k, v in trivial_baselines(frames, args.context).items()},
+             "clips": len(frames)}]
+    print(json.dumps(rows[-1]), flush=True)
     for ckpt in args.checkpoints:
         model = load_model(ckpt, args.device)
         if args.whole_episodes:
@@ -195,6 +259,10 @@ def main(args: Args) -> list[dict]:
                          "one_step": r3(reward_metrics(pred["one_step_reward"], real_r)),
                          "open_loop": r3(reward_metrics(pred["open_loop_reward"], real_r)),
                          "open_loop_auc_by_step": r3(reward_auc_by_step(pred["open_loop_reward"], real_r))})
+            if args.action_positions:
+                act = action_sensitivity(model, frames, prev, args.context, min(args.action_positions, args.horizon),
+                                         steps, args.seed)
+                rows[-1]["actions"] = r3(act)
             print(json.dumps(rows[-1]), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
