@@ -102,6 +102,7 @@ def test_tiny_run_end_to_end(data, tmp_path):
     assert all(np.isfinite(float(r.split(",")[4])) for r in rows[1:])
     val = (out / "val.csv").read_text().splitlines()
     assert len(val) >= 2 and 0 < float(val[-1].split(",")[1]) < 100
+    assert val[0].endswith("true_action_best,psnr_between_actions") and 0 <= float(val[-1].split(",")[4]) <= 1
     assert latest_checkpoint(out).name == "step_0000012"
     assert len(list((out / "checkpoints").glob("step_*"))) <= 3
     # The curriculum changed the clip length and kept frames per step about constant.
@@ -213,3 +214,17 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     noisier = dataclasses.replace(cfg.model, p_mean=0.5, sample_steps=1)
     tuned = load_model(train(dataclasses.replace(cfg, out_dir=tmp_path / "d", model=noisier)))
     assert tuned.config.p_mean == 0.5 and tuned.config.sample_steps == 1
+
+
+def test_csv_log_keeps_rows_when_its_columns_change(tmp_path):
+    """A run resumed by a newer version: old rows stay under their column names, new columns empty."""
+    from ssm_gym.train.trainer import CSVLog
+
+    path = tmp_path / "val.csv"
+    old = CSVLog(path, ["step", "psnr"])
+    old.write({"step": 10, "psnr": 17.5})
+    new = CSVLog(path, ["step", "psnr", "true_action_best"])
+    new.write({"step": 20, "psnr": 18.0, "true_action_best": 0.4})
+    assert path.read_text().splitlines() == ["step,psnr,true_action_best", "10,17.5,", "20,18.0,0.4"]
+    CSVLog(path, ["step", "psnr", "true_action_best"])  # same columns: untouched
+    assert path.read_text().splitlines()[-1] == "20,18.0,0.4"

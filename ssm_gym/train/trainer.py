@@ -10,7 +10,7 @@ Run folder (`cfg.out_dir`):
     checkpoints/step_XXXXXXX/  model/ (EMA weights, loadable by ssm_gym.model.checkpoint.load_model),
                                raw.safetensors (training weights), train_state.pt (optimizer, RNGs, step)
     checkpoints/latest         name of the newest complete checkpoint
-    metrics.csv, val.csv       one row per logged step / validation
+    metrics.csv, val.csv       one row per logged step / validation (val: PSNRs and action sensitivity)
     tb/                        TensorBoard events
     samples/step_XXXXXXX.mp4   real | open-loop prediction | one-step prediction
     model/                     final EMA model
@@ -225,13 +225,15 @@ def load_validation_set(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def validate(cfg: TrainConfig, model: WorldModel, val, step: int, out_dir: Path, write_video: bool) -> dict:
-    from ssm_gym.eval.prediction import prediction_metrics, predict_episodes, side_by_side_video
+    from ssm_gym.eval.prediction import action_sensitivity, prediction_metrics, predict_episodes, side_by_side_video
 
     was_training = model.training
     model.eval()
     pred = predict_episodes(model, val[0], val[1], cfg.val_context, cfg.val_horizon, seed=step)
+    # does the imagined frame depend on the action? (the check that says whether agents can learn)
+    actions = action_sensitivity(model, val[0], val[1], cfg.val_context, min(4, cfg.val_horizon), seed=step)
     model.train(was_training)
-    metrics = prediction_metrics(pred)
+    metrics = {**prediction_metrics(pred), **actions}
     if write_video:
         import imageio.v2 as imageio
 
@@ -246,6 +248,16 @@ class CSVLog:
         if not path.exists():
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(fields)
+            return
+        with path.open(newline="") as f:
+            old = next(csv.reader(f), [])
+        if old != fields:  # a run from an older version resumed: same columns by name, new ones empty
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            with path.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(fields)
+                w.writerows([[r.get(k) or "" for k in fields] for r in rows])
 
     def write(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
@@ -317,7 +329,8 @@ def train(cfg: TrainConfig) -> Path:
     if env.main:
         metrics_log = CSVLog(cfg.out_dir / "metrics.csv", ["step", "stage", "clip_len", "batch", "loss", "frame_loss",
                                                            "reward_loss", "lr", "grad_norm", "frames_per_s", "elapsed_s"])
-        val_log = CSVLog(cfg.out_dir / "val.csv", ["step", "psnr_1step", f"psnr_{cfg.val_horizon}step", "psnr_open_loop_mean"])
+        val_log = CSVLog(cfg.out_dir / "val.csv", ["step", "psnr_1step", f"psnr_{cfg.val_horizon}step", "psnr_open_loop_mean",
+                                                   "true_action_best", "psnr_between_actions"])
         if cfg.resume:  # rows logged after the checkpoint (or before any checkpoint) are redone
             metrics_log.truncate_after(start)
             val_log.truncate_after(start)
@@ -408,11 +421,15 @@ def train(cfg: TrainConfig) -> Path:
             m = validate(cfg, ema_model, val, done, cfg.out_dir, video)
             val_log.write({"step": done, "psnr_1step": round(m["psnr_1step"], 3),
                            f"psnr_{cfg.val_horizon}step": round(m["psnr_open_loop_last"], 3),
-                           "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 3)})
+                           "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 3),
+                           "true_action_best": round(m["true_action_best"], 3),
+                           "psnr_between_actions": round(m["psnr_between_actions"], 2)})
             writer.add_scalar("val/psnr_1step", m["psnr_1step"], done)
             writer.add_scalar(f"val/psnr_{cfg.val_horizon}step", m["psnr_open_loop_last"], done)
+            writer.add_scalar("val/true_action_best", m["true_action_best"], done)
             bar.write(f"step {done}: val PSNR 1-step {m['psnr_1step']:.2f} dB, "
-                      f"{cfg.val_horizon}-step {m['psnr_open_loop_last']:.2f} dB")
+                      f"{cfg.val_horizon}-step {m['psnr_open_loop_last']:.2f} dB, "
+                      f"taken action's frame closest {m['true_action_best']:.0%}")
         if done % cfg.ckpt_every == 0 or last:
             save_checkpoint(cfg.out_dir, done, model, ema, opt, data_rng, noise_gen, meta, cfg.keep_checkpoints, elapsed())
             env.barrier()
