@@ -128,16 +128,17 @@ def main(args: Args) -> dict:
     frames = first_frames(max(args.num_envs)).to(args.device)
     out: dict = {"sampling_steps": steps, "threads": torch.get_num_threads(), "device": args.device, "targets": TARGETS}
 
+    def seconds_per_step(n: int, cuda_graph: bool) -> float:
+        eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps, cuda_graph=cuda_graph)
+        eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
+        return time_steps(eng, args.seconds)
+
     rows = []
     for n in args.num_envs:
-        eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps)
-        eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
-        sec = time_steps(eng, args.seconds)
+        sec = seconds_per_step(n, False)
         row = {"num_envs": n, "env_steps_per_s": round(n / sec, 1), "ms_per_step": round(1000 * sec, 2)}
         if args.cuda_graph:
-            eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps, cuda_graph=True)
-            eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
-            sec = time_steps(eng, args.seconds)
+            sec = seconds_per_step(n, True)
             row.update(graph_env_steps_per_s=round(n / sec, 1), graph_ms_per_step=round(1000 * sec, 2))
         rows.append(row)
     out["throughput"] = rows

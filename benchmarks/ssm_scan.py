@@ -71,17 +71,19 @@ class Args:
     """timed repeats for scans / matmuls (best of)"""
 
 
-def best_time(fn, repeats: int, device: str = "cpu") -> float:
+def timed_once(fn, device: str = "cpu") -> float:
+    """Seconds of one call of fn, the device's queued work included."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()  # warm-up
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def best_time(fn, repeats: int, device: str = "cpu") -> float:
+    fn()  # warm-up
+    return min(timed_once(fn, device) for _ in range(repeats))
 
 
 def has_mamba(device: str) -> bool:
@@ -174,7 +176,8 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
             if layer.ssm is not None:
                 layer.ssm.backend = backend
         for name, bf16 in (("fp32", False), ("bf16", True)):
-            dt = best_time(lambda: [step(bf16) for _ in range(args.steps)], 1, args.device) / args.steps  # noqa: B023
+            step(bf16)  # warm-up (one step, as the timed steps follow it)
+            dt = timed_once(lambda: [step(bf16) for _ in range(args.steps)], args.device) / args.steps  # noqa: B023
             achieved = flops / dt / 1e9
             rows.append({"precision": name, "backend": backend, "batch": b, "frames_per_clip": t, "step_s": dt,
                          "frames_per_s": b * t / dt, "gflop_per_step": flops / 1e9, "achieved_gflops": achieved,

@@ -250,10 +250,9 @@ class CSVLog:
                 csv.writer(f).writerow(fields)
             return
         with path.open(newline="") as f:
-            old = next(csv.reader(f), [])
-        if old != fields:  # a run from an older version resumed: same columns by name, new ones empty
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        if reader.fieldnames != fields:  # a run from an older version resumed: same columns by name, new ones empty
             with path.open("w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(fields)
