@@ -49,6 +49,12 @@ def test_bad_intervals_rejected(field):
         dataclasses.replace(PRESETS["tiny"][1], **{field: 0}).validate()
 
 
+@pytest.mark.parametrize("field,value", [("clean_history_prob", 1.5), ("clean_history_noised_frac", 0.0)])
+def test_bad_noise_pattern_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(PRESETS["tiny"][1], **{field: value}).validate()
+
+
 def test_schedule_and_chunks():
     cfg = PRESETS["tiny"][1]
     assert lr_at(cfg, 0) < lr_at(cfg, cfg.warmup_steps - 1) <= cfg.lr
@@ -161,6 +167,16 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(data, tmp_path):
         load_model(final)
     weights.write_bytes(blob)
     cfg = json.loads((final / "config.json").read_text())
+    # a checkpoint written before a later-added field loads with the field's old behaviour...
+    del cfg["model"]["action_tokens"]
+    (final / "config.json").write_text(json.dumps(cfg))
+    assert load_model(final).config.action_tokens is False
+    # ...but any other missing field is an error
+    p_mean = cfg["model"].pop("p_mean")
+    (final / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing from the checkpoint.*p_mean"):
+        load_model(final)
+    cfg["model"]["p_mean"] = p_mean
     cfg["model"]["d_model"] = 48
     (final / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="do not match the config"):
@@ -214,6 +230,15 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     noisier = dataclasses.replace(cfg.model, p_mean=0.5, sample_steps=1)
     tuned = load_model(train(dataclasses.replace(cfg, out_dir=tmp_path / "d", model=noisier)))
     assert tuned.config.p_mean == 0.5 and tuned.config.sample_steps == 1
+    # per-position action tokens may be switched on: they start at zero, the rest is loaded
+    grown_cfg = dataclasses.replace(cfg, out_dir=tmp_path / "e", model=dataclasses.replace(cfg.model, action_tokens=True))
+    grown = load_model(train(grown_cfg))
+    assert grown.config.action_tokens and grown.action_tok.weight.abs().max() < 1e-6
+    for k, a in before.state_dict().items():
+        assert torch.allclose(a, grown.state_dict()[k], atol=1e-6), k
+    # ...but not switched off again (weights would be dropped)
+    with pytest.raises(ValueError, match="init-from.*action_tokens"):
+        train(dataclasses.replace(cfg, out_dir=tmp_path / "f", init_from=tmp_path / "e" / "model"))
 
 
 def test_csv_log_keeps_rows_when_its_columns_change(tmp_path):

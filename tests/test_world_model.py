@@ -12,7 +12,7 @@ from ssm_gym.model import (
     incoming_actions,
     karras_sigmas,
 )
-from ssm_gym.model.diffusion import long_context_prefix
+from ssm_gym.model.diffusion import long_context_prefix, sample_clip_sigmas
 
 
 
@@ -49,9 +49,10 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "full+action_tokens"])
 def test_parallel_equals_step(variant):
-    m = randomized(tiny_config(variant))
+    variant, _, extra = variant.partition("+")
+    m = randomized(tiny_config(variant, **({extra: True} if extra else {})))
     frames, actions = clip()
     t = frames.shape[1]
     with torch.no_grad():
@@ -183,6 +184,19 @@ def test_generate_deterministic_under_seed(variant):
     assert f1.shape == (2, 16, 16, 3)
 
 
+def test_action_tokens_depend_on_action_and_position():
+    m = randomized(tiny_config("full", action_tokens=True))
+    frames, actions = clip()
+    sigma = torch.full(actions.shape, 1.0)
+    with torch.no_grad():
+        out = m(frames, sigma, actions).raw
+        m.action_tok.weight[actions[0, 3]].view(m.n_tok, -1)[5] += torch.randn(m.config.d_model)  # one action, one position
+        moved = m(frames, sigma, actions).raw
+    assert max_err(out[0, 3], moved[0, 3]) > 1e-3  # the frame that action led to changes
+    other = (actions[0, :3] != actions[0, 3]).nonzero().flatten()
+    assert max_err(out[0, other], moved[0, other]) == 0  # earlier frames cannot see it (causal)
+
+
 def test_sampler_sigmas_and_helpers():
     s = karras_sigmas(3, 2e-3, 5.0)
     assert s.shape == (4,) and s[0] == 5.0 and s[-1] == 0 and torch.all(s[:-1] > s[1:])
@@ -194,6 +208,27 @@ def test_sampler_sigmas_and_helpers():
     used = p > 0
     assert 0.45 < used.float().mean() < 0.55
     assert p[used].min() >= 9 and p[used].max() <= 15  # longer than half, >= 1 noised frame left
+
+
+def test_clean_history_noise_pattern():
+    cfg = WorldModelConfig()
+    g = torch.Generator().manual_seed(0)
+    # off: the exact draws of plain diffusion forcing (resumed runs keep their noise stream)
+    plain = sample_clip_sigmas(cfg, 64, 32, True, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(plain, sample_clip_sigmas(cfg, 64, 32, True, 0.5, torch.Generator().manual_seed(1),
+                                                 clean_history_prob=0.0))
+    s = sample_clip_sigmas(cfg, 4000, 32, False, 0.0, g, clean_history_prob=1.0, clean_history_noised_frac=0.25)
+    noised = s > 0
+    assert 0.23 < noised.float().mean() < 0.27
+    prev_clean = torch.cat([torch.ones(4000, 1, dtype=torch.bool), ~noised[:, :-1]], 1)
+    assert (noised & prev_clean).sum() / noised.sum() > 0.7  # most predicted frames follow a clean frame
+    half = sample_clip_sigmas(cfg, 4000, 32, False, 0.0, g, clean_history_prob=0.5)
+    sparse_clips = (half > 0).float().mean(1) < 0.5
+    assert 0.45 < sparse_clips.float().mean() < 0.55
+    with pytest.raises(ValueError, match="clean_history_prob"):
+        sample_clip_sigmas(cfg, 2, 8, clean_history_prob=1.5)
+    with pytest.raises(ValueError, match="clean_history_noised_frac"):
+        sample_clip_sigmas(cfg, 2, 8, clean_history_prob=0.5, clean_history_noised_frac=0.0)
 
 
 def moving_square_clip(b, t, size=16, seed=0):

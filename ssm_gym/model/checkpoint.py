@@ -38,10 +38,17 @@ def config_to_dict(config: WorldModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Fields added to WorldModelConfig after format_version 1, with the value that reproduces what
+# checkpoints written before them compute. Only these may be absent from a checkpoint.
+ADDED_FIELDS: dict[str, Any] = {"action_tokens": False}
+
+
 def config_from_dict(d: dict[str, Any], where: str = "config") -> WorldModelConfig:
-    """Strict: unknown or missing fields are an error, never silently defaulted."""
+    """Strict: unknown or missing fields are an error, never silently defaulted (except the
+    fields listed in ADDED_FIELDS, which older checkpoints predate)."""
     if not isinstance(d, dict):
         raise CheckpointError(f"{where}: 'model' must be a JSON object, got {type(d).__name__}")
+    d = {**ADDED_FIELDS, **d}
     known = {f.name for f in dataclasses.fields(WorldModelConfig)}
     unknown, missing = sorted(set(d) - known), sorted(known - set(d))
     if unknown or missing:

@@ -123,11 +123,26 @@ def diffusion_forcing_loss(
 
 
 def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, long_context_prob: float = 0.5,
-                       generator: torch.Generator | None = None, device=None) -> Tensor:
+                       generator: torch.Generator | None = None, device=None, clean_history_prob: float = 0.0,
+                       clean_history_noised_frac: float = 0.25) -> Tensor:
     """(batch, length) training noise levels for whole clips: independent per frame (diffusion
     forcing), with the long-context clean prefix applied. Drawn for the whole clip up front so a
-    clip trained in temporal chunks (truncated BPTT) gets the same noise pattern as in one piece."""
+    clip trained in temporal chunks (truncated BPTT) gets the same noise pattern as in one piece.
+
+    clean_history_prob: share of clips in which only a random ``clean_history_noised_frac`` of the
+    frames is noised and the rest stay clean. Why: with every frame noised, a predicted frame
+    almost never follows a clean one, yet at inference the history is always clean (real or
+    generated frames); the step from a clean previous frame through the action is what an agent
+    needs, and plain diffusion forcing rarely trains it."""
+    if not 0.0 <= clean_history_prob <= 1.0:
+        raise ValueError(f"clean_history_prob must be in [0, 1], got {clean_history_prob}")
+    if not 0.0 < clean_history_noised_frac <= 1.0:
+        raise ValueError(f"clean_history_noised_frac must be in (0, 1], got {clean_history_noised_frac}")
     sigma = sample_train_sigmas((batch, length), cfg.p_mean, cfg.p_std, generator, device)
+    if clean_history_prob > 0:
+        sparse = torch.rand(batch, generator=generator, device=device) < clean_history_prob
+        kept = torch.rand((batch, length), generator=generator, device=device) < clean_history_noised_frac
+        sigma = torch.where(sparse[:, None] & ~kept, torch.zeros_like(sigma), sigma)
     if long_context:
         prefix = long_context_prefix(batch, length, long_context_prob, generator, device)
         sigma = torch.where(torch.arange(length, device=device)[None] < prefix[:, None], torch.zeros_like(sigma), sigma)

@@ -59,6 +59,7 @@ class WorldModelConfig:
     attn_chunk_frames: int | None = None  # query frames per attention call (default: ceil(k/2))
     # conditioning
     n_actions: int = 6
+    action_tokens: bool = False  # also add a learned per-(action, token position) embedding to the tokens
     # diffusion (EDM)
     sigma_data: float = 0.5
     sigma_min: float = 2e-3
@@ -307,6 +308,15 @@ class WorldModel(nn.Module):
         self.register_buffer("noise_freqs", torch.randn(d // 2) * 4.0, persistent=True)  # Fourier features
         self.noise_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.action_emb = nn.Embedding(cfg.n_actions + 1, d)
+        # adaLN gives every token of a frame the same per-channel shift and scale, so it cannot say
+        # "this token now shows what its left neighbour showed" (turning shifts the first-person
+        # view by about two patches). A per-position action embedding lets attention queries
+        # depend on action and position together. Zero-initialised: a fine-tune starts from the
+        # model it loads.
+        self.action_tok = None
+        if cfg.action_tokens:
+            self.action_tok = nn.Embedding(cfg.n_actions + 1, self.n_tok * d)
+            nn.init.zeros_(self.action_tok.weight)
         self.layers = nn.ModuleList([Layer(cfg, i) for i in range(cfg.n_layers)])
         self.final_ada = nn.Linear(d, 2 * d)
         self.patch_out = nn.Linear(d, self.patch_dim)
@@ -377,6 +387,8 @@ class WorldModel(nn.Module):
         sigma = sigma.to(x.dtype).expand(b, t)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, cfg.sigma_data)
         tok = self.patch_in(self.patchify(x * c_in[:, :, None, None, None])) + self.pos_emb
+        if self.action_tok is not None:
+            tok = tok + self.action_tok(actions).view(b, t, self.n_tok, cfg.d_model)
         ang = c_noise[..., None] * self.noise_freqs
         cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + self.action_emb(actions)
         cond = F.silu(cond)

@@ -41,6 +41,10 @@ class TrainConfig:
     long_context: bool = True
     """Paper's long-context training: a clean prefix longer than half the clip, loss on the rest."""
     long_context_prob: float = 0.5
+    clean_history_prob: float = 0.0
+    """Share of clips in which only `clean_history_noised_frac` of the frames are noised, the rest
+    clean: trains prediction from a clean history, as at inference (see sample_clip_sigmas)."""
+    clean_history_noised_frac: float = 0.25
     reward_clip_prob: float = 0.0
     """Share of training clips drawn around a reward event (touching the target, under 1% of
     frames), so the model learns when touches happen and shows them (0: uniform clips)."""
@@ -127,6 +131,10 @@ class TrainConfig:
         get_compression(self.compression)  # a clear error for an unknown setting
         if not 0.0 <= self.compression_prob <= 1.0:
             raise ValueError(f"compression_prob must be in [0, 1], got {self.compression_prob}")
+        if not 0.0 <= self.clean_history_prob <= 1.0:
+            raise ValueError(f"clean_history_prob must be in [0, 1], got {self.clean_history_prob}")
+        if not 0.0 < self.clean_history_noised_frac <= 1.0:
+            raise ValueError(f"clean_history_noised_frac must be in (0, 1], got {self.clean_history_noised_frac}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
 

@@ -95,6 +95,11 @@ INIT_FROM_FREE_FIELDS = ("p_mean", "p_std", "sample_steps", "sigma_min", "sigma_
                          "ssm_chunk_size", "attn_chunk_frames")
 
 
+# Fields a fine-tune may switch on: they add parameters that start at zero (the loaded model's
+# output is unchanged at the start); the new tensors are the only ones the start model lacks.
+INIT_FROM_GROW_FIELDS = ("action_tokens",)
+
+
 def mismatch(a, b) -> str:
     """The fields in which two dataclass configs differ, for error messages."""
     return ", ".join(f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
@@ -294,10 +299,15 @@ def train(cfg: TrainConfig) -> Path:
         # fields that only steer training noise, sampling or execution may differ (e.g. a fine-tune
         # with another noise distribution); the network's own fields must match
         free = {k: getattr(cfg.model, k) for k in INIT_FROM_FREE_FIELDS}
+        free.update({k: True for k in INIT_FROM_GROW_FIELDS if getattr(cfg.model, k)})
         if dataclasses.replace(start_model.config, **free) != cfg.model:
             raise ValueError(f"--init-from {cfg.init_from}: its model config differs from this run's "
                              f"({mismatch(start_model.config, cfg.model)})")
-        model.load_state_dict(start_model.state_dict())
+        missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
+        grown = {n for n, _ in model.named_parameters() if n.startswith("action_tok.")}
+        if unexpected or set(missing) - grown:
+            raise ValueError(f"--init-from {cfg.init_from}: weights do not fit this run's model "
+                             f"(missing {sorted(set(missing) - grown)[:3]}, unexpected {unexpected[:3]})")
     model = model.to(env.device)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
@@ -364,7 +374,8 @@ def train(cfg: TrainConfig) -> Path:
         rewards = batch["rewards"].to(env.device)
         terminals = batch["terminals"].to(env.device)
         sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
-                                   generator=noise_gen, device=env.device)
+                                   generator=noise_gen, device=env.device, clean_history_prob=cfg.clean_history_prob,
+                                   clean_history_noised_frac=cfg.clean_history_noised_frac)
         compress = None
         if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
             compress = clip_compression(comp_cfg, frames, cfg.model.patch_size, cfg.compression_prob, noise_gen)
