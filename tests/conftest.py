@@ -32,6 +32,22 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def prev_frame_model():
+    """As ``model``, with the previous-frame input switched on (and non-zero)."""
+    import dataclasses
+
+    from ssm_gym.model.world_model import WorldModel
+    from ssm_gym.train.config import PRESETS
+
+    torch.manual_seed(1)
+    m = WorldModel(dataclasses.replace(PRESETS["tiny"][1].model, prev_frame=True)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+@pytest.fixture(scope="module")
 def tiny_checkpoint(model, tmp_path_factory):
     """The ``model`` fixture saved as a checkpoint folder (for CLIs and benchmarks)."""
     from ssm_gym.model.checkpoint import save_model

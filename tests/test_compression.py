@@ -54,7 +54,9 @@ def rollout(model, compression, frames, actions, steps, num_envs=2, seed=0):
     return torch.stack(out), eng
 
 
-def test_off_and_keep_all_reproduce_the_exact_model(model, episode):
+@pytest.mark.parametrize("which", ["model", "prev_frame_model"])
+def test_off_and_keep_all_reproduce_the_exact_model(request, which, episode):
+    model = request.getfixturevalue(which)  # (a prev_frame model reads its last frame from compression's)
     frames, actions = episode
     plain, eng = rollout(model, None, frames, actions, 6)
     assert eng.state.comp is None and not eng.packed
@@ -65,11 +67,13 @@ def test_off_and_keep_all_reproduce_the_exact_model(model, episode):
     assert torch.equal(plain, off) and torch.equal(plain, kept)
 
 
-@pytest.mark.parametrize("setting", ["strong", "strong-compact"])
-def test_packed_engine_equals_dense_compressed_model(model, episode, setting):
+@pytest.mark.parametrize("setting, which", [("strong", "model"), ("strong-compact", "model"),
+                                            ("strong", "prev_frame_model")])
+def test_packed_engine_equals_dense_compressed_model(request, which, episode, setting):
     """Packing between steps is lossless (both storages: token pools stepped in place, compact
     tokens rebuilt into a ring): the engine and the model stepped on a dense compressed state give
     identical frames."""
+    model = request.getfixturevalue(which)
     frames, actions = episode
     cfg = SETTINGS[setting]
     packed, eng = rollout(model, cfg, frames, actions, 8, num_envs=1)

@@ -230,10 +230,13 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     noisier = dataclasses.replace(cfg.model, p_mean=0.5, sample_steps=1)
     tuned = load_model(train(dataclasses.replace(cfg, out_dir=tmp_path / "d", model=noisier)))
     assert tuned.config.p_mean == 0.5 and tuned.config.sample_steps == 1
-    # per-position action tokens may be switched on: they start at zero, the rest is loaded
-    grown_cfg = dataclasses.replace(cfg, out_dir=tmp_path / "e", model=dataclasses.replace(cfg.model, action_tokens=True))
+    # per-position action tokens and the previous-frame input may be switched on: they start at
+    # zero, the rest is loaded
+    grown_cfg = dataclasses.replace(cfg, out_dir=tmp_path / "e", model=dataclasses.replace(
+        cfg.model, action_tokens=True, prev_frame=True))
     grown = load_model(train(grown_cfg))
     assert grown.config.action_tokens and grown.action_tok.weight.abs().max() < 1e-6
+    assert grown.config.prev_frame and grown.prev_in.weight.abs().max() < 1e-6
     for k, a in before.state_dict().items():
         assert torch.allclose(a, grown.state_dict()[k], atol=1e-6), k
     # ...but not switched off again (weights would be dropped)

@@ -25,6 +25,12 @@ def tiny_config(variant, **kw):
     return WorldModelConfig(**base)
 
 
+def variant_model(spec):
+    """"full+prev_frame" -> ("full", a randomized tiny model of that variant with that option on)."""
+    variant, _, extra = spec.partition("+")
+    return variant, randomized(tiny_config(variant, **({extra: True} if extra else {})))
+
+
 def randomized(cfg, seed=0):
     """A model whose zero-initialised (adaLN-Zero, output) weights are made non-zero, so that
     every path carries signal."""
@@ -49,10 +55,9 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "full+action_tokens"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "full+action_tokens", "full+prev_frame", "attn_full+prev_frame"])
 def test_parallel_equals_step(variant):
-    variant, _, extra = variant.partition("+")
-    m = randomized(tiny_config(variant, **({extra: True} if extra else {})))
+    variant, m = variant_model(variant)
     frames, actions = clip()
     t = frames.shape[1]
     with torch.no_grad():
@@ -71,19 +76,19 @@ def test_parallel_equals_step(variant):
     assert (parts["ssm_state"] > 0) == (variant in ("full", "ssm_flat"))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "full+prev_frame"])
 def test_pieces_with_state_equal_whole(variant):
-    m = randomized(tiny_config(variant))
+    variant, m = variant_model(variant)
     frames, actions = clip(t=11)
     g = torch.Generator().manual_seed(1)
     sigma = torch.rand(2, 11, generator=g) * 2
     sigma[:, 3] = 0
     noisy = frames.float() / 127.5 - 1 + sigma[..., None, None, None] * torch.randn(2, 11, 16, 16, 3, generator=g)
     with torch.no_grad():
-        whole = m(noisy, sigma, actions)
+        whole = m(noisy, sigma, actions, clean=frames)
         state, outs = m.init_state(2), []
         for a, b in [(0, 4), (4, 5), (5, 11)]:
-            out = m(noisy[:, a:b], sigma[:, a:b], actions[:, a:b], state=state, update="copy")
+            out = m(noisy[:, a:b], sigma[:, a:b], actions[:, a:b], state=state, update="copy", clean=frames[:, a:b])
             state = out.state
             outs.append(out)
     assert max_err(torch.cat([o.denoised for o in outs], 1), whole.denoised) < 1e-4
@@ -140,8 +145,9 @@ def test_single_layer_attention_window_is_k():
     assert torch.equal(_last_frame_output(m, changed, actions), ref)
 
 
-def test_state_helpers_fork_and_reset():
-    m = randomized(tiny_config("full"))
+@pytest.mark.parametrize("prev_frame", [False, True])
+def test_state_helpers_fork_and_reset(prev_frame):
+    m = randomized(tiny_config("full", prev_frame=prev_frame))
     frames, actions = clip(b=3, t=5)
     state = m.init_state(3)
     m.observe_clip(state, frames, actions)
@@ -159,9 +165,9 @@ def test_state_helpers_fork_and_reset():
     assert max_err(o_reset.raw[0], o_fresh.raw[0]) > 1e-4
 
 
-@pytest.mark.parametrize("variant", ["full", "attn_full"])
+@pytest.mark.parametrize("variant", ["full", "attn_full", "full+prev_frame"])
 def test_generate_deterministic_under_seed(variant):
-    m = randomized(tiny_config(variant))
+    variant, m = variant_model(variant)
     frames, actions = clip(t=4)
     base = m.init_state(2)
     m.observe_clip(base, frames, actions)
@@ -195,6 +201,34 @@ def test_action_tokens_depend_on_action_and_position():
     assert max_err(out[0, 3], moved[0, 3]) > 1e-3  # the frame that action led to changes
     other = (actions[0, :3] != actions[0, 3]).nonzero().flatten()
     assert max_err(out[0, other], moved[0, other]) == 0  # earlier frames cannot see it (causal)
+
+
+def test_prev_frame_input_is_the_previous_clean_frame():
+    """A prev_frame model feeds frame t the clean frame t-1 (not its noised input); the first frame
+    of an episode gets none; a noised clip without its clean frames is refused."""
+    m = randomized(tiny_config("full", prev_frame=True))
+    frames, actions = clip(b=1, t=5)
+    sigma = torch.full((1, 5), 1.0)
+    noisy = frames.float() / 127.5 - 1 + torch.randn(1, 5, 16, 16, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(noisy, sigma, actions, clean=frames).raw
+        changed = frames.clone()
+        changed[:, 2] = 255 - changed[:, 2]
+        out = m(noisy, sigma, actions, clean=changed).raw
+        assert max_err(out[:, :3], ref[:, :3]) == 0  # frames up to 2 never see the clean frame 2
+        assert max_err(out[:, 3], ref[:, 3]) > 1e-3  # frame 3 does
+        m.prev_in.weight.add_(1.0)
+        first = m(noisy, sigma, actions, clean=frames).raw[:, 0]
+        assert max_err(first, ref[:, 0]) == 0  # the first frame has no previous frame
+    with pytest.raises(ValueError, match="clean frames"):
+        m(noisy, sigma, actions)
+    with pytest.raises(ValueError, match="do not match"):
+        m(noisy, sigma, actions, clean=frames[:, :4])
+    # a state made for a model without the input is refused, not read as a black frame
+    plain = randomized(tiny_config("full"))
+    with pytest.raises(ValueError, match="no previous frame"):
+        m.observe(plain.init_state(1), frames[:, 0], actions[:, 0])
+    assert "previous_frame" in m.init_state(1).nbytes_by_part()
 
 
 def test_sampler_sigmas_and_helpers():
@@ -297,9 +331,9 @@ def test_generate_with_explicit_noise_matches_generator():
     assert torch.equal(f1, f2) and torch.equal(r1, r2)
 
 
-@pytest.mark.parametrize("variant", ["full", "attn_full"])
+@pytest.mark.parametrize("variant", ["full", "attn_full", "full+prev_frame"])
 def test_index_copy_installs_warm_envs(variant):
-    m = randomized(tiny_config(variant))
+    variant, m = variant_model(variant)
     frames, actions = clip(b=3, t=6)
     state = m.init_state(3)
     m.observe_clip(state, frames[:, :2], actions[:, :2])

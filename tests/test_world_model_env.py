@@ -62,7 +62,9 @@ def test_engine_memory_does_not_grow(model):
     assert [t.data_ptr() for t in (eng.frames, eng.steps)] == ptrs, "state stays in its preallocated tensors"
 
 
-def test_engine_reset_mask_leaves_other_envs_alone(model):
+@pytest.mark.parametrize("which", ["model", "prev_frame_model"])
+def test_engine_reset_mask_leaves_other_envs_alone(request, which):
+    model = request.getfixturevalue(which)
     eng = RolloutEngine(model, 3)
     eng.reset(torch.ones(3, dtype=torch.bool), real_first_frames([0, 1, 2]))
     eng.step(torch.tensor([1, 1, 1]))
@@ -75,7 +77,9 @@ def test_engine_reset_mask_leaves_other_envs_alone(model):
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
 
 
-def test_fork_continues_exactly_like_the_original(model):
+@pytest.mark.parametrize("which", ["model", "prev_frame_model"])
+def test_fork_continues_exactly_like_the_original(request, which):
+    model = request.getfixturevalue(which)
     eng = RolloutEngine(model, 2, seed=5)
     eng.reset(torch.ones(2, dtype=torch.bool), real_first_frames([3, 4]))
     eng.step(torch.tensor([1, 4]))
@@ -87,7 +91,9 @@ def test_fork_continues_exactly_like_the_original(model):
         eng.fork(torch.tensor([2]))
 
 
-def test_engine_context_reset_equals_parallel_warmup(model):
+@pytest.mark.parametrize("which", ["model", "prev_frame_model"])
+def test_engine_context_reset_equals_parallel_warmup(request, which):
+    model = request.getfixturevalue(which)
     env = gym.make("SSMWorld-MazeReal-v0")
     obs, _ = env.reset(seed=0)
     ctx, acts = [obs], [1, 1, 3, 4, 1]
@@ -104,6 +110,8 @@ def test_engine_context_reset_equals_parallel_warmup(model):
         if x is not None:
             for u, v in zip(x, y):
                 torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+    if eng.state.prev is not None:
+        torch.testing.assert_close(eng.state.prev, step_by_step.state.prev)
     assert torch.equal(eng.frames[0], ctx[-1]), "the current frame is the last context frame"
 
 

@@ -95,7 +95,8 @@ def diffusion_forcing_loss(
         sigma = sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev)
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     xn = x0 + sigma[:, :, None, None, None] * noise
-    out = model(xn, sigma, actions, state=state, update="copy" if state is not None else "none", compress=compress)
+    out = model(xn, sigma, actions, state=state, update="copy" if state is not None else "none", compress=compress,
+                clean=x0)
 
     c_skip, c_out, _, _ = edm_scalings(sigma, cfg.sigma_data)
     noised = sigma > 0

@@ -60,6 +60,7 @@ class WorldModelConfig:
     # conditioning
     n_actions: int = 6
     action_tokens: bool = False  # also add a learned per-(action, token position) embedding to the tokens
+    prev_frame: bool = False  # also feed each frame's tokens the patches of the previous clean frame
     # diffusion (EDM)
     sigma_data: float = 0.5
     sigma_min: float = 2e-3
@@ -123,18 +124,22 @@ class WorldModelState:
     t: (N,) frames seen per env; ssm[l]: (conv_state, ssm_state) per spatial block, or None;
     kv[l]: :class:`KVCache` ring of the last k-1 frames (growing for "attn_full"), or a
     :class:`TokenPool` of their kept tokens (the rollout engine's form with dynamic compression);
-    comp: the running scores of dynamic state compression (None = off), see compression.py.
+    comp: the running scores of dynamic state compression (None = off), see compression.py;
+    prev: (N, H, W, C) the last clean frame in [-1, 1] scale, for models with ``prev_frame``
+    (None otherwise, and with dynamic compression, whose ``comp.last`` holds that frame).
     """
 
     t: Tensor
     ssm: list
     kv: list
     comp: CompressionState | None = None
+    prev: Tensor | None = None
 
     def _map(self, fn) -> WorldModelState:
         ssm = [None if s is None else tuple(fn(x) for x in s) for s in self.ssm]
         kv = [c.map(fn) for c in self.kv]
-        return WorldModelState(fn(self.t), ssm, kv, None if self.comp is None else self.comp.map(fn))
+        return WorldModelState(fn(self.t), ssm, kv, None if self.comp is None else self.comp.map(fn),
+                               None if self.prev is None else fn(self.prev))
 
     def clone(self) -> WorldModelState:
         return self._map(lambda x: x.clone())
@@ -169,6 +174,8 @@ class WorldModelState:
                 self.kv[i] = theirs
         if self.comp is not None and other.comp is not None and self.comp is not other.comp:
             self.comp.copy_(other.comp)
+        if self.prev is not None and other.prev is not None and self.prev is not other.prev:
+            self.prev.copy_(other.prev)
         return self
 
     def index_copy_(self, idx: Tensor, other: WorldModelState) -> WorldModelState:
@@ -191,6 +198,10 @@ class WorldModelState:
             raise ValueError("cannot copy between a compressed and an uncompressed state")
         if self.comp is not None:
             self.comp.index_copy_(idx, other.comp)
+        if (self.prev is None) != (other.prev is None):
+            raise ValueError("cannot copy between states with and without a previous frame (prev_frame)")
+        if self.prev is not None:
+            self.prev.index_copy_(0, idx, other.prev.to(self.prev.dtype))
         return self
 
     def reset_(self, mask: Tensor) -> WorldModelState:
@@ -205,6 +216,8 @@ class WorldModelState:
             c.reset_(m)
         if self.comp is not None:
             self.comp.reset_(m)
+        if self.prev is not None:
+            self.prev[m] = 0
         return self
 
     @property
@@ -226,6 +239,8 @@ class WorldModelState:
             parts["attention_cache"] += c.nbytes()
         if self.comp is not None:
             parts["compression_scores"] = self.comp.nbytes()
+        if self.prev is not None:
+            parts["previous_frame"] = tensor_bytes(self.prev)
         return parts
 
 
@@ -317,6 +332,13 @@ class WorldModel(nn.Module):
         if cfg.action_tokens:
             self.action_tok = nn.Embedding(cfg.n_actions + 1, self.n_tok * d)
             nn.init.zeros_(self.action_tok.weight)
+        # DIAMOND-style direct input of the previous clean frame: history otherwise reaches a frame
+        # only through attention and the SSM, and every model trained without this input predicted
+        # the next frame worse than copying the last one. Zero-initialised, like action_tok.
+        self.prev_in = None
+        if cfg.prev_frame:
+            self.prev_in = nn.Linear(self.patch_dim, d)
+            nn.init.zeros_(self.prev_in.weight), nn.init.zeros_(self.prev_in.bias)
         self.layers = nn.ModuleList([Layer(cfg, i) for i in range(cfg.n_layers)])
         self.final_ada = nn.Linear(d, 2 * d)
         self.patch_out = nn.Linear(d, self.patch_dim)
@@ -353,7 +375,11 @@ class WorldModel(nn.Module):
             comp = CompressionState(comp_cfg, torch.full((batch_size, *self.grid), NOVEL, device=device),
                                     torch.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.channels),
                                                 dtype=torch.uint8, device=device))
-        return WorldModelState(torch.zeros(batch_size, dtype=torch.long, device=device), ssm, kv, comp)
+        prev = None
+        if self.prev_in is not None and comp is None:
+            cfg = self.config
+            prev = torch.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.channels), dtype=dtype, device=device)
+        return WorldModelState(torch.zeros(batch_size, dtype=torch.long, device=device), ssm, kv, comp, prev)
 
     # -- tokens --------------------------------------------------------------------------------
     def patchify(self, x: Tensor) -> Tensor:
@@ -372,7 +398,8 @@ class WorldModel(nn.Module):
 
     # -- network -------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, actions: Tensor, state: WorldModelState | None = None,
-                update: str = "copy", compress: ClipCompression | None = None) -> WorldModelOutput:
+                update: str = "copy", compress: ClipCompression | None = None,
+                clean: Tensor | None = None) -> WorldModelOutput:
         """Denoise a clip (or a piece following ``state``) in parallel.
 
         x (B, T, H, W, C) noisy frames in [-1, 1] scale (uint8 accepted: clean frames); sigma (B, T)
@@ -380,6 +407,8 @@ class WorldModel(nn.Module):
         update: with a state, "copy" returns a new state after these frames (autograd-safe),
         "inplace" advances ``state`` itself, "none" leaves it (denoising passes).
         compress: state-compression masks of these frames (training, and the step API), or None.
+        clean (B, T, H, W, C): the clean frames behind ``x``, which a ``prev_frame`` model feeds to the
+        frame after each (training); may be left out when ``x`` is clean or T = 1.
         """
         cfg = self.config
         x = frames_to_float(x)
@@ -389,14 +418,24 @@ class WorldModel(nn.Module):
         tok = self.patch_in(self.patchify(x * c_in[:, :, None, None, None])) + self.pos_emb
         if self.action_tok is not None:
             tok = tok + self.action_tok(actions).view(b, t, self.n_tok, cfg.d_model)
-        ang = c_noise[..., None] * self.noise_freqs
-        cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + self.action_emb(actions)
-        cond = F.silu(cond)
-
         if state is None:
             pos = torch.arange(t, device=x.device)[None].expand(b, t)
         else:
             pos = state.t[:, None] + torch.arange(t, device=x.device)
+        new_prev = None
+        if self.prev_in is not None:
+            clean = self._clean_frames(x, sigma, clean)
+            prev = self._state_prev(state, x)
+            prev = clean[:, :-1] if prev is None else torch.cat([prev[:, None].to(x.dtype), clean[:, :-1]], 1)
+            prev_tok = self.prev_in(self.patchify(prev))
+            if prev.shape[1] < t:  # no state: the clip's first frame has no previous frame
+                prev_tok = torch.cat([torch.zeros_like(prev_tok[:, :1]), prev_tok], 1)
+            tok = tok + prev_tok * (pos > 0)[:, :, None, None].to(tok.dtype)  # a reset env has none either
+            new_prev = clean[:, -1]
+        ang = c_noise[..., None] * self.noise_freqs
+        cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + self.action_emb(actions)
+        cond = F.silu(cond)
+
         attn_update = "none" if (state is None or update == "none") else update
         new_ssm, new_kv = [], []
         for i, layer in enumerate(self.layers):
@@ -415,12 +454,34 @@ class WorldModel(nn.Module):
         if state is not None and update != "none":
             ssm_out = [None if s is None else tuple(z.to(state.ssm[i][j].dtype) for j, z in enumerate(s))
                        for i, s in enumerate(new_ssm)]
-            new_state = WorldModelState(state.t + t, ssm_out, new_kv, state.comp)
+            prev_out = None if state.prev is None or new_prev is None else new_prev.to(state.prev.dtype)
+            new_state = WorldModelState(state.t + t, ssm_out, new_kv, state.comp, prev_out)
             if update == "inplace":
                 new_state = state.copy_(new_state)
         elif state is not None:
             new_state = state
         return WorldModelOutput(denoised, raw, rt[..., 0], rt[..., 1], new_state)
+
+    def _clean_frames(self, x: Tensor, sigma: Tensor, clean: Tensor | None) -> Tensor:
+        if clean is not None:
+            if clean.shape[:2] != x.shape[:2]:
+                raise ValueError(f"clean frames {tuple(clean.shape)} do not match the clip {tuple(x.shape)}")
+            return frames_to_float(clean).to(x.dtype)
+        if x.shape[1] > 1 and bool((sigma > 0).any()):
+            raise ValueError("a prev_frame model needs the clean frames (clean=...) of a noised clip longer "
+                             "than one frame: each frame's previous-frame input is the clean frame")
+        return x
+
+    @staticmethod
+    def _state_prev(state: WorldModelState | None, x: Tensor) -> Tensor | None:
+        """(N, H, W, C) the frame before this piece: the state's, or compression's stored last frame."""
+        if state is None:
+            return None
+        if state.prev is not None:
+            return state.prev
+        if state.comp is not None:
+            return frames_to_float(state.comp.last).to(x.dtype)
+        raise ValueError("this state has no previous frame: it was made for a model without prev_frame")
 
     # -- step API (inference on a batch of N envs) ---------------------------------------------
     @torch.no_grad()

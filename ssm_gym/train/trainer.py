@@ -97,7 +97,7 @@ INIT_FROM_FREE_FIELDS = ("p_mean", "p_std", "sample_steps", "sigma_min", "sigma_
 
 # Fields a fine-tune may switch on: they add parameters that start at zero (the loaded model's
 # output is unchanged at the start); the new tensors are the only ones the start model lacks.
-INIT_FROM_GROW_FIELDS = ("action_tokens",)
+INIT_FROM_GROW_FIELDS = ("action_tokens", "prev_frame")
 
 
 def mismatch(a, b) -> str:
@@ -304,7 +304,7 @@ def train(cfg: TrainConfig) -> Path:
             raise ValueError(f"--init-from {cfg.init_from}: its model config differs from this run's "
                              f"({mismatch(start_model.config, cfg.model)})")
         missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
-        grown = {n for n, _ in model.named_parameters() if n.startswith("action_tok.")}
+        grown = {n for n, _ in model.named_parameters() if n.startswith(("action_tok.", "prev_in."))}
         if unexpected or set(missing) - grown:
             raise ValueError(f"--init-from {cfg.init_from}: weights do not fit this run's model "
                              f"(missing {sorted(set(missing) - grown)[:3]}, unexpected {unexpected[:3]})")
