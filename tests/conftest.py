@@ -16,35 +16,31 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def model():
-    """The tiny preset's model, randomly initialised, with non-zero output layers so that frames
-    depend on the input (plumbing tests do not need a trained model)."""
-    from ssm_gym.model.world_model import WorldModel
-    from ssm_gym.train.config import PRESETS
-
-    torch.manual_seed(0)
-    m = WorldModel(PRESETS["tiny"][1].model).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m
-
-
-@pytest.fixture(scope="module")
-def prev_frame_model():
-    """As ``model``, with the previous-frame input switched on (and non-zero)."""
+def _tiny_random_model(seed: int, **options):
+    """The tiny preset's model (with ``options`` switched on), randomly initialised, with non-zero
+    output layers so that frames depend on the input (plumbing tests do not need a trained model)."""
     import dataclasses
 
     from ssm_gym.model.world_model import WorldModel
     from ssm_gym.train.config import PRESETS
 
-    torch.manual_seed(1)
-    m = WorldModel(dataclasses.replace(PRESETS["tiny"][1].model, prev_frame=True)).eval()
+    torch.manual_seed(seed)
+    m = WorldModel(dataclasses.replace(PRESETS["tiny"][1].model, **options)).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_random_model(0)
+
+
+@pytest.fixture(scope="module")
+def prev_frame_model():
+    """As ``model``, with the previous-frame input switched on (and non-zero)."""
+    return _tiny_random_model(1, prev_frame=True)
 
 
 @pytest.fixture(scope="module")

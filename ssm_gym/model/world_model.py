@@ -425,12 +425,11 @@ class WorldModel(nn.Module):
         new_prev = None
         if self.prev_in is not None:
             clean = self._clean_frames(x, sigma, clean)
-            prev = self._state_prev(state, x)
-            prev = clean[:, :-1] if prev is None else torch.cat([prev[:, None].to(x.dtype), clean[:, :-1]], 1)
-            prev_tok = self.prev_in(self.patchify(prev))
-            if prev.shape[1] < t:  # no state: the clip's first frame has no previous frame
-                prev_tok = torch.cat([torch.zeros_like(prev_tok[:, :1]), prev_tok], 1)
-            tok = tok + prev_tok * (pos > 0)[:, :, None, None].to(tok.dtype)  # a reset env has none either
+            before = self._state_prev(state, x)
+            before = torch.zeros_like(clean[:, 0]) if before is None else before.to(x.dtype)
+            prev = torch.cat([before[:, None], clean[:, :-1]], 1)
+            # a first frame (of a clip without state, or after a reset) has no previous frame
+            tok = tok + self.prev_in(self.patchify(prev)) * (pos > 0)[:, :, None, None].to(tok.dtype)
             new_prev = clean[:, -1]
         ang = c_noise[..., None] * self.noise_freqs
         cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + self.action_emb(actions)

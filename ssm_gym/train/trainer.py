@@ -95,9 +95,9 @@ INIT_FROM_FREE_FIELDS = ("p_mean", "p_std", "sample_steps", "sigma_min", "sigma_
                          "ssm_chunk_size", "attn_chunk_frames")
 
 
-# Fields a fine-tune may switch on: they add parameters that start at zero (the loaded model's
-# output is unchanged at the start); the new tensors are the only ones the start model lacks.
-INIT_FROM_GROW_FIELDS = ("action_tokens", "prev_frame")
+# Fields a fine-tune may switch on, with the parameters each adds: they start at zero (the loaded
+# model's output is unchanged at the start) and are the only tensors the start model may lack.
+INIT_FROM_GROW_FIELDS = {"action_tokens": "action_tok.", "prev_frame": "prev_in."}
 
 
 def mismatch(a, b) -> str:
@@ -304,7 +304,7 @@ def train(cfg: TrainConfig) -> Path:
             raise ValueError(f"--init-from {cfg.init_from}: its model config differs from this run's "
                              f"({mismatch(start_model.config, cfg.model)})")
         missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
-        grown = {n for n, _ in model.named_parameters() if n.startswith(("action_tok.", "prev_in."))}
+        grown = {n for n, _ in model.named_parameters() if n.startswith(tuple(INIT_FROM_GROW_FIELDS.values()))}
         if unexpected or set(missing) - grown:
             raise ValueError(f"--init-from {cfg.init_from}: weights do not fit this run's model "
                              f"(missing {sorted(set(missing) - grown)[:3]}, unexpected {unexpected[:3]})")
