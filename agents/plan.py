@@ -69,6 +69,8 @@ class Args:
     elites: int = 4
     iterations: int = 2
     sampling_steps: Optional[int] = 1
+    action_guidance: Optional[float] = None
+    """Classifier-free guidance on the action (None = the model's default; see WorldModel.generate)."""
     reward_from: Literal["frame", "denoiser"] = "frame"
     """Where imagined rewards are read: the head on the generated frame, or its expected reward
     from history and action (the first denoising pass; see WorldModel.generate)."""
@@ -82,7 +84,8 @@ class Args:
 def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> float:
     real = gym.make("SSMWorld-MazeReal-v0", max_episode_steps=args.max_steps)
     obs, _ = real.reset(seed=seed)
-    engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed, reward_from=args.reward_from)
+    engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed, reward_from=args.reward_from,
+                           action_guidance=args.action_guidance)
     engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None])
     rng = np.random.default_rng([args.seed, seed])
     total = 0.0

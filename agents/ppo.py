@@ -39,6 +39,9 @@ class Args:
     """Episode length while training (shorter than the maze's 1000 keeps returns informative)."""
     sampling_steps: Optional[int] = 1
     """Denoising steps of the world model (1 = fast mode)."""
+    action_guidance: Optional[float] = None
+    """Classifier-free guidance on the action (None = the model's default; needs a model trained
+    with the null action; see SSMWorld-Maze-v0's action_guidance)."""
     reward_mode: Literal["threshold", "expected"] = "threshold"
     """Imagined rewards: the head on the generated frame, thresholded (default), or the expected
     reward from history and action (see SSMWorld-Maze-v0's reward_mode)."""
@@ -76,7 +79,7 @@ def make_env(args: Args) -> SB3VecEnv:
     return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", checkpoint=args.checkpoint, device=args.device,
                                   sampling_steps=args.sampling_steps, reward_mode=args.reward_mode,
                                   context_data=args.context_data, context_len=args.context_len,
-                                  cuda_graph=args.cuda_graph, **common))
+                                  cuda_graph=args.cuda_graph, action_guidance=args.action_guidance, **common))
 
 
 class RealMazeCurve(BaseCallback):

@@ -34,6 +34,8 @@ class Args:
     """Real frames the model sees before imagining."""
     seed: int = 0
     sampling_steps: Optional[int] = None
+    action_guidance: Optional[float] = None
+    """Classifier-free guidance on the action (None = the model's default)."""
     out: Path = Path("outputs/real_vs_imagined.mp4")
     strip: Optional[Path] = None
     """Also write a PNG: real (left) and imagined (right) at `strip_steps`, one pair per row."""
@@ -43,7 +45,7 @@ class Args:
 def run(args: Args) -> dict:
     real = gym.make("SSMWorld-MazeReal-v0")
     imagined = gym.make("SSMWorld-Maze-v0", checkpoint=args.checkpoint, sampling_steps=args.sampling_steps,
-                        max_episode_steps=10**9)
+                        action_guidance=args.action_guidance, max_episode_steps=10**9)
     obs, _ = real.reset(seed=args.seed)
     sim = real.unwrapped.sim
     policy = ExplorePolicy()

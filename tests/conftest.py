@@ -44,6 +44,12 @@ def prev_frame_model():
 
 
 @pytest.fixture(scope="module")
+def null_action_model():
+    """As ``model``, with the null action (for action guidance), its embedding non-zero."""
+    return _tiny_random_model(2, null_action=True)
+
+
+@pytest.fixture(scope="module")
 def tiny_checkpoint(model, tmp_path_factory):
     """The ``model`` fixture saved as a checkpoint folder (for CLIs and benchmarks)."""
     from ssm_gym.model.checkpoint import save_model

@@ -1,6 +1,8 @@
 """Recall benchmark: the protocol's ground truth, the metrics, and the CLI end to end."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +124,12 @@ def test_prediction_cli_rows(tmp_path):
     rows = predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", episodes=2, context=2, horizon=4,
                                  windows=2, sampling_steps=(1,), whole_episodes=False))
     assert rows[1]["clips"] == 4 and rows[1]["episodes"] == 2
+    # action guidance: a row per weight for a model with the null action, weight 1 only without
+    null = save_model(tmp_path / "null", WorldModel(dataclasses.replace(PRESETS["tiny"][1].model, null_action=True)))
+    rows = predict_main(PredArgs(checkpoints=(ckpt, null), val_dir=tmp_path / "val", episodes=1, context=2, horizon=3,
+                                 sampling_steps=(1,), action_guidance=(1.0, 2.0), whole_episodes=False))
+    assert [(Path(r["checkpoint"]).name, r["action_guidance"]) for r in rows[1:]] == [
+        ("m", 1.0), ("null", 1.0), ("null", 2.0)]
 
 
 class _ActionPainter(torch.nn.Module):
@@ -141,7 +149,7 @@ class _ActionPainter(torch.nn.Module):
     def observe(self, state, frame, action):
         pass
 
-    def generate(self, state, actions, steps=None, noise=None):
+    def generate(self, state, actions, steps=None, noise=None, action_guidance=None):
         value = actions * 40 if self.uses_actions else torch.full_like(actions, 40)
         frames = value.to(torch.uint8)[:, None, None, None].expand(len(actions), 8, 8, 3)
         return frames, torch.zeros(len(actions)), torch.zeros(len(actions), dtype=torch.bool)

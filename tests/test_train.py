@@ -232,16 +232,26 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     assert tuned.config.p_mean == 0.5 and tuned.config.sample_steps == 1
     # per-position action tokens and the previous-frame input may be switched on: they start at
     # zero, the rest is loaded
-    grown_cfg = dataclasses.replace(cfg, out_dir=tmp_path / "e", model=dataclasses.replace(
-        cfg.model, action_tokens=True, prev_frame=True))
+    grown_cfg = dataclasses.replace(cfg, out_dir=tmp_path / "e", action_dropout=0.5, model=dataclasses.replace(
+        cfg.model, action_tokens=True, prev_frame=True, null_action=True, action_guidance=1.5))
     grown = load_model(train(grown_cfg))
     assert grown.config.action_tokens and grown.action_tok.weight.abs().max() < 1e-6
     assert grown.config.prev_frame and grown.prev_in.weight.abs().max() < 1e-6
+    assert grown.config.null_action and grown.action_null.abs().max() < 1e-6
+    assert grown.config.action_guidance == 1.5
     for k, a in before.state_dict().items():
         assert torch.allclose(a, grown.state_dict()[k], atol=1e-6), k
     # ...but not switched off again (weights would be dropped)
     with pytest.raises(ValueError, match="init-from.*action_tokens"):
         train(dataclasses.replace(cfg, out_dir=tmp_path / "f", init_from=tmp_path / "e" / "model"))
+
+
+def test_action_dropout_needs_the_null_action(data, tmp_path):
+    cfg = tiny(data, tmp_path / "a", action_dropout=0.2)
+    with pytest.raises(ValueError, match="null action"):
+        train(cfg)
+    with pytest.raises(ValueError, match="action_dropout must be in"):
+        train(dataclasses.replace(cfg, action_dropout=1.5, model=dataclasses.replace(cfg.model, null_action=True)))
 
 
 def test_csv_log_keeps_rows_when_its_columns_change(tmp_path):

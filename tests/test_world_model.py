@@ -12,7 +12,7 @@ from ssm_gym.model import (
     incoming_actions,
     karras_sigmas,
 )
-from ssm_gym.model.diffusion import long_context_prefix, sample_clip_sigmas
+from ssm_gym.model.diffusion import drop_actions, float_to_frames, long_context_prefix, sample_clip_sigmas
 
 
 
@@ -229,6 +229,62 @@ def test_prev_frame_input_is_the_previous_clean_frame():
     with pytest.raises(ValueError, match="no previous frame"):
         m.observe(plain.init_state(1), frames[:, 0], actions[:, 0])
     assert "previous_frame" in m.init_state(1).nbytes_by_part()
+
+
+def test_null_action_and_action_guidance():
+    """The null action is its own learned embedding; guidance w mixes the passes with and without
+    the action as D(null) + w (D(a) - D(null)); w = 1 is plain sampling; the step API still
+    equals the parallel form with null actions in the clip; misuse is a clear error."""
+    m = randomized(tiny_config("full", null_action=True, action_tokens=True))
+    frames, actions = clip(b=2, t=6)
+    actions[0, 2] = actions[1, 4] = m.NULL
+    with torch.no_grad():
+        par = m(frames, torch.zeros(2, 6), actions)
+        state = m.init_state(2)
+        steps = torch.cat([m.observe(state, frames[:, i], actions[:, i]).raw for i in range(6)], 1)
+        assert max_err(steps, par.raw) < 1e-4
+        # NULL reads action_null (and no per-position action token): make it look like action 2
+        m.action_null.copy_(m.action_emb.weight[2])
+        as_two = actions.masked_fill(actions == m.NULL, 2)
+        m.action_tok.weight[2].zero_()
+        assert max_err(m(frames, torch.zeros(2, 6), actions).raw, m(frames, torch.zeros(2, 6), as_two).raw) == 0
+    m = randomized(tiny_config("full", null_action=True))
+    state = m.init_state(2)
+    m.observe_clip(state, frames[:, :4], actions[:, :4].clamp(max=m.START))
+    noise = torch.randn(2, 1, 16, 16, 3, generator=torch.Generator().manual_seed(3))
+    a = torch.tensor([1, 4])
+    gen = lambda act, **kw: m.generate(state.clone(), act, steps=1, noise=noise, **kw)[0]  # noqa: E731
+    assert torch.equal(gen(a, action_guidance=1.0), gen(a))
+    assert torch.equal(gen(a, action_guidance=0.0), gen(torch.full_like(a, m.NULL)))  # w = 0: action-free
+    with torch.no_grad():  # w = 2 by hand: one denoising pass from pure noise at sigma_max
+        x = noise * m.config.sigma_max
+        s = torch.full((2, 1), m.config.sigma_max)
+        with_a = m(x, s, a[:, None], state=state, update="none").denoised
+        free = m(x, s, torch.full((2, 1), m.NULL), state=state, update="none").denoised
+    guided = gen(a, action_guidance=2.0)
+    assert (guided.int() - float_to_frames(free + 2 * (with_a - free))[:, 0].int()).abs().max() <= 1
+    assert not torch.equal(guided, gen(a))
+    m.config.action_guidance = 2.0  # the config's default is what generate uses when not told
+    assert torch.equal(gen(a), guided)
+    m.config.action_guidance = 1.0
+    with pytest.raises(ValueError, match="finite"):
+        gen(a, action_guidance=float("nan"))
+    plain = randomized(tiny_config("full"))
+    with pytest.raises(ValueError, match="null action"):
+        plain.generate(plain.init_state(2), a, steps=1, action_guidance=2.0)
+
+
+def test_action_dropout():
+    g = torch.Generator().manual_seed(0)
+    actions = torch.randint(0, 6, (200, 50), generator=g)
+    actions[:, 0] = 6  # START marks first frames: never dropped
+    assert torch.equal(drop_actions(actions, 0.0, 7, 6, g), actions)
+    dropped = drop_actions(actions, 0.2, 7, 6, g)
+    assert (dropped[:, 0] == 6).all()
+    changed = dropped != actions
+    assert (dropped[changed] == 7).all() and 0.18 < changed[:, 1:].float().mean() < 0.22
+    with pytest.raises(ValueError, match="action dropout"):
+        drop_actions(actions, 1.5, 7, 6, g)
 
 
 def test_sampler_sigmas_and_helpers():

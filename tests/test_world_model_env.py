@@ -294,6 +294,34 @@ def test_expected_reward_mode_pays_the_head_on_the_first_denoising_pass(model, c
         model.generate(model.init_state(1), 0, reward_from="sky")
 
 
+def test_action_guidance_in_the_engine_and_envs(model, null_action_model):
+    """The envs pass action_guidance to the engine, whose steps equal the model's guided
+    generate; a model without the null action refuses guidance when the env is made."""
+    first = real_first_frames([0, 1])
+    runs = {}
+    for w in (1.0, 3.0):
+        eng = RolloutEngine(null_action_model, 2, seed=5, sampling_steps=1, action_guidance=w)
+        eng.reset(torch.ones(2, dtype=torch.bool), first)
+        state = eng.state.clone()
+        noise = torch.stack([torch.randn((1, 64, 64, 3), generator=torch.Generator().manual_seed(5 + i))
+                             for i in range(2)])
+        frames = eng.step(torch.tensor([2, 3]))[0].clone()
+        ref = null_action_model.generate(state, torch.tensor([2, 3]), steps=1, noise=noise, action_guidance=w)[0]
+        assert torch.equal(frames, ref)
+        assert torch.equal(eng.fork([1]).step(torch.tensor([0]))[0][0],
+                           eng.fork([1]).step(torch.tensor([0]))[0][0])  # forks keep the setting
+        runs[w] = frames
+    assert not torch.equal(runs[1.0], runs[3.0])
+    env = gym.make("SSMWorld-Maze-v0", model=null_action_model, sampling_steps=1, action_guidance=3.0)
+    env.reset(seed=0)
+    assert env.unwrapped.engine.action_guidance == 3.0
+    env.step(1)
+    vec = gym.make_vec("SSMWorld-Maze-v0", num_envs=2, model=null_action_model, action_guidance=3.0)
+    assert vec.unwrapped.engine.action_guidance == 3.0
+    with pytest.raises(ValueError, match="null action"):
+        gym.make("SSMWorld-Maze-v0", model=model, action_guidance=2.0)
+
+
 def test_cuda_graph_needs_cuda():
     from ssm_gym.model import WorldModel
     from ssm_gym.rollout.engine import RolloutEngine

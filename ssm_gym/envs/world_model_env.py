@@ -143,6 +143,9 @@ class WorldModelEnv(gym.Env):
     - `checkpoint`: folder with config.json + model.safetensors (default: the shipped model).
     - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
     - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
+    - `action_guidance` (None = the model's default, 1 = off): classifier-free guidance on the action,
+      for models trained with the null action (see WorldModel.generate); costs one more model pass
+      per denoising step.
     - `max_episode_steps` (1000), `reward_mode` ("threshold"), `reward_threshold` (0.5).
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
@@ -160,13 +163,15 @@ class WorldModelEnv(gym.Env):
                  max_episode_steps: int = 1000, reward_threshold: float = 0.5, maze_size: int = 9, n_objects: int = 3,
                  render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None,
                  reward_mode: str = "threshold", context_data: str | Path | None = None, context_len: int = 32,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False,
+                 action_guidance: Optional[float] = None):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
         self.starts = _starts(context_data, context_len)
         self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps, compression=compression,
-                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph)
+                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
+                                    action_guidance=action_guidance)
         self.reward_mode = reward_mode
         self.real = MazeRealEnv(maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
@@ -233,12 +238,14 @@ class WorldModelVectorEnv(VectorEnv):
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
                  compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold",
-                 context_data: str | Path | None = None, context_len: int = 32, cuda_graph: bool = False):
+                 context_data: str | Path | None = None, context_len: int = 32, cuda_graph: bool = False,
+                 action_guidance: Optional[float] = None):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.starts = _starts(context_data, context_len)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
                                     compression=compression, chunk_envs=chunk_envs,
-                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph)
+                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
+                                    action_guidance=action_guidance)
         self.reward_mode = reward_mode
         self.real = MazeBatch(num_envs, maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold

@@ -61,12 +61,13 @@ def load_clips(folder: str | Path, episodes: int, length: int, windows: int = 1)
 
 @torch.no_grad()
 def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int, horizon: int,
-                     steps: int | None = None, seed: int = 0, reward_from: str = "frame") -> dict[str, np.ndarray]:
+                     steps: int | None = None, seed: int = 0, reward_from: str = "frame",
+                     action_guidance: float | None = None) -> dict[str, np.ndarray]:
     """frames (N, context + horizon, 64, 64, 3) uint8; prev_actions (N, context + horizon) long
     (the action that led to each frame). Returns uint8 arrays `one_step` and `open_loop`
     (N, horizon, 64, 64, 3) and `real`, and the predicted rewards `one_step_reward`,
     `open_loop_reward` (N, horizon) float, read where ``reward_from`` says (see
-    ``WorldModel.generate``)."""
+    ``WorldModel.generate``, as is ``action_guidance``)."""
     n, total = frames.shape[:2]
     if total < context + horizon:
         raise ValueError(f"need {context + horizon} frames, got {total}")
@@ -79,10 +80,12 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
     one_step, open_loop, one_r, open_r = [], [], [], []
     for h in range(context, context + horizon):
         a = prev_actions[:, h]
-        frame, reward, _ = model.generate(state.clone(), a, steps=steps, generator=gen, reward_from=reward_from)
+        frame, reward, _ = model.generate(state.clone(), a, steps=steps, generator=gen, reward_from=reward_from,
+                                          action_guidance=action_guidance)
         one_step.append(frame), one_r.append(reward)
         model.observe(state, frames[:, h], a)
-        frame, reward, _ = model.generate(open_state, a, steps=steps, generator=gen, reward_from=reward_from)
+        frame, reward, _ = model.generate(open_state, a, steps=steps, generator=gen, reward_from=reward_from,
+                                          action_guidance=action_guidance)
         open_loop.append(frame), open_r.append(reward)
     to_np = lambda xs: torch.stack(xs, 1).cpu().numpy()  # noqa: E731
     return {"one_step": to_np(one_step), "open_loop": to_np(open_loop),
@@ -92,7 +95,7 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
 
 @torch.no_grad()
 def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int, positions: int = 8,
-                       steps: int | None = None, seed: int = 0) -> dict[str, float]:
+                       steps: int | None = None, seed: int = 0, action_guidance: float | None = None) -> dict[str, float]:
     """Does the imagined next frame depend on the action taken? At `positions` consecutive steps
     after `context` real frames (teacher-forced: the state follows the real frames), imagine the
     next frame once for every action, from the same state and the same noise, and compare with the
@@ -118,7 +121,8 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     for h in range(context, context + positions):
         noise = torch.randn((n, 1, *frames.shape[2:]), generator=gen, device=dev).repeat_interleave(k, 0)
-        pred, _, _ = model.generate(state.index_select(rows), acts, steps=steps, noise=noise)
+        pred, _, _ = model.generate(state.index_select(rows), acts, steps=steps, noise=noise,
+                                    action_guidance=action_guidance)
         pred = pred.reshape(n, k, *frames.shape[2:]).cpu().numpy()
         real = frames[:, h].cpu().numpy()
         p = psnr(pred, np.repeat(real[:, None], k, 1))  # (n, k)
@@ -219,6 +223,9 @@ class Args:
     to judge short horizons on, e.g. --horizon 32 --windows 15)."""
     sampling_steps: tuple[int, ...] = (1, 3)
     """Denoising steps to evaluate (each a row)."""
+    action_guidance: tuple[float, ...] = (1.0,)
+    """Action guidance weights to evaluate (each a row; 1 = off). Models without the null action
+    are evaluated at 1 only."""
     device: str = "cpu"
     seed: int = 0
     reward_from: str = "frame"
@@ -250,10 +257,12 @@ def main(args: Args) -> list[dict]:
             m = reward_metrics(teacher_forced_rewards(model, whole, whole_prev), whole_r.numpy())
             rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})
             print(json.dumps(rows[-1]), flush=True)
-        for steps in args.sampling_steps:
-            pred = predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed, args.reward_from)
+        weights = args.action_guidance if model.action_null is not None else (1.0,)
+        for steps, w in [(s, w) for s in args.sampling_steps for w in weights]:
+            pred = predict_episodes(model, frames, prev, args.context, args.horizon, steps, args.seed, args.reward_from, w)
             m = prediction_metrics(pred)
-            rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "episodes": args.episodes, "clips": len(frames), "reward_from": args.reward_from,
+            rows.append({"checkpoint": str(ckpt), "sampling_steps": steps, "action_guidance": w, "episodes": args.episodes,
+                         "clips": len(frames), "reward_from": args.reward_from,
                          "psnr_1step": round(m["psnr_1step"], 2), f"psnr_{args.horizon}step": round(m["psnr_open_loop_last"], 2),
                          "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2),
                          "one_step": r3(reward_metrics(pred["one_step_reward"], real_r)),
@@ -261,7 +270,7 @@ def main(args: Args) -> list[dict]:
                          "open_loop_auc_by_step": r3(reward_auc_by_step(pred["open_loop_reward"], real_r))})
             if args.action_positions:
                 act = action_sensitivity(model, frames, prev, args.context, min(args.action_positions, args.horizon),
-                                         steps, args.seed)
+                                         steps, args.seed, w)
                 rows[-1]["actions"] = r3(act)
             print(json.dumps(rows[-1]), flush=True)
     if args.json is not None:

@@ -150,6 +150,18 @@ def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, 
     return sigma
 
 
+def drop_actions(actions: Tensor, prob: float, null: int, start: int, generator: torch.Generator | None = None) -> Tensor:
+    """Each real action (not ``start``, which marks a first frame) replaced by ``null`` with
+    probability ``prob``, independently per frame: trains the action-free prediction that
+    classifier-free action guidance contrasts with (``WorldModel.generate``)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"action dropout must be in [0, 1], got {prob}")
+    if prob == 0:
+        return actions
+    drop = torch.rand(actions.shape, generator=generator, device=actions.device) < prob
+    return torch.where(drop & (actions != start), torch.full_like(actions, null), actions)
+
+
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None) -> Tensor:
     """Decreasing noise levels sigma_0 = sigma_max > ... > sigma_{steps-1} >= sigma_min, then 0."""
     if steps < 1:

@@ -61,6 +61,7 @@ class WorldModelConfig:
     n_actions: int = 6
     action_tokens: bool = False  # also add a learned per-(action, token position) embedding to the tokens
     prev_frame: bool = False  # also feed each frame's tokens the patches of the previous clean frame
+    null_action: bool = False  # a learned "no action given" embedding (action NULL = n_actions + 1), for guidance
     # diffusion (EDM)
     sigma_data: float = 0.5
     sigma_min: float = 2e-3
@@ -69,6 +70,7 @@ class WorldModelConfig:
     p_mean: float = -0.4
     p_std: float = 1.2
     sample_steps: int = 3
+    action_guidance: float = 1.0  # classifier-free guidance on the action when sampling (1 = off; needs null_action)
 
     def __post_init__(self):
         assert self.variant in VARIANTS, f"variant must be one of {VARIANTS}"
@@ -100,6 +102,17 @@ def check_reward_from(reward_from: str) -> str:
     if reward_from not in REWARD_SOURCES:
         raise ValueError(f"reward_from must be one of {REWARD_SOURCES} (see WorldModel.generate), got {reward_from!r}")
     return reward_from
+
+
+def check_action_guidance(model, w: float) -> float:
+    """A guidance weight the model can use: a number, and != 1 only with the null action."""
+    w = float(w)
+    if not w == w or w in (float("inf"), float("-inf")):
+        raise ValueError(f"action_guidance must be a finite number, got {w}")
+    if w != 1.0 and model.action_null is None:
+        raise ValueError(f"action_guidance={w} needs a model trained with the null action (null_action=True, "
+                         "the trainer's --model.null-action --action-dropout p); this model has none, use 1")
+    return w
 
 
 def incoming_actions(context_actions: Tensor, start: int) -> Tensor:
@@ -318,6 +331,7 @@ class WorldModel(nn.Module):
         self.n_tok = self.grid[0] * self.grid[1]
         self.patch_dim = p * p * c
         self.START = cfg.n_actions
+        self.NULL = cfg.n_actions + 1
         self.patch_in = nn.Linear(self.patch_dim, d)
         self.pos_emb = nn.Parameter(torch.randn(self.n_tok, d) * 0.02)
         self.register_buffer("noise_freqs", torch.randn(d // 2) * 4.0, persistent=True)  # Fourier features
@@ -339,6 +353,11 @@ class WorldModel(nn.Module):
         if cfg.prev_frame:
             self.prev_in = nn.Linear(self.patch_dim, d)
             nn.init.zeros_(self.prev_in.weight), nn.init.zeros_(self.prev_in.bias)
+        # Classifier-free guidance on the action: trained with a share of actions replaced by NULL
+        # (the trainer's --action-dropout), sampling pushes the frame away from the action-free
+        # prediction, D = D(null) + w (D(a) - D(null)). Why: every model here reacted too little to
+        # the action (its frames for different actions about 30 dB apart). Zero-initialised.
+        self.action_null = nn.Parameter(torch.zeros(d)) if cfg.null_action else None
         self.layers = nn.ModuleList([Layer(cfg, i) for i in range(cfg.n_layers)])
         self.final_ada = nn.Linear(d, 2 * d)
         self.patch_out = nn.Linear(d, self.patch_dim)
@@ -416,8 +435,10 @@ class WorldModel(nn.Module):
         sigma = sigma.to(x.dtype).expand(b, t)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, cfg.sigma_data)
         tok = self.patch_in(self.patchify(x * c_in[:, :, None, None, None])) + self.pos_emb
+        actions, null = self._split_null(actions)
         if self.action_tok is not None:
-            tok = tok + self.action_tok(actions).view(b, t, self.n_tok, cfg.d_model)
+            emb = self.action_tok(actions).view(b, t, self.n_tok, cfg.d_model)
+            tok = tok + (emb if null is None else emb * ~null[:, :, None, None])
         if state is None:
             pos = torch.arange(t, device=x.device)[None].expand(b, t)
         else:
@@ -432,7 +453,10 @@ class WorldModel(nn.Module):
             tok = tok + self.prev_in(self.patchify(prev)) * (pos > 0)[:, :, None, None].to(tok.dtype)
             new_prev = clean[:, -1]
         ang = c_noise[..., None] * self.noise_freqs
-        cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + self.action_emb(actions)
+        act = self.action_emb(actions)
+        if null is not None:
+            act = torch.where(null[..., None], self.action_null.to(act.dtype), act)
+        cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + act
         cond = F.silu(cond)
 
         attn_update = "none" if (state is None or update == "none") else update
@@ -460,6 +484,14 @@ class WorldModel(nn.Module):
         elif state is not None:
             new_state = state
         return WorldModelOutput(denoised, raw, rt[..., 0], rt[..., 1], new_state)
+
+    def _split_null(self, actions: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(actions with NULL replaced by 0 for the embedding tables, mask of NULL) for a model with
+        the null action; (actions, None) otherwise."""
+        if self.action_null is None:
+            return actions, None
+        null = actions == self.NULL
+        return actions.masked_fill(null, 0), null
 
     def _clean_frames(self, x: Tensor, sigma: Tensor, clean: Tensor | None) -> Tensor:
         if clean is not None:
@@ -512,7 +544,8 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, state: WorldModelState, action, steps: int | None = None,
-                 generator: torch.Generator | None = None, noise: Tensor | None = None, reward_from: str = "frame"):
+                 generator: torch.Generator | None = None, noise: Tensor | None = None, reward_from: str = "frame",
+                 action_guidance: float | None = None):
         """Imagine the next frame after taking ``action`` (N,) long, then advance ``state`` once on
         the generated (uint8-quantised, clean) frame. ``steps`` denoising steps (default
         ``config.sample_steps``; 1 = fast mode). Returns ``(frame (N, H, W, C) uint8,
@@ -521,11 +554,18 @@ class WorldModel(nn.Module):
         reward_from: "frame" reads the reward head on the generated frame (what the frame shows);
         "denoiser" reads it on the first denoising pass, from pure noise, i.e. from the history and
         the action alone: the expected reward (the head is trained with a squared loss at every
-        noise level), which does not depend on the generated frame showing the event."""
+        noise level), which does not depend on the generated frame showing the event.
+
+        action_guidance (default ``config.action_guidance``): w != 1 runs every denoising pass
+        twice, with the action and with the null action, and uses ``D(null) + w (D(a) - D(null))``
+        (classifier-free guidance; needs a model trained with the null action). The reward is
+        read from the pass with the action."""
         check_reward_from(reward_from)
         cfg = self.config
         n = state.batch_size
         a = self._actions(action, n)[:, None]
+        w = check_action_guidance(self, cfg.action_guidance if action_guidance is None else action_guidance)
+        null = torch.full_like(a, self.NULL)
         shape = (n, 1, cfg.image_size, cfg.image_size, cfg.channels)
         dev = self.pos_emb.device
 
@@ -536,7 +576,10 @@ class WorldModel(nn.Module):
             out = self(x, s.expand(n, 1), a, state=state, update="none", compress=current)
             if not first_pass:
                 first_pass.append(out.reward[:, 0])
-            return out.denoised
+            if w == 1.0:
+                return out.denoised
+            free = self(x, s.expand(n, 1), null, state=state, update="none", compress=current).denoised
+            return torch.lerp(free, out.denoised, w)  # free + w (with - free)
 
         x = sample(denoise, shape, steps or cfg.sample_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                    generator=generator, device=dev, dtype=self.pos_emb.dtype, noise=noise)

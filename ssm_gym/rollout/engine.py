@@ -22,8 +22,8 @@ and ``engine.state`` go through the dense form.
 
 With ``cuda_graph=True`` on a GPU, ``step`` replays a CUDA graph of the model call: the first
 step runs eagerly (warm-up) and captures the graph right after, later steps replay it; it is
-captured again whenever the state's tensors, the model's parameters, ``sampling_steps`` or
-``reward_from`` change. One launch instead of thousands of small kernels, which is what bounds
+captured again whenever the state's tensors, the model's parameters, ``sampling_steps``,
+``action_guidance`` or ``reward_from`` change. One launch instead of thousands of small kernels, which is what bounds
 a step of this small model on a GPU. It needs a fixed-size state: uncompressed (or bf16-only)
 and a windowed attention ring (not the "attn_full" variant, whose cache grows). Forks step
 eagerly unless asked (a planner's short branches would not repay a capture).
@@ -38,13 +38,14 @@ from torch import Tensor
 
 from ssm_gym.maze.sim import N_ACTIONS
 from ssm_gym.model.compression import PackedState, get_compression, pack_state, unpack_state
-from ssm_gym.model.world_model import WorldModel, WorldModelState, check_reward_from
+from ssm_gym.model.world_model import WorldModel, WorldModelState, check_action_guidance, check_reward_from
 
 
 class RolloutEngine:
     def __init__(self, model: WorldModel, num_envs: int, device: str | torch.device | None = None,
                  sampling_steps: Optional[int] = None, seed: int = 0, compression=None,
-                 chunk_envs: Optional[int] = None, reward_from: str = "frame", cuda_graph: bool = False):
+                 chunk_envs: Optional[int] = None, reward_from: str = "frame", cuda_graph: bool = False,
+                 action_guidance: Optional[float] = None):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -54,6 +55,9 @@ class RolloutEngine:
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
         cfg = model.config
+        # classifier-free guidance on the action (see WorldModel.generate); None = the model's default
+        self.action_guidance = check_action_guidance(model, cfg.action_guidance if action_guidance is None
+                                                     else action_guidance)
         self.frame_shape = (cfg.image_size, cfg.image_size, cfg.channels)
         self.compression = get_compression(compression)
         if self.compression is not None and not model.config.has_ssm and self.compression.ssm_fractions:
@@ -146,7 +150,8 @@ class RolloutEngine:
 
         def advance(state: WorldModelState, rows: slice) -> None:
             self.frames[rows], rewards[rows], terminated[rows] = self.model.generate(
-                state, a[rows], steps=self.sampling_steps, noise=noise[rows], reward_from=self.reward_from)
+                state, a[rows], steps=self.sampling_steps, noise=noise[rows], reward_from=self.reward_from,
+                action_guidance=self.action_guidance)
 
         self._update(advance, one_frame=True)
         self.steps += 1
@@ -155,7 +160,7 @@ class RolloutEngine:
     def _graph_step(self, a: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # everything the captured kernels read by address or were specialised on
         key = (self._state.data_ptrs(), self.frames.data_ptr(), tuple(p.data_ptr() for p in self.model.parameters()),
-               self.sampling_steps, self.reward_from)
+               self.sampling_steps, self.action_guidance, self.reward_from)
         graph = self._graph
         if graph is None or graph.key != key:  # first step, or something it was captured on changed
             graph = self._graph = _StepGraph(self, key)
@@ -188,6 +193,7 @@ class RolloutEngine:
         new = RolloutEngine.__new__(RolloutEngine)
         new.device, new.model, new.num_envs = self.device, self.model, len(idx)
         new.sampling_steps, new.frame_shape, new.reward_from = self.sampling_steps, self.frame_shape, self.reward_from
+        new.action_guidance = self.action_guidance
         new.compression, new.chunk_envs, new._chunks = self.compression, self.chunk_envs, []
         new.cuda_graph, new._graph = self.cuda_graph and cuda_graph, None
         new.state = self.state.index_select(idx)
@@ -284,7 +290,8 @@ class _StepGraph:
 
     def _run(self, e: RolloutEngine) -> None:
         frames, rewards, terminated = e.model.generate(e._state, self.actions, steps=e.sampling_steps,
-                                                       noise=self.noise, reward_from=e.reward_from)
+                                                       noise=self.noise, reward_from=e.reward_from,
+                                                       action_guidance=e.action_guidance)
         e.frames.copy_(frames)
         self.rewards.copy_(rewards)
         self.terminated.copy_(terminated)

@@ -45,6 +45,10 @@ class TrainConfig:
     """Share of clips in which only `clean_history_noised_frac` of the frames are noised, the rest
     clean: trains prediction from a clean history, as at inference (see sample_clip_sigmas)."""
     clean_history_noised_frac: float = 0.25
+    action_dropout: float = 0.0
+    """Share of frames whose action is replaced by the model's null action (needs
+    --model.null-action): trains the action-free prediction that action guidance
+    (--model.action-guidance, the envs' action_guidance) contrasts with."""
     reward_clip_prob: float = 0.0
     """Share of training clips drawn around a reward event (touching the target, under 1% of
     frames), so the model learns when touches happen and shows them (0: uniform clips)."""
@@ -135,6 +139,10 @@ class TrainConfig:
             raise ValueError(f"clean_history_prob must be in [0, 1], got {self.clean_history_prob}")
         if not 0.0 < self.clean_history_noised_frac <= 1.0:
             raise ValueError(f"clean_history_noised_frac must be in (0, 1], got {self.clean_history_noised_frac}")
+        if not 0.0 <= self.action_dropout <= 1.0:
+            raise ValueError(f"action_dropout must be in [0, 1], got {self.action_dropout}")
+        if self.action_dropout > 0 and not self.model.null_action:
+            raise ValueError("action_dropout needs a model with the null action (--model.null-action)")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
 

@@ -44,7 +44,7 @@ from ssm_gym.model.checkpoint import (
     write_folder_atomically,
 )
 from ssm_gym.model.compression import clip_compression, get_compression
-from ssm_gym.model.diffusion import diffusion_forcing_loss, sample_clip_sigmas
+from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, sample_clip_sigmas
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import TrainConfig, config_to_json
 
@@ -92,12 +92,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 # WorldModelConfig fields a fine-tune (--init-from) may change: they do not change what the weights
 # compute (training noise levels, sampling schedule, kernels and chunking of the same maths)
 INIT_FROM_FREE_FIELDS = ("p_mean", "p_std", "sample_steps", "sigma_min", "sigma_max", "rho", "backend",
-                         "ssm_chunk_size", "attn_chunk_frames")
+                         "ssm_chunk_size", "attn_chunk_frames", "action_guidance")
 
 
 # Fields a fine-tune may switch on, with the parameters each adds: they start at zero (the loaded
 # model's output is unchanged at the start) and are the only tensors the start model may lack.
-INIT_FROM_GROW_FIELDS = {"action_tokens": "action_tok.", "prev_frame": "prev_in."}
+INIT_FROM_GROW_FIELDS = {"action_tokens": "action_tok.", "prev_frame": "prev_in.", "null_action": "action_null"}
 
 
 def mismatch(a, b) -> str:
@@ -370,7 +370,8 @@ def train(cfg: TrainConfig) -> Path:
 
         batch = data.sample_batch(batch_size, data_rng)
         frames = batch["frames"].to(env.device)
-        actions = batch["prev_actions"].to(env.device)
+        actions = drop_actions(batch["prev_actions"].to(env.device), cfg.action_dropout, model.NULL, model.START,
+                               noise_gen)
         rewards = batch["rewards"].to(env.device)
         terminals = batch["terminals"].to(env.device)
         sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
