@@ -12,6 +12,9 @@ JSON keys (same figures as the tables):
   "flops": {"num_envs", "gflop_per_step", "achieved_gflops", "matmul_gflops_fp32"} for one step at the
       largest num_envs, next to this machine's matmul throughput measured in the same run;
   "sampling_steps", "threads", "targets".
+With --action-guidance w each throughput row also has "guided_env_steps_per_s" and
+"guided_ms_per_step" (classifier-free action guidance at weight w, same run; a model without the
+null action gets one added, zero, for timing: speed does not depend on the weights).
 With --cuda-graph (cuda only) each throughput row also has "graph_env_steps_per_s" and
 "graph_ms_per_step" (the engine's CUDA-graph step, same run), and "flops" has
 "achieved_gflops_graph" (the eager step's FLOP count over the graphed step's time).
@@ -59,6 +62,8 @@ class Args:
     """cpu or cuda (the model, the engine and the matmul reference all run there)."""
     cuda_graph: bool = False
     """Also time the throughput rows with the engine's CUDA-graph step (cuda only), in the same run."""
+    action_guidance: Optional[float] = None
+    """Also time the throughput rows with action guidance at this weight (one more pass per denoising step)."""
     json: bool = False
 
 
@@ -128,8 +133,16 @@ def main(args: Args) -> dict:
     frames = first_frames(max(args.num_envs)).to(args.device)
     out: dict = {"sampling_steps": steps, "threads": torch.get_num_threads(), "device": args.device, "targets": TARGETS}
 
-    def seconds_per_step(n: int, cuda_graph: bool) -> float:
-        eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps, cuda_graph=cuda_graph)
+    guided = None
+    if args.action_guidance is not None:
+        guided = model
+        if model.action_null is None:
+            guided = WorldModel(dataclasses.replace(model.config, null_action=True)).to(args.device).eval()
+            guided.load_state_dict(model.state_dict(), strict=False)
+
+    def seconds_per_step(n: int, cuda_graph: bool, guidance: Optional[float] = None) -> float:
+        eng = RolloutEngine(model if guidance is None else guided, n, device=args.device, sampling_steps=steps,
+                            cuda_graph=cuda_graph, action_guidance=guidance)
         eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
         return time_steps(eng, args.seconds)
 
@@ -140,6 +153,9 @@ def main(args: Args) -> dict:
         if args.cuda_graph:
             sec = seconds_per_step(n, True)
             row.update(graph_env_steps_per_s=round(n / sec, 1), graph_ms_per_step=round(1000 * sec, 2))
+        if guided is not None:
+            sec = seconds_per_step(n, False, args.action_guidance)
+            row.update(guided_env_steps_per_s=round(n / sec, 1), guided_ms_per_step=round(1000 * sec, 2))
         rows.append(row)
     out["throughput"] = rows
 
@@ -177,11 +193,13 @@ def main(args: Args) -> dict:
         return out
     print(f"Rollout engine, {model.config.variant} model ({model.num_params() / 1e6:.2f}M params), "
           f"{steps} denoising steps + 1 state update per env-step, {out['threads']} threads")
-    g = args.cuda_graph
-    print(f"{'num_envs':>8} | {'env-steps/s':>11} | {'ms/step':>8}" + (f" | {'graph env-steps/s':>17} | {'ms/step':>8}" if g else ""))
+    g, w = args.cuda_graph, guided is not None
+    print(f"{'num_envs':>8} | {'env-steps/s':>11} | {'ms/step':>8}" + (f" | {'graph env-steps/s':>17} | {'ms/step':>8}" if g else "")
+          + (f" | {'guided env-steps/s':>18} | {'ms/step':>8}" if w else ""))
     for r in rows:
         print(f"{r['num_envs']:>8} | {r['env_steps_per_s']:>11,.1f} | {r['ms_per_step']:>8.1f}"
-              + (f" | {r['graph_env_steps_per_s']:>17,.1f} | {r['graph_ms_per_step']:>8.2f}" if g else ""))
+              + (f" | {r['graph_env_steps_per_s']:>17,.1f} | {r['graph_ms_per_step']:>8.2f}" if g else "")
+              + (f" | {r['guided_env_steps_per_s']:>18,.1f} | {r['guided_ms_per_step']:>8.1f}" if w else ""))
     print("\nstep time vs episode step (num_envs=1)")
     print(f"{'variant':>10} | {'episode step':>12} | {'ms/step':>8} | {'state bytes/env':>15}")
     for r in flat:

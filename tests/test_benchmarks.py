@@ -21,9 +21,10 @@ def load(name: str):
 
 def test_rollout_benchmark(tiny_checkpoint, capsys):
     bench = load("rollout")
-    out = bench.main(bench.Args(checkpoint=tiny_checkpoint, num_envs=(1, 2), episode_steps=(4, 23), seconds=0.05))
+    out = bench.main(bench.Args(checkpoint=tiny_checkpoint, num_envs=(1, 2), episode_steps=(4, 23), seconds=0.05,
+                                action_guidance=2.0))
     assert [r["num_envs"] for r in out["throughput"]] == [1, 2]
-    assert all(r["env_steps_per_s"] > 0 for r in out["throughput"])
+    assert all(r["env_steps_per_s"] > 0 and r["guided_env_steps_per_s"] > 0 for r in out["throughput"])
     flat = {(r["variant"], r["episode_step"]): r for r in out["flat"]}
     # our state is constant in size; the full-attention cache grows with the episode
     assert flat[("full", 4)]["state_bytes_per_env"] == flat[("full", 23)]["state_bytes_per_env"]
