@@ -13,6 +13,7 @@ learning curve (real-maze return vs env steps) goes to `curve.csv` and `curve.pn
 from __future__ import annotations
 
 import csv
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,13 @@ class Args:
     reward_mode: Literal["threshold", "expected"] = "threshold"
     """Imagined rewards: the head on the generated frame, thresholded (default), or the expected
     reward from history and action (see SSMWorld-Maze-v0's reward_mode)."""
+    reward_baseline: Literal["none", "model"] = "none"
+    """With --reward-mode expected: "model" subtracts from each action's expected reward the model's
+    own mean expected reward for that action over real states of --context-data (measured at the
+    start, written to reward_baseline.json), so that no action pays by itself: the head learns that
+    touches follow moves, and an agent otherwise learns to repeat the most-favoured action."""
+    baseline_episodes: int = 16
+    """Episodes of --context-data (8 states each, after --context-len real frames) for the baseline."""
     context_data: Optional[Path] = None
     """Start imagined episodes after real history drawn from this dataset folder (e.g. data/maze,
     the model's training data), as DIAMOND / IRIS / Dreamer do; pair with a short
@@ -72,14 +80,38 @@ class Args:
     out_dir: Path = Path("outputs/agents/ppo")
 
 
+def model_reward_baseline(args: Args) -> list[float]:
+    """The model's mean expected reward per action over real states (see --reward-baseline)."""
+    import torch
+
+    from ssm_gym.checkpoints import shipped_checkpoint
+    from ssm_gym.eval.prediction import action_sensitivity, load_clips
+    from ssm_gym.model.checkpoint import load_model
+
+    if args.reward_mode != "expected" or args.context_data is None:
+        raise ValueError("--reward-baseline model needs --reward-mode expected and --context-data (the real states)")
+    model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
+    positions = 8
+    clips = load_clips(args.context_data, args.baseline_episodes, args.context_len + positions)
+    with torch.no_grad():
+        res = action_sensitivity(model, clips.frames, clips.prev_actions, args.context_len, positions,
+                                 args.sampling_steps, args.seed, args.action_guidance)
+    (args.out_dir / "reward_baseline.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"reward baseline per action (mean expected reward over {res['samples']} real states): "
+          f"{res['expected_reward_by_action']}; each action the highest in {res['expected_reward_argmax_share']}")
+    return res["expected_reward_by_action"]
+
+
 def make_env(args: Args) -> SB3VecEnv:
     common = dict(num_envs=args.num_envs, max_episode_steps=args.max_episode_steps, autoreset_mode="SameStep")
     if args.env == "real":
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", **common))
+    baseline = model_reward_baseline(args) if args.reward_baseline == "model" else None
     return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", checkpoint=args.checkpoint, device=args.device,
                                   sampling_steps=args.sampling_steps, reward_mode=args.reward_mode,
                                   context_data=args.context_data, context_len=args.context_len,
-                                  cuda_graph=args.cuda_graph, action_guidance=args.action_guidance, **common))
+                                  cuda_graph=args.cuda_graph, action_guidance=args.action_guidance,
+                                  reward_baseline=baseline, **common))
 
 
 class RealMazeCurve(BaseCallback):

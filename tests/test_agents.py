@@ -1,6 +1,7 @@
 """Agents: PPO in imagination end to end, the CEM planner on a toy problem, evaluation."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -89,10 +90,16 @@ def test_ppo_time_budget_stops_training_early_with_starts_from_real_data(tmp_pat
     ckpt = save_model(tmp_path / "tiny", WorldModel(PRESETS["tiny"][1].model))
     args = PPOArgs(checkpoint=ckpt, total_steps=10**7, num_envs=4, max_episode_steps=8, n_steps=32, batch_size=64,
                    n_epochs=1, eval_every=10**8, eval_episodes=1, eval_max_steps=5, time_budget_s=2.0,
-                   context_data=tmp_path / "data", context_len=4, out_dir=tmp_path / "ppo")
+                   context_data=tmp_path / "data", context_len=4, out_dir=tmp_path / "ppo",
+                   reward_mode="expected", reward_baseline="model", baseline_episodes=2)
     path = train_ppo(args)
     steps = [int(r.split(",")[0]) for r in (tmp_path / "ppo" / "curve.csv").read_text().splitlines()[1:]]
     assert path.is_file() and 0 < steps[-1] < 10**5
+    # the per-action reward baseline was measured on the real states and used
+    base = json.loads((tmp_path / "ppo" / "reward_baseline.json").read_text())
+    assert len(base["expected_reward_by_action"]) == 6 and base["samples"] == 2 * 8
+    with pytest.raises(ValueError, match="needs --reward-mode expected and --context-data"):
+        train_ppo(dataclasses.replace(args, context_data=None))
 
 
 def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_path):

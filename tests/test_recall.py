@@ -149,10 +149,11 @@ class _ActionPainter(torch.nn.Module):
     def observe(self, state, frame, action):
         pass
 
-    def generate(self, state, actions, steps=None, noise=None, action_guidance=None):
+    def generate(self, state, actions, steps=None, noise=None, action_guidance=None, reward_from="frame"):
         value = actions * 40 if self.uses_actions else torch.full_like(actions, 40)
         frames = value.to(torch.uint8)[:, None, None, None].expand(len(actions), 8, 8, 3)
-        return frames, torch.zeros(len(actions)), torch.zeros(len(actions), dtype=torch.bool)
+        reward = 0.01 * (actions == 4).float()  # an expected reward that favours action 4 everywhere
+        return frames, reward, torch.zeros(len(actions), dtype=torch.bool)
 
 
 class _Rows:
@@ -173,6 +174,8 @@ def test_action_sensitivity_and_trivial_baselines_on_known_cases():
     good = action_sensitivity(_ActionPainter(True), frames, taken, context=3, positions=4)
     assert good["true_action_best"] == 1.0 and good["psnr_true_action"] == 100.0
     assert good["psnr_other_actions"] < 30 and good["psnr_between_actions"] < 30 and good["samples"] == 20
+    assert good["expected_reward_by_action"] == pytest.approx([0, 0, 0, 0, 0.01, 0])
+    assert good["expected_reward_argmax_share"] == [0, 0, 0, 0, 1, 0]
     blind = action_sensitivity(_ActionPainter(False), frames, taken, context=3, positions=4)
     assert blind["psnr_between_actions"] == 100.0  # every action gives the same frame
     assert blind["true_action_best"] == pytest.approx((taken[:, 3:7] == 0).float().mean().item())  # ties: action 0

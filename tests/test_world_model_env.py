@@ -322,6 +322,28 @@ def test_action_guidance_in_the_engine_and_envs(model, null_action_model):
         gym.make("SSMWorld-Maze-v0", model=model, action_guidance=2.0)
 
 
+def test_reward_baseline_is_subtracted_per_action(checkpoint):
+    """reward_mode="expected" with a per-action baseline pays the expected reward minus the
+    baseline of the action taken, clipped to [-1, 1]; single and vector env alike."""
+    base = [0.0, 0.1, 0.2, 0.3, 0.4, 5.0]
+    env = gym.make("SSMWorld-Maze-v0", checkpoint=checkpoint, reward_mode="expected", reward_baseline=base,
+                   sampling_steps=1)
+    env.reset(seed=0)
+    for a in (2, 5):
+        _, r, _, _, info = env.step(a)
+        assert r == pytest.approx(np.clip(info["reward_raw"] - base[a], -1, 1), abs=1e-6)
+    vec = gym.make_vec("SSMWorld-Maze-v0", num_envs=3, checkpoint=checkpoint, reward_mode="expected",
+                       reward_baseline=base, sampling_steps=1)
+    vec.reset(seed=0)
+    acts = np.array([1, 3, 5])
+    _, r, _, _, info = vec.step(acts)
+    assert r == pytest.approx(np.clip(info["reward_raw"] - np.array(base)[acts], -1, 1), abs=1e-6)
+    with pytest.raises(ValueError, match="reward_mode='expected'"):
+        gym.make("SSMWorld-Maze-v0", checkpoint=checkpoint, reward_baseline=base)
+    with pytest.raises(ValueError, match="6 finite numbers"):
+        gym.make("SSMWorld-Maze-v0", checkpoint=checkpoint, reward_mode="expected", reward_baseline=[0.1] * 5)
+
+
 def test_cuda_graph_needs_cuda():
     from ssm_gym.model import WorldModel
     from ssm_gym.rollout.engine import RolloutEngine

@@ -27,7 +27,7 @@ from ssm_gym.envs.maze_real import (
     setup_vector_env,
 )
 from ssm_gym.maze.dataset import ClipDataset, DatasetError
-from ssm_gym.maze.sim import MazeBatch, check_actions
+from ssm_gym.maze.sim import N_ACTIONS, MazeBatch, check_actions
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine
@@ -48,12 +48,27 @@ def check_reward_mode(mode: str) -> str:
     return REWARD_MODES[mode]
 
 
-def pay(raw: np.ndarray, mode: str, threshold: float) -> np.ndarray:
+def pay(raw: np.ndarray, mode: str, threshold: float, baseline: Optional[np.ndarray] = None) -> np.ndarray:
     """Reward paid for raw head outputs: 1/0 at ``threshold`` ("threshold") or the expected reward
-    clipped to [0, 1] ("expected")."""
+    clipped to [0, 1] ("expected"); with a per-action ``baseline`` (the baseline of each env's
+    action, "expected" only), the expected reward minus it, clipped to [-1, 1]."""
     if mode == "expected":
+        if baseline is not None:
+            return np.clip(raw - baseline, -1.0, 1.0).astype(np.float32)
         return np.clip(raw, 0.0, 1.0).astype(np.float32)
     return (raw > threshold).astype(np.float32)
+
+
+def check_reward_baseline(baseline, mode: str) -> Optional[np.ndarray]:
+    """A per-action reward baseline: N_ACTIONS finite numbers, for reward_mode "expected"."""
+    if baseline is None:
+        return None
+    if mode != "expected":
+        raise ValueError(f"reward_baseline works with reward_mode='expected', got {mode!r}")
+    b = np.asarray(baseline, dtype=np.float32)
+    if b.shape != (N_ACTIONS,) or not np.isfinite(b).all():
+        raise ValueError(f"reward_baseline must be {N_ACTIONS} finite numbers (one per action), got {baseline!r}")
+    return b
 
 
 def check_context(options: dict, n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +148,11 @@ class WorldModelEnv(gym.Env):
     `reward_threshold`, else 0.0. "expected": the head read on the first denoising pass, i.e. from
     the history and the action alone (the expected reward), paid as is, clipped to [0, 1]; use it
     when the generated frames do not show the reward events (see README, Agents). The raw
-    prediction is in `info["reward_raw"]`.
+    prediction is in `info["reward_raw"]`. `reward_baseline` (expected mode): one number per
+    action subtracted from the expected reward (paid clipped to [-1, 1]), e.g. the model's own mean
+    expected reward for each action on real data (`ssm_gym.eval.prediction.action_sensitivity`):
+    the head learns that touches follow moves, and without it an agent learns to repeat the
+    action with the highest prior instead of going where the target is (see README, Agents).
 
     ## Episode End
     Terminates when the termination head says so (the maze itself never terminates); truncates
@@ -143,6 +162,7 @@ class WorldModelEnv(gym.Env):
     - `checkpoint`: folder with config.json + model.safetensors (default: the shipped model).
     - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
     - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
+    - `reward_baseline` (None): per-action numbers subtracted from the expected reward (above).
     - `action_guidance` (None = the model's default, 1 = off): classifier-free guidance on the action,
       for models trained with the null action (see WorldModel.generate); costs one more model pass
       per denoising step.
@@ -164,7 +184,7 @@ class WorldModelEnv(gym.Env):
                  render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None,
                  reward_mode: str = "threshold", context_data: str | Path | None = None, context_len: int = 32,
                  cuda_graph: bool = False,
-                 action_guidance: Optional[float] = None):
+                 action_guidance: Optional[float] = None, reward_baseline=None):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
@@ -173,6 +193,7 @@ class WorldModelEnv(gym.Env):
                                     reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
                                     action_guidance=action_guidance)
         self.reward_mode = reward_mode
+        self.reward_baseline = check_reward_baseline(reward_baseline, reward_mode)
         self.real = MazeRealEnv(maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold, self.render_mode = max_episode_steps, reward_threshold, render_mode
         self.observation_space, self.action_space = OBSERVATION_SPACE, ACTION_SPACE
@@ -211,7 +232,8 @@ class WorldModelEnv(gym.Env):
         self._elapsed += 1
         self._obs = frames[0].cpu().numpy()
         raw = float(rewards[0])
-        return (self._obs.copy(), float(pay(np.float32(raw), self.reward_mode, self.reward_threshold)), bool(terminated[0]),
+        base = None if self.reward_baseline is None else self.reward_baseline[a[0]]
+        return (self._obs.copy(), float(pay(np.float32(raw), self.reward_mode, self.reward_threshold, base)), bool(terminated[0]),
                 self._elapsed >= self.max_episode_steps, {"step": self._elapsed, "reward_raw": raw})
 
     def render(self):
@@ -239,7 +261,7 @@ class WorldModelVectorEnv(VectorEnv):
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
                  compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold",
                  context_data: str | Path | None = None, context_len: int = 32, cuda_graph: bool = False,
-                 action_guidance: Optional[float] = None):
+                 action_guidance: Optional[float] = None, reward_baseline=None):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.starts = _starts(context_data, context_len)
         self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
@@ -247,6 +269,7 @@ class WorldModelVectorEnv(VectorEnv):
                                     reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
                                     action_guidance=action_guidance)
         self.reward_mode = reward_mode
+        self.reward_baseline = check_reward_baseline(reward_baseline, reward_mode)
         self.real = MazeBatch(num_envs, maze_size, n_objects)
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
@@ -307,7 +330,8 @@ class WorldModelVectorEnv(VectorEnv):
         a = check_actions(actions, self.num_envs)
         frames, raw, terminated = self.engine.step(torch.from_numpy(a))
         raw = raw.float().cpu().numpy()
-        rewards = pay(raw, self.reward_mode, self.reward_threshold)
+        rewards = pay(raw, self.reward_mode, self.reward_threshold,
+                      None if self.reward_baseline is None else self.reward_baseline[a])
         terminated = terminated.cpu().numpy()
         self._elapsed += 1
         truncated = self._elapsed >= self.max_episode_steps

@@ -105,7 +105,12 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
     (mean over the other actions), ``true_action_best`` (how often the action taken gives the
     prediction closest to the real frame; chance is 1/N_ACTIONS) and ``psnr_between_actions``
     (mean PSNR between the predictions for two different actions: high means the model ignores
-    the action). A world model an agent can learn from has ``true_action_best`` near 1."""
+    the action). A world model an agent can learn from has ``true_action_best`` near 1.
+    Also ``expected_reward_by_action``: the mean expected reward (the head on the first denoising
+    pass, as ``reward_mode="expected"`` pays) of each action over these states, and
+    ``expected_reward_argmax_share``: how often each action has the highest. An action favoured
+    everywhere is a prior the head learned (touches follow moves), which an agent in imagination
+    exploits by repeating it; the envs' ``reward_baseline`` subtracts it."""
     n, total = frames.shape[:2]
     if total < context + positions:
         raise ValueError(f"need {context + positions} frames, got {total}")
@@ -117,12 +122,13 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
     gen = torch.Generator(device=dev).manual_seed(seed)
     state = model.init_state(n, dev)
     model.observe_clip(state, frames[:, :context], prev_actions[:, :context])
-    true_p, other_p, best, between = [], [], [], []
+    true_p, other_p, best, between, rewards = [], [], [], [], []
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     for h in range(context, context + positions):
         noise = torch.randn((n, 1, *frames.shape[2:]), generator=gen, device=dev).repeat_interleave(k, 0)
-        pred, _, _ = model.generate(state.index_select(rows), acts, steps=steps, noise=noise,
-                                    action_guidance=action_guidance)
+        pred, reward, _ = model.generate(state.index_select(rows), acts, steps=steps, noise=noise,
+                                         action_guidance=action_guidance, reward_from="denoiser")
+        rewards.append(reward.reshape(n, k).float().cpu().numpy())
         pred = pred.reshape(n, k, *frames.shape[2:]).cpu().numpy()
         real = frames[:, h].cpu().numpy()
         p = psnr(pred, np.repeat(real[:, None], k, 1))  # (n, k)
@@ -132,9 +138,11 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
         best.append(p.argmax(1) == taken)
         between.append(np.stack([psnr(pred[:, i], pred[:, j]) for i, j in pairs], 1).mean(1))
         model.observe(state, frames[:, h], prev_actions[:, h])
+    r = np.concatenate(rewards)
     return {"psnr_true_action": float(np.mean(true_p)), "psnr_other_actions": float(np.mean(other_p)),
             "true_action_best": float(np.mean(best)), "psnr_between_actions": float(np.mean(between)),
-            "samples": n * positions}
+            "samples": n * positions, "expected_reward_by_action": [round(float(v), 5) for v in r.mean(0)],
+            "expected_reward_argmax_share": [round(float(v), 3) for v in np.bincount(r.argmax(1), minlength=k) / len(r)]}
 
 
 def trivial_baselines(frames: torch.Tensor, context: int) -> dict[str, float]:
@@ -245,7 +253,7 @@ def main(args: Args) -> list[dict]:
 
     frames, prev, rewards = load_clips(args.val_dir, args.episodes, args.context + args.horizon, args.windows)
     real_r = rewards[:, args.context:].numpy()
-    r3 = lambda d: {k: v if v is None else round(v, 3) for k, v in d.items()}  # noqa: E731
+    r3 = lambda d: {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}  # noqa: E731
     if args.whole_episodes:  # for the head on real frames, all of every episode
         whole, whole_prev, whole_r = load_clips(args.val_dir, args.episodes, args.whole_episode_len)
     rows = [{"baselines": {k: round(v, 2) for k, v in trivial_baselines(frames, args.context).items()},
