@@ -95,7 +95,7 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
 
 @torch.no_grad()
 def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int, positions: int = 8,
-                       steps: int | None = None, seed: int = 0, action_guidance: float | None = None) -> dict[str, float]:
+                       steps: int | None = None, seed: int = 0, action_guidance: float | None = None) -> dict:
     """Does the imagined next frame depend on the action taken? At `positions` consecutive steps
     after `context` real frames (teacher-forced: the state follows the real frames), imagine the
     next frame once for every action, from the same state and the same noise, and compare with the
