@@ -4,6 +4,7 @@ The checks are about the plumbing (shapes, seeding, resets, forks, constant memo
 which do not depend on how well the model is trained."""
 
 import dataclasses
+import json
 
 import gymnasium as gym
 import numpy as np
@@ -358,3 +359,20 @@ def test_cuda_graph_needs_cuda():
         RolloutEngine(full, 2, device="cpu", cuda_graph=True)
     with pytest.raises(ValueError, match="fixed-size state"):
         RolloutEngine(WorldModel(cfg), 2, device="cpu", compression="strong", cuda_graph=True)
+
+
+def test_reward_drift_report(checkpoint, dataset, tmp_path):
+    """The exploitation check runs end to end: each repeated action's sum above its random-action
+    mean is its episode sum minus horizon x that mean, over the same real starts."""
+    from ssm_gym.eval.reward_drift import Args, main
+
+    out = main(Args(checkpoint=checkpoint, context_data=dataset, context_len=4, horizon=3, num_envs=2,
+                    random_episodes=2, json=tmp_path / "drift.json"))
+    prior = out["random_action_mean"]
+    assert len(prior) == 6 and len(out["repeated"]) == 6
+    for name, r in out["repeated"].items():
+        assert len(r["by_step"]) == 3
+        assert r["above_prior_sum"] == pytest.approx(r["episode_sum"] - 3 * prior[name], abs=2e-3)
+    assert json.loads((tmp_path / "drift.json").read_text())["repeated"] == out["repeated"]
+    with pytest.raises(ValueError, match="horizon"):
+        main(Args(checkpoint=checkpoint, context_data=dataset, horizon=0))
