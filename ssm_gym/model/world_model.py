@@ -21,6 +21,7 @@ local attention), "attn_full" (causal attention over all past frames, growing KV
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -107,7 +108,7 @@ def check_reward_from(reward_from: str) -> str:
 def check_action_guidance(model, w: float) -> float:
     """A guidance weight the model can use: a number, and != 1 only with the null action."""
     w = float(w)
-    if not w == w or w in (float("inf"), float("-inf")):
+    if not math.isfinite(w):
         raise ValueError(f"action_guidance must be a finite number, got {w}")
     if w != 1.0 and model.action_null is None:
         raise ValueError(f"action_guidance={w} needs a model trained with the null action (null_action=True, "

@@ -23,8 +23,8 @@ and ``engine.state`` go through the dense form.
 With ``cuda_graph=True`` on a GPU, ``step`` replays a CUDA graph of the model call: the first
 step runs eagerly (warm-up) and captures the graph right after, later steps replay it; it is
 captured again whenever the state's tensors, the model's parameters, ``sampling_steps``,
-``action_guidance`` or ``reward_from`` change. One launch instead of thousands of small kernels, which is what bounds
-a step of this small model on a GPU. It needs a fixed-size state: uncompressed (or bf16-only)
+``action_guidance`` or ``reward_from`` change. One launch instead of thousands of small kernels,
+which is what bounds a step of this small model on a GPU. It needs a fixed-size state: uncompressed (or bf16-only)
 and a windowed attention ring (not the "attn_full" variant, whose cache grows). Forks step
 eagerly unless asked (a planner's short branches would not repay a capture).
 """
