@@ -80,17 +80,14 @@ class Args:
     out_dir: Path = Path("outputs/agents/ppo")
 
 
-def model_reward_baseline(args: Args) -> list[float]:
+def model_reward_baseline(args: Args, model) -> list[float]:
     """The model's mean expected reward per action over real states (see --reward-baseline)."""
     import torch
 
-    from ssm_gym.checkpoints import shipped_checkpoint
     from ssm_gym.eval.prediction import action_sensitivity, load_clips
-    from ssm_gym.model.checkpoint import load_model
 
     if args.reward_mode != "expected" or args.context_data is None:
         raise ValueError("--reward-baseline model needs --reward-mode expected and --context-data (the real states)")
-    model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
     positions = 8
     clips = load_clips(args.context_data, args.baseline_episodes, args.context_len + positions)
     with torch.no_grad():
@@ -106,8 +103,12 @@ def make_env(args: Args) -> SB3VecEnv:
     common = dict(num_envs=args.num_envs, max_episode_steps=args.max_episode_steps, autoreset_mode="SameStep")
     if args.env == "real":
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", **common))
-    baseline = model_reward_baseline(args) if args.reward_baseline == "model" else None
-    return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", checkpoint=args.checkpoint, device=args.device,
+    from ssm_gym.checkpoints import shipped_checkpoint
+    from ssm_gym.model.checkpoint import load_model
+
+    model = load_model(args.checkpoint or shipped_checkpoint(), args.device)  # once, for the baseline and the env
+    baseline = model_reward_baseline(args, model) if args.reward_baseline == "model" else None
+    return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", model=model, device=args.device,
                                   sampling_steps=args.sampling_steps, reward_mode=args.reward_mode,
                                   context_data=args.context_data, context_len=args.context_len,
                                   cuda_graph=args.cuda_graph, action_guidance=args.action_guidance,

@@ -566,7 +566,7 @@ class WorldModel(nn.Module):
         n = state.batch_size
         a = self._actions(action, n)[:, None]
         w = check_action_guidance(self, cfg.action_guidance if action_guidance is None else action_guidance)
-        null = torch.full_like(a, self.NULL)
+        null = None if w == 1.0 else torch.full_like(a, self.NULL)
         shape = (n, 1, cfg.image_size, cfg.image_size, cfg.channels)
         dev = self.pos_emb.device
 
@@ -577,7 +577,7 @@ class WorldModel(nn.Module):
             out = self(x, s.expand(n, 1), a, state=state, update="none", compress=current)
             if not first_pass:
                 first_pass.append(out.reward[:, 0])
-            if w == 1.0:
+            if null is None:
                 return out.denoised
             free = self(x, s.expand(n, 1), null, state=state, update="none", compress=current).denoised
             return torch.lerp(free, out.denoised, w)  # free + w (with - free)
