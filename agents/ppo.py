@@ -4,6 +4,7 @@
     python -m agents.ppo --env real --total-steps 100000                                  # real maze
     python -m agents.ppo --checkpoint ... --recurrent                                     # RecurrentPPO (LSTM)
     python -m agents.ppo --context-data data/maze --max-episode-steps 32                  # short imagined horizons from real data
+    python -m agents.ppo --env real --context-data data/maze --max-episode-steps 32       # the same starts, real dynamics
 
 The agent is evaluated in the *real* maze every `--eval-every` env steps (held-out seeds); the
 learning curve (real-maze return vs env steps) goes to `curve.csv` and `curve.png`, the agent to
@@ -56,7 +57,8 @@ class Args:
     context_data: Optional[Path] = None
     """Start imagined episodes after real history drawn from this dataset folder (e.g. data/maze,
     the model's training data), as DIAMOND / IRIS / Dreamer do; pair with a short
-    --max-episode-steps (the imagination horizon, e.g. 32)."""
+    --max-episode-steps (the imagination horizon, e.g. 32). With --env real: start the real maze at
+    the same recorded moments (the control for short imagined episodes: true dynamics)."""
     context_len: int = 32
     """Real frames the model is warmed up on at each start (with --context-data)."""
     cuda_graph: bool = False
@@ -102,7 +104,8 @@ def model_reward_baseline(args: Args, model) -> list[float]:
 def make_env(args: Args) -> SB3VecEnv:
     common = dict(num_envs=args.num_envs, max_episode_steps=args.max_episode_steps, autoreset_mode="SameStep")
     if args.env == "real":
-        return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", **common))
+        return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", context_data=args.context_data,
+                                      context_len=args.context_len, **common))
     from ssm_gym.checkpoints import shipped_checkpoint
     from ssm_gym.model.checkpoint import load_model
 

@@ -57,3 +57,15 @@ def tiny_checkpoint(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_model(path, model)
     return path
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A folder of three short recorded episodes (other lengths than the contexts drawn from them)."""
+    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.record import record_episodes
+
+    folder = tmp_path_factory.mktemp("data")
+    for i, ep in enumerate(record_episodes([21, 22, 23], ["explore", "oracle", "random"], steps=30)):
+        save_episode(folder / f"ep_{i:06d}.npz", ep)
+    return folder

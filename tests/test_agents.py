@@ -11,6 +11,7 @@ from agents.evaluate import load_agent, real_returns, sb3_act_fn, scripted_retur
 from agents.plan import cem_plan
 from agents.ppo import Args as PPOArgs
 from agents.ppo import train as train_ppo
+from agents.ppo import make_env
 from ssm_gym.model.checkpoint import save_model
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import PRESETS
@@ -100,6 +101,12 @@ def test_ppo_time_budget_stops_training_early_with_starts_from_real_data(tmp_pat
     assert len(base["expected_reward_by_action"]) == 6 and base["samples"] == 2 * 8
     with pytest.raises(ValueError, match="needs --reward-mode expected and --context-data"):
         train_ppo(dataclasses.replace(args, context_data=None))
+    # the control: the real maze started at the same recorded moments
+    real = dataclasses.replace(args, env="real", reward_mode="threshold", reward_baseline="none",
+                               out_dir=tmp_path / "ppo-real")
+    venv = make_env(real).venv
+    assert venv.unwrapped.moments is not None and venv.unwrapped.moments.context_len == 4
+    assert train_ppo(real).is_file()
 
 
 def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_path):

@@ -95,11 +95,13 @@ def test_step_before_reset_is_an_error():
         MazeRealEnv().step(0)
 
 
+@pytest.mark.parametrize("starts", ["new mazes", "recorded moments"])
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
-def test_vector_env_equals_n_single_envs(mode):
+def test_vector_env_equals_n_single_envs(mode, starts, dataset):
     n, horizon = 4, 12
-    venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=n, max_episode_steps=horizon, autoreset_mode=mode)
-    singles = [MazeRealEnv(max_episode_steps=horizon) for _ in range(n)]
+    kw = {} if starts == "new mazes" else {"context_data": dataset, "context_len": 8}
+    venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=n, max_episode_steps=horizon, autoreset_mode=mode, **kw)
+    singles = [MazeRealEnv(max_episode_steps=horizon, **kw) for _ in range(n)]
     vobs, vinfo = venv.reset(seed=100)
     sobs = [e.reset(seed=100 + i) for i, e in enumerate(singles)]
     for i in range(n):
@@ -141,3 +143,31 @@ def test_vector_reset_mask_and_bad_actions():
         venv.step(np.array([1, 1]))
     with pytest.raises(ValueError, match="out of range"):
         venv.step(np.array([1, 1, 9]))
+
+
+def test_starts_at_recorded_moments(dataset):
+    """With context_data every start is a recorded frame after at least context_len - 1 others,
+    and the maze continues from there with true dynamics (the recorded actions earn the
+    recorded rewards up to the first touch; the next target is drawn afresh)."""
+    from ssm_gym.maze.dataset import episode_actions, load_episode
+
+    episodes = [load_episode(f) for f in sorted(dataset.glob("*.npz"))]
+    env = MazeRealEnv(context_data=dataset, context_len=8)
+    seen = set()
+    for seed in range(12):
+        obs, info = env.reset(seed=seed)
+        # the recorded frames with this state (a still agent repeats one; any of them continues alike)
+        hits = [(k, t) for k, ep in enumerate(episodes) for t in range(7, len(ep["image"]))
+                if (ep["image"][t] == obs).all() and (ep["agent_pose"][t] == info["agent_pose"]).all()
+                and ep["target_index"][t] == info["target_index"]]
+        assert hits
+        k, t = hits[0]
+        seen.add(hits[0])
+        for a, r in zip(episode_actions(episodes[k])[t:], episodes[k]["reward"][t + 1:]):
+            obs, reward, *_ = env.step(a)
+            assert reward == r
+            if r:
+                break
+    assert len(seen) > 6  # the seeds draw different moments
+    with pytest.raises(ValueError, match="context_len"):
+        MazeRealEnv(context_data=dataset, context_len=100)

@@ -142,3 +142,33 @@ def test_batch_equals_separate_simulators():
 def test_bad_actions_rejected(bad, err, match):
     with pytest.raises(err, match=match):
         check_actions(bad, 1)
+
+
+def test_place_at_recorded_moment_replays_the_recording():
+    """From frame 0 the recorded actions replay the whole episode exactly (poses, rewards, frames);
+    from a later frame the frame and the poses match, and the rewards do up to the first touch
+    (after it the next target is drawn afresh). Another maze's layout is refused."""
+    from ssm_gym.maze.dataset import episode_actions
+    from ssm_gym.maze.record import place_at_recorded_moment, record_episodes
+
+    ep = record_episodes([5], ["oracle"], steps=120)[0]  # the oracle touches targets
+    actions = episode_actions(ep)
+    assert ep["reward"].sum() >= 2
+    sim = MazeBatch(2)
+    for t0 in (0, 40):
+        place_at_recorded_moment(sim, 1, ep, t0)
+        assert (sim.render()[1] == ep["image"][t0]).all()
+        touched = False
+        for t in range(t0, len(actions)):
+            r = sim.step(np.array([0, actions[t]]))[1]
+            assert (sim.pose[1] == ep["agent_pose"][t + 1]).all()
+            if t0 == 0 or not touched:
+                assert r == ep["reward"][t + 1]
+            if t0 == 0:
+                assert (sim.render()[1] == ep["image"][t + 1]).all()
+            touched |= bool(r)
+    with pytest.raises(ValueError, match="t must be"):
+        place_at_recorded_moment(sim, 0, ep, 121)
+    other = dict(ep, maze_layout=np.zeros_like(ep["maze_layout"]))
+    with pytest.raises(ValueError, match="maze_layout"):
+        place_at_recorded_moment(sim, 0, other, 3)

@@ -387,6 +387,28 @@ def test_generate_with_explicit_noise_matches_generator():
     assert torch.equal(f1, f2) and torch.equal(r1, r2)
 
 
+
+def test_predict_leaves_the_state_and_is_generates_first_half():
+    """predict samples the frame generate would and returns the expected reward generate reads
+    with reward_from="denoiser", without advancing the state (an ensemble's members predict from
+    their own states, then all observe one frame)."""
+    m = randomized(tiny_config("full"))
+    frames, actions = clip(t=3)
+    base = m.init_state(2)
+    m.observe_clip(base, frames, actions)
+    a = torch.tensor([2, 5])
+    noise = torch.randn((2, 1, 16, 16, 3), generator=torch.Generator().manual_seed(3))
+    state = base.clone()
+    f, expected = m.predict(state, a, steps=2, noise=noise)
+    assert state.t.tolist() == base.t.tolist()
+    assert all(torch.equal(x, y) for s, b in zip(state.ssm, base.ssm) for x, y in zip(s, b))
+    g = base.clone()
+    f2, r2, _ = m.generate(g, a, steps=2, noise=noise, reward_from="denoiser")
+    assert torch.equal(f, f2) and torch.equal(expected, r2)
+    m.observe(state, f, a)
+    o1, o2 = m.observe(state, frames[:, 0], actions[:, 1]), m.observe(g, frames[:, 0], actions[:, 1])
+    assert max_err(o1.raw, o2.raw) < 1e-6
+
 @pytest.mark.parametrize("variant", ["full", "attn_full", "full+prev_frame"])
 def test_index_copy_installs_warm_envs(variant):
     variant, m = variant_model(variant)

@@ -15,8 +15,7 @@ from gymnasium.utils.env_checker import check_env
 import ssm_gym  # noqa: F401
 from ssm_gym.envs.sb3 import SB3VecEnv
 from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv
-from ssm_gym.maze.dataset import DatasetError, load_episode, save_episode
-from ssm_gym.maze.record import record_episodes
+from ssm_gym.maze.dataset import DatasetError, load_episode
 from ssm_gym.model.checkpoint import CheckpointError, save_model
 from ssm_gym.rollout.engine import RolloutEngine
 
@@ -24,15 +23,6 @@ from ssm_gym.rollout.engine import RolloutEngine
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
     return save_model(tmp_path_factory.mktemp("ckpt") / "tiny", model)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """A folder of three short real episodes (other lengths than the contexts drawn from them)."""
-    folder = tmp_path_factory.mktemp("data")
-    for i, ep in enumerate(record_episodes([21, 22, 23], ["explore", "oracle", "random"], steps=30)):
-        save_episode(folder / f"ep_{i:06d}.npz", ep)
-    return folder
 
 
 def real_first_frames(seeds):
@@ -363,16 +353,20 @@ def test_cuda_graph_needs_cuda():
 
 def test_reward_drift_report(checkpoint, dataset, tmp_path):
     """The exploitation check runs end to end: each repeated action's sum above its random-action
-    mean is its episode sum minus horizon x that mean, over the same real starts."""
+    mean is its episode sum minus horizon x that mean, over the same real starts; the real maze
+    beside it pays nothing for actions that do not move (a target is never touched in place)."""
     from ssm_gym.eval.reward_drift import Args, main
 
     out = main(Args(checkpoint=checkpoint, context_data=dataset, context_len=4, horizon=3, num_envs=2,
-                    random_episodes=2, json=tmp_path / "drift.json"))
+                    start_batches=2, json=tmp_path / "drift.json"))
     prior = out["random_action_mean"]
-    assert len(prior) == 6 and len(out["repeated"]) == 6
+    assert len(prior) == 6 and len(out["repeated"]) == 6 and out["starts"] == 4
     for name, r in out["repeated"].items():
         assert len(r["by_step"]) == 3
         assert r["above_prior_sum"] == pytest.approx(r["episode_sum"] - 3 * prior[name], abs=2e-3)
+        assert 0 <= r["real_episode_sum"] <= 3
+    for still in ("noop", "left", "right"):
+        assert out["repeated"][still]["real_episode_sum"] == 0 and out["real_random_action_mean"][still] == 0
     assert json.loads((tmp_path / "drift.json").read_text())["repeated"] == out["repeated"]
     with pytest.raises(ValueError, match="horizon"):
         main(Args(checkpoint=checkpoint, context_data=dataset, horizon=0))

@@ -6,6 +6,7 @@ dynamics and rendering; `tests/test_maze_env.py` checks that the vector env equa
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -15,6 +16,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from ssm_gym.maze.record import RecordedMoments
 from ssm_gym.maze.render import FOV_DEG, IMAGE_SIZE
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch, check_actions
 
@@ -69,7 +71,9 @@ class MazeRealEnv(gym.Env):
     `Box(0, 255, (64, 64, 3), uint8)`: the first-person RGB frame.
 
     ## Starting State
-    A random free tile center and heading of a maze generated from the reset seed.
+    A random free tile center and heading of a maze generated from the reset seed. With
+    `context_data`, instead a moment of a recorded episode: where the agent was after
+    `context_len` recorded frames (the imagined env's `context_data` starts, with true dynamics).
 
     ## Rewards
     +1 when the agent's center comes within 0.42 tiles of the target ball; 0 otherwise.
@@ -89,6 +93,8 @@ class MazeRealEnv(gym.Env):
     - `fov_deg` (float, default 80): horizontal field of view.
     - `render_mode`: `"rgb_array"` (the first-person frame) or `"top_down"` (a map with agent,
       balls and target ringed); `render_top_down()` gives the map in either mode.
+    - `context_data` (folder of recorded episodes, default None) and `context_len` (default 32):
+      start every episode at a recorded moment drawn with the env's generator (see Starting State).
     """
 
     metadata = {"render_modes": ["rgb_array", "top_down"], "render_fps": 10}
@@ -100,11 +106,14 @@ class MazeRealEnv(gym.Env):
         max_episode_steps: int = 1000,
         fov_deg: float = FOV_DEG,
         render_mode: str | None = None,
+        context_data: str | Path | None = None,
+        context_len: int = 32,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
         self.sim = MazeBatch(1, maze_size, n_objects, fov_deg)
+        self.moments = None if context_data is None else RecordedMoments(context_data, context_len)
         self.max_episode_steps = max_episode_steps
         self.render_mode = render_mode
         self.observation_space = OBSERVATION_SPACE
@@ -114,7 +123,10 @@ class MazeRealEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self.sim.reset_env(0, self.np_random)
+        if self.moments is None:
+            self.sim.reset_env(0, self.np_random)
+        else:
+            self.moments.place(self.sim, 0, self.np_random)
         self._elapsed = 0
         self._obs = self.sim.render()[0]
         info = self._info()
@@ -152,7 +164,8 @@ class MazeRealVectorEnv(VectorEnv):
     Takes the same arguments as `MazeRealEnv` plus `num_envs` and `autoreset_mode`
     (`AutoresetMode.NEXT_STEP`, Gymnasium's default, or `SAME_STEP`, which puts the last
     observation of a finished episode in `info["final_obs"]`). `reset(options={"reset_mask": m})`
-    resets only the sub-envs where the boolean mask is True.
+    resets only the sub-envs where the boolean mask is True. With `context_data`, every (re)start,
+    autoresets included, is a recorded moment drawn with that sub-env's own generator.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -166,9 +179,13 @@ class MazeRealVectorEnv(VectorEnv):
         fov_deg: float = FOV_DEG,
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        context_data: str | Path | None = None,
+        context_len: int = 32,
     ):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.sim = MazeBatch(num_envs, maze_size, n_objects, fov_deg)
+        self.moments = None if context_data is None else RecordedMoments(context_data, context_len)
+        self._start_rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]  # draw the moments
         self.max_episode_steps = max_episode_steps
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
         self._needs_reset = np.ones(num_envs, dtype=bool)
@@ -192,7 +209,7 @@ class MazeRealVectorEnv(VectorEnv):
             self._np_random, self._np_random_seed = seeding.np_random(seeds[0])
         for i in np.flatnonzero(mask):
             rng = seeding.np_random(seeds[i])[0] if (seeds[i] is not None or self._obs is None) else None
-            self.sim.reset_env(i, rng)
+            self._new_episode(i, rng)
         self._elapsed[mask] = 0
         self._needs_reset[mask] = False
         self._obs = self.sim.render()
@@ -208,7 +225,7 @@ class MazeRealVectorEnv(VectorEnv):
         rewards = self.sim.step(actions, active=~reset_now)
         self._elapsed += 1
         for i in np.flatnonzero(reset_now):
-            self.sim.reset_env(i)
+            self._new_episode(i)
         self._elapsed[reset_now] = 0
         truncations = (self._elapsed >= self.max_episode_steps) & ~reset_now
         terminations = np.zeros(self.num_envs, dtype=bool)
@@ -220,7 +237,7 @@ class MazeRealVectorEnv(VectorEnv):
             info["final_info"] = self._info(np.zeros(self.num_envs, bool))
             info["_final_obs"] = info["_final_info"] = done.copy()
             for i in np.flatnonzero(done):
-                self.sim.reset_env(i)
+                self._new_episode(i)
             self._elapsed[done] = 0
             obs = self.sim.render()
             fresh = self._info(done)
@@ -229,6 +246,16 @@ class MazeRealVectorEnv(VectorEnv):
             self._needs_reset = truncations | terminations
         self._obs = obs
         return obs.copy(), rewards, terminations, truncations, info
+
+    def _new_episode(self, i: int, rng: np.random.Generator | None = None) -> None:
+        """Start sub-env i: a new maze, or a recorded moment with `context_data`; `rng` (a seeded
+        reset) replaces the sub-env's generator, otherwise it continues."""
+        if self.moments is None:
+            self.sim.reset_env(i, rng)
+            return
+        if rng is not None:
+            self._start_rngs[i] = rng
+        self.moments.place(self.sim, i, self._start_rngs[i])
 
     def _info(self, reset_mask: np.ndarray) -> dict:
         info = self.sim.info()

@@ -1,16 +1,21 @@
 """Can an agent in imagination farm the expected reward by repeating one action? Check a model
-before training agents in it.
+before training agents in it, against the ground-truth maze.
 
     python -m ssm_gym.eval.reward_drift --checkpoint runs/a/model --context-data data/maze
 
 N imagined envs start after real history drawn from `--context-data` (as `agents.ppo
 --context-data` does) and run `--horizon` imagined steps, once with random actions and once
-with each action repeated. Reported: the mean expected reward (the head on the first denoising
-pass, what `reward_mode="expected"` pays) of each action under random actions, i.e. the action
-prior the head learned, and for every repeated action its mean by imagined step and summed over
-the episode. A repeated action whose reward rises above its random-action mean is a drift the
+with each action repeated, every policy from the same real starts and with the same noise.
+Reported: the mean expected reward (the head on the first denoising pass, what
+`reward_mode="expected"` pays) of each action under random actions, i.e. the action prior the
+head learned, and for every repeated action its mean by imagined step and summed over the
+episode. A repeated action whose reward rises above its random-action mean is a drift the
 model rewards: the agent steers the imagined world into states the model misreads, which a
 per-action baseline (the envs' `reward_baseline`) does not remove (see README, Agents).
+
+The truth beside it: the ground-truth maze is put where each recorded episode was at the last
+context frame (`place_at_recorded_moment`) and stepped with the same actions, so every policy's
+imagined reward sits next to the reward it really earns from the same moments.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ import numpy as np
 import torch
 
 import ssm_gym  # noqa: F401  (registers the envs)
-from ssm_gym.maze.sim import ACTION_NAMES, N_ACTIONS
+from ssm_gym.envs.world_model_env import DatasetStarts
+from ssm_gym.maze.dataset import load_episode
+from ssm_gym.maze.record import place_at_recorded_moment
+from ssm_gym.maze.sim import ACTION_NAMES, N_ACTIONS, MazeBatch
 
 
 @dataclass
@@ -33,13 +41,14 @@ class Args:
     checkpoint: Optional[Path] = None
     """World model (default: the shipped model)."""
     context_data: Path = Path("data/maze")
-    """Real episodes to start from (e.g. the model's training data, as agents.ppo uses)."""
+    """Real episodes to start from (e.g. the model's training data, as agents.ppo uses); recorded
+    by `training.collect`, so that the ground-truth maze can be rebuilt at each start."""
     context_len: int = 16
     horizon: int = 16
     """Imagined steps per episode (agents.ppo's --max-episode-steps)."""
     num_envs: int = 16
-    random_episodes: int = 6
-    """Episodes of random actions (num_envs each) for the per-action means."""
+    start_batches: int = 6
+    """Batches of num_envs real starts; every policy runs from all of them."""
     sampling_steps: Optional[int] = 1
     action_guidance: Optional[float] = None
     seed: int = 0
@@ -48,49 +57,83 @@ class Args:
     """Also write the results here."""
 
 
-def expected_rewards(env, policy, horizon: int) -> tuple[np.ndarray, np.ndarray]:
-    """One episode of `horizon` steps in every env: (actions, raw expected rewards), each (horizon, N)."""
-    acts, raws = [], []
+def draw_starts(context_data: Path, context_len: int, count: int, rng: np.random.Generator):
+    """`count` real histories: (context_obs (count, T, 64, 64, 3), context_actions (count, T-1),
+    [(episode, frame index of the last context frame)])."""
+    starts = DatasetStarts(context_data, context_len)
+    obs, acts, moments = [], [], []
+    for _ in range(count):
+        o, a, facts = starts.draw(rng)
+        obs.append(o), acts.append(a)
+        moments.append((Path(context_data) / facts["context_episode"], facts["context_start"] + context_len - 1))
+    return np.stack(obs), np.stack(acts), moments
+
+
+def run_policy(env, sim: MazeBatch, episodes: dict, context, moments, seed: int, policy, horizon: int):
+    """One episode of `horizon` steps from the given real starts, imagined and real side by side:
+    (actions, model's raw expected rewards, real rewards), each (horizon, N)."""
+    env.reset(seed=seed, options={"context_obs": context[0], "context_actions": context[1]})
+    for i, (path, t) in enumerate(moments):
+        place_at_recorded_moment(sim, i, episodes[path], t)
+    acts, raws, reals = [], [], []
     for t in range(horizon):
         a = policy(t)
         _, _, _, _, info = env.step(a)
-        acts.append(a), raws.append(info["reward_raw"])
-    return np.stack(acts), np.stack(raws)
+        acts.append(a), raws.append(info["reward_raw"]), reals.append(sim.step(a))
+    return np.stack(acts), np.stack(raws), np.stack(reals)
 
 
 def main(args: Args) -> dict:
-    if args.horizon < 1 or args.num_envs < 1 or args.random_episodes < 1:
-        raise ValueError("horizon, num_envs and random_episodes must be >= 1")
-    env = gym.make_vec("SSMWorld-Maze-v0", num_envs=args.num_envs, checkpoint=args.checkpoint, device=args.device,
+    if args.horizon < 1 or args.num_envs < 1 or args.start_batches < 1:
+        raise ValueError("horizon, num_envs and start_batches must be >= 1")
+    n = args.num_envs
+    env = gym.make_vec("SSMWorld-Maze-v0", num_envs=n, checkpoint=args.checkpoint, device=args.device,
                        sampling_steps=args.sampling_steps, action_guidance=args.action_guidance, reward_mode="expected",
-                       context_data=args.context_data, context_len=args.context_len, max_episode_steps=args.horizon,
-                       autoreset_mode="SameStep")
-    rng = np.random.default_rng(args.seed)
-    total, count = np.zeros(N_ACTIONS), np.zeros(N_ACTIONS)
-    for e in range(args.random_episodes):
-        env.reset(seed=args.seed + e * args.num_envs)
-        a, r = expected_rewards(env, lambda t: rng.integers(0, N_ACTIONS, args.num_envs), args.horizon)
-        np.add.at(total, a.ravel(), r.ravel())
-        np.add.at(count, a.ravel(), 1)
-    prior = total / np.maximum(count, 1)
-    repeated = {}
+                       max_episode_steps=args.horizon, autoreset_mode="SameStep")
+    obs, acts, moments = draw_starts(args.context_data, args.context_len, n * args.start_batches,
+                                     np.random.default_rng(args.seed))
+    episodes = {path: load_episode(path) for path in sorted({p for p, _ in moments})}
+    sim = MazeBatch(n)
+    batches = [slice(b * n, (b + 1) * n) for b in range(args.start_batches)]
+
+    def run(policy):  # every batch of starts, the same noise seeds for every policy
+        runs = [run_policy(env, sim, episodes, (obs[s], acts[s]), moments[s], args.seed + b, policy, args.horizon)
+                for b, s in enumerate(batches)]
+        return tuple(np.concatenate(x, axis=1) for x in zip(*runs))  # (horizon, N * batches) each
+
+    rng = np.random.default_rng(args.seed + 1)
+    a, raw, real = run(lambda t: rng.integers(0, N_ACTIONS, n))
+    prior = np.array([raw[a == k].mean() if (a == k).any() else 0.0 for k in range(N_ACTIONS)])
+    real_prior = np.array([real[a == k].mean() if (a == k).any() else 0.0 for k in range(N_ACTIONS)])
+
+    def summary(raw, real) -> dict:
+        sums = real.sum(0)
+        return {"episode_sum": round(float(raw.mean(1).sum()), 4), "real_episode_sum": round(float(sums.mean()), 4),
+                "real_episode_sum_se": round(float(sums.std() / np.sqrt(len(sums))), 4)}
+
+    out = {"random_action_mean": {ACTION_NAMES[k]: round(float(prior[k]), 4) for k in range(N_ACTIONS)},
+           "real_random_action_mean": {ACTION_NAMES[k]: round(float(real_prior[k]), 4) for k in range(N_ACTIONS)},
+           "random": summary(raw, real), "repeated": {}, "starts": n * args.start_batches,
+           "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     for action in range(N_ACTIONS):
-        env.reset(seed=args.seed)  # the same real starts for every action
-        _, r = expected_rewards(env, lambda t: np.full(args.num_envs, action), args.horizon)  # noqa: B023
-        by_step = r.mean(1)
-        repeated[ACTION_NAMES[action]] = {"by_step": [round(float(v), 4) for v in by_step],
-                                          "episode_sum": round(float(by_step.sum()), 4),
-                                          "above_prior_sum": round(float((by_step - prior[action]).sum()), 4)}
+        _, raw, real = run(lambda t: np.full(n, action))  # noqa: B023
+        by_step = raw.mean(1)
+        out["repeated"][ACTION_NAMES[action]] = {
+            "by_step": [round(float(v), 4) for v in by_step], **summary(raw, real),
+            "above_prior_sum": round(float((by_step - prior[action]).sum()), 4)}
     env.close()
-    out = {"random_action_mean": {ACTION_NAMES[i]: round(float(prior[i]), 4) for i in range(N_ACTIONS)},
-           "repeated": repeated, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    print("mean expected reward per action under random actions (the head's action prior):")
-    print("  " + ", ".join(f"{k} {v:.4f}" for k, v in out["random_action_mean"].items()))
-    print(f"each action repeated for {args.horizon} imagined steps ({args.num_envs} envs from real starts):")
-    for name, r in repeated.items():
-        print(f"  {name:>13}: first {r['by_step'][0]:.4f}, last {r['by_step'][-1]:.4f}, episode sum {r['episode_sum']:.3f}, "
-              f"sum above its random-action mean {r['above_prior_sum']:+.3f}")
-    best = max(repeated, key=lambda k: repeated[k]["above_prior_sum"])
+
+    print(f"{out['starts']} real starts, {args.horizon} imagined steps each; model = expected reward (what "
+          "reward_mode='expected' pays), real = the ground-truth maze from the same moments")
+    print("per action under random actions, model vs real:")
+    print("  " + ", ".join(f"{ACTION_NAMES[k]} {prior[k]:.4f} vs {real_prior[k]:.4f}" for k in range(N_ACTIONS)))
+    print(f"{'policy':>13} | model, per episode | real, per episode | model, first -> last step | above its random mean")
+    r = out["random"]
+    print(f"{'random':>13} | {r['episode_sum']:18.3f} | {r['real_episode_sum']:7.3f} +- {r['real_episode_sum_se']:.3f} |")
+    for name, r in out["repeated"].items():
+        print(f"{name:>13} | {r['episode_sum']:18.3f} | {r['real_episode_sum']:7.3f} +- {r['real_episode_sum_se']:.3f} | "
+              f"{r['by_step'][0]:.4f} -> {r['by_step'][-1]:.4f}        | {r['above_prior_sum']:+.3f}")
+    best = max(out["repeated"], key=lambda k: out["repeated"][k]["above_prior_sum"])
     print(f"an agent paid expected reward minus the per-action mean earns most by repeating {best}")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

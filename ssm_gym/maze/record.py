@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from ssm_gym.maze.dataset import DatasetError, list_episodes
 from ssm_gym.maze.policies import make_policy
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch
 
@@ -60,3 +63,57 @@ def record_episodes(
         ep["target_index"] = ep["target_index"].astype(np.int32)
         episodes.append(ep)
     return episodes
+
+
+def place_at_recorded_moment(sim: MazeBatch, i: int, episode: dict[str, np.ndarray], t: int) -> None:
+    """Put env i of `sim` where a recorded episode was at frame t: the episode's maze (rebuilt
+    from its seed, as `record_episodes` made it), the agent's pose and the current target. From
+    there the ground-truth maze can be stepped with other actions than the recorded ones (the
+    truth to judge a world model's imagined branches against). Refuses an episode whose maze
+    its seed does not rebuild (other maze settings, or data not recorded by this package)."""
+    if not 0 <= t < len(episode["agent_pose"]):
+        raise ValueError(f"t must be in [0, {len(episode['agent_pose'])}), got {t}")
+    sim.reset_env(i, np.random.default_rng(int(episode["seed"])))
+    if sim.walls[i].shape != episode["maze_layout"].shape or not (sim.walls[i] == episode["maze_layout"].astype(bool)).all():
+        raise ValueError(f"the maze of seed {int(episode['seed'])} (maze_size {sim.maze_size}, n_objects "
+                         f"{sim.n_objects}) is not this episode's maze_layout: recorded with other settings?")
+    sim.pose[i] = episode["agent_pose"][t]
+    sim.target[i] = episode["target_index"][t]
+
+
+class RecordedMoments:
+    """Moments of recorded episodes (a `training.collect` folder) to start the ground-truth maze
+    from: the frame after `context_len` recorded frames, drawn like the imagined env's
+    `context_data` starts (uniform over every clip of that length). The real maze started this
+    way is the control for short imagined episodes from real data: same starts, same horizon,
+    true dynamics. Reads only the small arrays of each episode (seed, layout, poses, targets)."""
+
+    KEYS = ("seed", "maze_layout", "agent_pose", "target_index")
+
+    def __init__(self, directory: str | Path, context_len: int = 32):
+        if context_len < 1:
+            raise ValueError(f"context_len must be >= 1, got {context_len}")
+        self.episodes = list_episodes(directory)
+        lengths = np.array([t + 1 for _, t in self.episodes])
+        starts = np.maximum(lengths - context_len + 1, 0)
+        if not starts.sum():
+            raise ValueError(f"context_len {context_len} is longer than every episode in {directory}")
+        self.context_len, self.weights = context_len, starts / starts.sum()
+        self._facts: dict[int, dict[str, np.ndarray]] = {}
+
+    def _episode(self, i: int) -> dict[str, np.ndarray]:
+        if i not in self._facts:
+            path = self.episodes[i][0]
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    self._facts[i] = {k: npz[k] for k in self.KEYS}
+            except KeyError as e:
+                raise DatasetError(f"{path}: no {e} array; the real maze can start only from episodes "
+                                   "recorded by this package") from None
+        return self._facts[i]
+
+    def place(self, sim: MazeBatch, i: int, rng: np.random.Generator) -> None:
+        """Draw a moment with `rng` and put env i of `sim` there."""
+        e = int(rng.choice(len(self.episodes), p=self.weights))
+        t0 = int(rng.integers(0, self.episodes[e][1] + 1 - self.context_len + 1))
+        place_at_recorded_moment(sim, i, self._episode(e), t0 + self.context_len - 1)

@@ -557,11 +557,27 @@ class WorldModel(nn.Module):
         the action alone: the expected reward (the head is trained with a squared loss at every
         noise level), which does not depend on the generated frame showing the event.
 
+        action_guidance: see ``predict``."""
+        check_reward_from(reward_from)
+        frame, expected = self.predict(state, action, steps, generator, noise, action_guidance)
+        out = self.observe(state, frame, action)
+        reward = expected if reward_from == "denoiser" else out.reward[:, 0]
+        return frame, reward, out.term_logit[:, 0] > 0
+
+    @torch.no_grad()
+    def predict(self, state: WorldModelState, action, steps: int | None = None,
+                generator: torch.Generator | None = None, noise: Tensor | None = None,
+                action_guidance: float | None = None) -> tuple[Tensor, Tensor]:
+        """The first half of ``generate``: sample the next frame after ``action`` (N,) without
+        advancing ``state``. Returns ``(frame (N, H, W, C) uint8, expected reward (N,))``, the
+        latter read on the first denoising pass (see ``generate``'s reward_from="denoiser").
+        An ensemble uses it to let every member predict from its own state before all of them
+        advance on one chosen frame (``observe``).
+
         action_guidance (default ``config.action_guidance``): w != 1 runs every denoising pass
         twice, with the action and with the null action, and uses ``D(null) + w (D(a) - D(null))``
         (classifier-free guidance; needs a model trained with the null action). The reward is
         read from the pass with the action."""
-        check_reward_from(reward_from)
         cfg = self.config
         n = state.batch_size
         a = self._actions(action, n)[:, None]
@@ -584,10 +600,7 @@ class WorldModel(nn.Module):
 
         x = sample(denoise, shape, steps or cfg.sample_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                    generator=generator, device=dev, dtype=self.pos_emb.dtype, noise=noise)
-        frame = float_to_frames(x)
-        out = self.observe_clip(state, frame, a)
-        reward = first_pass[0] if reward_from == "denoiser" else out.reward[:, 0]
-        return frame[:, 0], reward, out.term_logit[:, 0] > 0
+        return float_to_frames(x)[:, 0], first_pass[0]
 
     def _actions(self, action, n: int) -> Tensor:
         a = torch.as_tensor(action, dtype=torch.long, device=self.pos_emb.device)
