@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -108,6 +109,29 @@ def test_ppo_time_budget_stops_training_early_with_starts_from_real_data(tmp_pat
     assert venv.unwrapped.moments is not None and venv.unwrapped.moments.context_len == 4
     assert train_ppo(real).is_file()
 
+
+def test_transfer_scores_agents_on_real_and_imagined_frames(tiny_checkpoint, dataset, tmp_path):
+    """Every policy is scored on both kinds of frames from the same recorded starts, and the reward
+    is the real maze's in both: the random policy takes the same actions from the same moments in
+    both, so it earns exactly the same there (the oracle-driven dataset makes touches likely)."""
+    from stable_baselines3 import PPO
+
+    from agents.transfer import Args, main
+    from ssm_gym.envs.sb3 import SB3VecEnv
+
+    venv = SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", num_envs=2, max_episode_steps=8, autoreset_mode="SameStep"))
+    agent = PPO("CnnPolicy", venv, n_steps=16, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    agent.save(tmp_path / "agent.zip")
+    out = main(Args(agents=(tmp_path / "agent.zip",), checkpoint=tiny_checkpoint, context_data=dataset, context_len=4,
+                    horizon=5, num_envs=2, batches=2, json=tmp_path / "t.json"))
+    assert set(out["policies"]) == {str(tmp_path / "agent.zip"), "random"} and out["episodes"] == 4
+    for r in out["policies"].values():
+        for frames in ("real frames", "imagined frames"):
+            assert 0 <= r[frames]["mean"] <= 5 and sum(r[frames]["action_share"].values()) == pytest.approx(1, abs=0.01)
+    assert out["policies"]["random"]["real frames"] == out["policies"]["random"]["imagined frames"]
+    assert json.loads((tmp_path / "t.json").read_text())["policies"] == out["policies"]
+    with pytest.raises(ValueError, match="horizon"):
+        main(Args(checkpoint=tiny_checkpoint, context_data=dataset, horizon=0))
 
 def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_path):
     import json

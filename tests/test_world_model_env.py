@@ -13,9 +13,11 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import ssm_gym  # noqa: F401
+from ssm_gym.envs.maze_real import MazeRealEnv
 from ssm_gym.envs.sb3 import SB3VecEnv
 from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv
 from ssm_gym.maze.dataset import DatasetError, load_episode
+from ssm_gym.maze.record import record_episodes
 from ssm_gym.model.checkpoint import CheckpointError, save_model
 from ssm_gym.rollout.engine import RolloutEngine
 
@@ -181,8 +183,9 @@ def test_vector_env_equals_n_single_envs(checkpoint, dataset, mode, starts):
                 obs, _ = env.reset()
                 pending[i] = False
             else:
-                obs, rew, term, trunc, _ = env.step(actions[i])
+                obs, rew, term, trunc, info = env.step(actions[i])
                 assert vtrunc[i] == trunc and vterm[i] == term and vrew[i] == rew
+                assert vinfo["reward_real"][i] == info["reward_real"]  # the same real maze beside
                 if (term or trunc) and mode == "SameStep":
                     max_diff = max(max_diff, np.abs(vinfo["final_obs"][i].astype(int) - obs).max())
                     assert vinfo["_final_info"][i] and vinfo["final_info"]["step"][i] == horizon
@@ -210,7 +213,8 @@ def test_dataset_starts_are_real_history(checkpoint, dataset):
     given = WorldModelEnv(checkpoint=checkpoint)
     given.reset(seed=4, options={"context_obs": ep["image"][t0:t0 + 6],
                                  "context_actions": ep["action"][t0 + 1:t0 + 6].argmax(-1)})
-    for a in [1, 3, 0]:  # same history and same noise seed: the same imagined future
+    given.engine.generators[0].set_state(env.engine.generators[0].get_state())  # the same noise from here
+    for a in [1, 3, 0]:  # same history and same noise: the same imagined future
         np.testing.assert_array_equal(env.step(a)[0], given.step(a)[0])
     with pytest.raises(ValueError, match="context_len"):
         WorldModelEnv(checkpoint=checkpoint, context_data=dataset, context_len=0)
@@ -218,6 +222,47 @@ def test_dataset_starts_are_real_history(checkpoint, dataset):
         WorldModelEnv(checkpoint=checkpoint, context_data=dataset, context_len=500)
     with pytest.raises(DatasetError, match="not a directory"):
         WorldModelEnv(checkpoint=checkpoint, context_data=dataset / "missing")
+
+
+def test_the_real_maze_beside_the_imagined_one(checkpoint, dataset):
+    """info["reward_real"] is what the ground-truth maze pays for the same actions from the same
+    start: from a context_data start, the recorded actions earn the recorded rewards (up to the
+    first touch, after which the next target is drawn afresh); from a seeded fresh maze, what
+    SSMWorld-MazeReal-v0 pays; NaN after given context. reward_mode "real" pays it."""
+    from ssm_gym.maze.dataset import episode_actions
+
+    env = WorldModelEnv(checkpoint=checkpoint, context_data=dataset, context_len=4, reward_mode="real")
+    real_starts = MazeRealEnv(context_data=dataset, context_len=4)
+    checked = 0
+    for seed in range(6):
+        obs, info = env.reset(seed=seed)
+        # a seed draws the same recorded moment as the real maze started from the same data
+        np.testing.assert_array_equal(obs, real_starts.reset(seed=seed)[0])
+        ep = load_episode(dataset / info["context_episode"])
+        t = info["context_start"] + 3
+        for a, r in zip(episode_actions(ep)[t:], ep["reward"][t + 1:]):
+            _, paid, _, _, step_info = env.step(a)
+            assert step_info["reward_real"] == r == paid
+            checked += 1
+            if r:
+                break
+    assert checked > 20
+    fresh = WorldModelEnv(checkpoint=checkpoint, reward_mode="expected")
+    real = gym.make("SSMWorld-MazeReal-v0")
+    fresh.reset(seed=7), real.reset(seed=7)
+    oracle = record_episodes([7], ["oracle"], steps=60)[0]  # a path that touches targets
+    assert oracle["reward"].sum() >= 1
+    for a in episode_actions(oracle):
+        assert fresh.step(a)[4]["reward_real"] == real.step(a)[1]
+    given = WorldModelEnv(checkpoint=checkpoint)
+    given.reset(options={"context_obs": ep["image"][:3], "context_actions": episode_actions(ep)[:2]})
+    assert np.isnan(given.step(1)[4]["reward_real"])
+    with pytest.raises(ValueError, match="cannot follow a start from given context_obs"):
+        env.reset(options={"context_obs": ep["image"][:3], "context_actions": episode_actions(ep)[:2]})
+    venv = WorldModelVectorEnv(num_envs=2, checkpoint=checkpoint, reward_mode="real")
+    with pytest.raises(ValueError, match="cannot follow a start from given context_obs"):
+        venv.reset(options={"context_obs": np.stack([ep["image"][:3]] * 2),
+                            "context_actions": np.stack([episode_actions(ep)[:2]] * 2)})
 
 
 def test_vector_reset_with_some_seeds_none(checkpoint):

@@ -27,6 +27,7 @@ from ssm_gym.envs.maze_real import (
     setup_vector_env,
 )
 from ssm_gym.maze.dataset import ClipDataset, DatasetError
+from ssm_gym.maze.record import RecordedMoments, place_at_recorded_moment
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch, check_actions
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.world_model import WorldModel
@@ -39,7 +40,8 @@ def _load(checkpoint: str | Path | None, model: Optional[WorldModel], device: st
     return load_model(shipped_checkpoint() if checkpoint is None else checkpoint, device)
 
 
-REWARD_MODES = {"threshold": "frame", "expected": "denoiser"}  # reward_mode -> where the engine reads the head
+# reward_mode -> where the engine reads the head ("real" pays the ground-truth maze, the head is only logged)
+REWARD_MODES = {"threshold": "frame", "expected": "denoiser", "real": "frame"}
 
 
 def check_reward_mode(mode: str) -> str:
@@ -48,15 +50,25 @@ def check_reward_mode(mode: str) -> str:
     return REWARD_MODES[mode]
 
 
-def pay(raw: np.ndarray, mode: str, threshold: float, baseline: Optional[np.ndarray] = None) -> np.ndarray:
+def pay(raw: np.ndarray, mode: str, threshold: float, baseline: Optional[np.ndarray] = None,
+        real: Optional[np.ndarray] = None) -> np.ndarray:
     """Reward paid for raw head outputs: 1/0 at ``threshold`` ("threshold") or the expected reward
     clipped to [0, 1] ("expected"); with a per-action ``baseline`` (the baseline of each env's
-    action, "expected" only), the expected reward minus it, clipped to [-1, 1]."""
+    action, "expected" only), the expected reward minus it, clipped to [-1, 1]. "real": the
+    ground-truth maze's reward ``real`` for the same actions from the same start."""
+    if mode == "real":
+        return np.asarray(real, dtype=np.float32)
     if mode == "expected":
         if baseline is not None:
             return np.clip(raw - baseline, -1.0, 1.0).astype(np.float32)
         return np.clip(raw, 0.0, 1.0).astype(np.float32)
     return (raw > threshold).astype(np.float32)
+
+
+def check_real_start(mode: str) -> None:
+    if mode == "real":
+        raise ValueError("reward_mode 'real' pays the ground-truth maze, which cannot follow a start from given "
+                         "context_obs: start from a seed or from context_data")
 
 
 def check_reward_baseline(baseline, mode: str) -> Optional[np.ndarray]:
@@ -106,6 +118,9 @@ class DatasetStarts:
             raise
         except ValueError:  # longer than every episode
             raise ValueError(f"context_len {context_len} is longer than every episode in {directory}") from None
+        self.context_len = context_len
+        self.moments = RecordedMoments(directory, context_len)  # the real maze at the same starts
+        self._index = {path.name: i for i, (path, _) in enumerate(self.clips.episodes)}
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """(context_obs (T, 64, 64, 3) uint8, context_actions (T-1,) int64, facts for `info`)."""
@@ -113,6 +128,12 @@ class DatasetStarts:
         clip = self.clips.clip(i, t0)
         facts = {"context_episode": self.clips.episodes[i][0].name, "context_start": t0}
         return clip["frames"].numpy(), clip["prev_actions"][1:].numpy(), facts
+
+    def place(self, sim: MazeBatch, i: int, facts: dict[str, Any]) -> None:
+        """Put env i of a ground-truth maze where a drawn start's last context frame was (the
+        truth beside the imagined episode: `info["reward_real"]`, reward_mode "real")."""
+        e = self._index[facts["context_episode"]]
+        place_at_recorded_moment(sim, i, self.moments.facts(e), facts["context_start"] + self.context_len - 1)
 
 
 def _starts(context_data: str | Path | None, context_len: int) -> Optional[DatasetStarts]:
@@ -154,6 +175,13 @@ class WorldModelEnv(gym.Env):
     the head learns that touches follow moves, and without it an agent learns to repeat the
     action with the highest prior instead of going where the target is (see README, Agents).
 
+    The truth beside it: when the start is known to the real maze (a seeded or random fresh maze,
+    or a `context_data` start), a ground-truth maze is stepped in lock-step with the same actions
+    and `info["reward_real"]` holds what it paid (NaN after a start from given `context_obs`).
+    `reward_mode` "real" pays that instead of the head's: a control that trains on imagined
+    observations with true rewards, to tell a wrong reward head from wrong frames (not training
+    in imagination alone; it needs known starts).
+
     ## Episode End
     Terminates when the termination head says so (the maze itself never terminates); truncates
     after `max_episode_steps`.
@@ -166,7 +194,7 @@ class WorldModelEnv(gym.Env):
     - `action_guidance` (None = the model's default, 1 = off): classifier-free guidance on the action,
       for models trained with the null action (see WorldModel.generate); costs one more model pass
       per denoising step.
-    - `max_episode_steps` (1000), `reward_mode` ("threshold"), `reward_threshold` (0.5).
+    - `max_episode_steps` (1000), `reward_mode` ("threshold", "expected" or "real"), `reward_threshold` (0.5).
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
     - `context_data` (None): a dataset folder to start episodes from (above); `context_len` (32).
@@ -201,15 +229,23 @@ class WorldModelEnv(gym.Env):
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
         super().reset(seed=seed)
+        given = bool(options) and ("context_obs" in options or "context_actions" in options)
+        # a drawn start comes first from the generator: a seed picks the same recorded moment as
+        # SSMWorld-MazeReal-v0 with the same context_data (paired comparisons)
+        drawn = self.starts.draw(self.np_random) if self.starts is not None and not given else None
         maze_seed = seed if seed is not None else int(self.np_random.integers(2**31))
         noise_seed = int(self.np_random.integers(2**62))
         info: dict[str, Any] = {"step": 0}
         context = None
-        if options and ("context_obs" in options or "context_actions" in options):
+        self._real_known = True
+        if given:
             context = check_context(options)
-        elif self.starts is not None:
-            *context, facts = self.starts.draw(self.np_random)
+            self._real_known = False
+            check_real_start(self.reward_mode)
+        elif drawn is not None:
+            *context, facts = drawn
             info.update(facts)
+            self.starts.place(self.real.sim, 0, facts)
         if context is not None:
             obs, acts = context
             self.engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None],
@@ -229,12 +265,14 @@ class WorldModelEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         a = check_single_action(action)
         frames, rewards, terminated = self.engine.step(torch.from_numpy(a))
+        real = float(self.real.sim.step(a)[0]) if self._real_known else float("nan")
         self._elapsed += 1
         self._obs = frames[0].cpu().numpy()
         raw = float(rewards[0])
         base = None if self.reward_baseline is None else self.reward_baseline[a[0]]
-        return (self._obs.copy(), float(pay(np.float32(raw), self.reward_mode, self.reward_threshold, base)), bool(terminated[0]),
-                self._elapsed >= self.max_episode_steps, {"step": self._elapsed, "reward_raw": raw})
+        paid = float(pay(np.float32(raw), self.reward_mode, self.reward_threshold, base, np.float32(real)))
+        return (self._obs.copy(), paid, bool(terminated[0]), self._elapsed >= self.max_episode_steps,
+                {"step": self._elapsed, "reward_raw": raw, "reward_real": real})
 
     def render(self):
         return None if self.render_mode is None or self._obs is None else self._obs.copy()
@@ -270,7 +308,8 @@ class WorldModelVectorEnv(VectorEnv):
                                     action_guidance=action_guidance)
         self.reward_mode = reward_mode
         self.reward_baseline = check_reward_baseline(reward_baseline, reward_mode)
-        self.real = MazeBatch(num_envs, maze_size, n_objects)
+        self.real = MazeBatch(num_envs, maze_size, n_objects)  # first frames, and the truth beside each env
+        self._real_known = np.zeros(num_envs, dtype=bool)  # does self.real follow env i's start?
         self.max_episode_steps, self.reward_threshold = max_episode_steps, reward_threshold
         self._rngs = [seeding.np_random(None)[0] for _ in range(num_envs)]
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
@@ -280,18 +319,23 @@ class WorldModelVectorEnv(VectorEnv):
     def _start(self, idx: np.ndarray, maze_seeds: Optional[list[int]] = None,
                context: Optional[tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
         """(Re)start episodes in envs idx, exactly as `WorldModelEnv.reset` does for one env: the
-        maze seed is given (a seeded reset) or drawn from the env's generator, then the noise seed
-        (then the real history, with `context_data`)."""
+        real history is drawn from the env's generator (with `context_data`, unless given), then
+        the maze seed is given (a seeded reset) or drawn, then the noise seed."""
+        drawn = [self.starts.draw(self._rngs[i]) for i in idx] if context is None and self.starts is not None else None
         maze_seeds = [int(self._rngs[i].integers(2**31)) if maze_seeds is None or maze_seeds[k] is None else maze_seeds[k]
                       for k, i in enumerate(idx)]
         noise_seeds = [int(self._rngs[i].integers(2**62)) for i in idx]
         mask = torch.zeros(self.num_envs, dtype=torch.bool)
         mask[torch.from_numpy(idx)] = True
+        self._real_known[idx] = True
         if context is not None:  # given for all envs: keep the restarted ones
             context = (context[0][idx], context[1][idx])
-        elif self.starts is not None and len(idx):
-            drawn = [self.starts.draw(self._rngs[i]) for i in idx]
+            self._real_known[idx] = False
+            check_real_start(self.reward_mode)
+        elif drawn:
             context = (np.stack([d[0] for d in drawn]), np.stack([d[1] for d in drawn]))
+            for i, d in zip(idx, drawn):
+                self.starts.place(self.real, i, d[2])
         if context is None:
             for i, s in zip(idx, maze_seeds):
                 self.real.reset_env(i, np.random.default_rng(s))
@@ -330,18 +374,20 @@ class WorldModelVectorEnv(VectorEnv):
         a = check_actions(actions, self.num_envs)
         frames, raw, terminated = self.engine.step(torch.from_numpy(a))
         raw = raw.float().cpu().numpy()
+        real = np.where(self._real_known, self.real.step(a), np.nan).astype(np.float32)
         rewards = pay(raw, self.reward_mode, self.reward_threshold,
-                      None if self.reward_baseline is None else self.reward_baseline[a])
+                      None if self.reward_baseline is None else self.reward_baseline[a], real)
         terminated = terminated.cpu().numpy()
         self._elapsed += 1
         truncated = self._elapsed >= self.max_episode_steps
-        info: dict[str, Any] = {"reward_raw": raw, "_reward_raw": np.ones(self.num_envs, bool)}
+        ones = np.ones(self.num_envs, bool)
+        info: dict[str, Any] = {"reward_raw": raw, "_reward_raw": ones, "reward_real": real, "_reward_real": ones.copy()}
         mode = self.metadata["autoreset_mode"]
         if mode == AutoresetMode.NEXT_STEP:
             redo = np.flatnonzero(self._needs_reset)
             if len(redo):
                 self._start(redo)
-                rewards[redo], raw[redo], terminated[redo], truncated[redo] = 0.0, 0.0, False, False
+                rewards[redo], raw[redo], real[redo], terminated[redo], truncated[redo] = 0.0, 0.0, 0.0, False, False
             self._needs_reset = terminated | truncated
             obs = self.engine.frames.cpu().numpy()
         else:
@@ -349,7 +395,7 @@ class WorldModelVectorEnv(VectorEnv):
             obs = frames.cpu().numpy()
             if done.any():
                 info["final_obs"] = obs.copy()
-                info["final_info"] = {"reward_raw": raw.copy(), "step": self._elapsed.copy()}
+                info["final_info"] = {"reward_raw": raw.copy(), "reward_real": real.copy(), "step": self._elapsed.copy()}
                 info["_final_obs"] = info["_final_info"] = done.copy()
                 self._start(np.flatnonzero(done))
                 obs = self.engine.frames.cpu().numpy()

@@ -13,9 +13,9 @@ episode. A repeated action whose reward rises above its random-action mean is a 
 model rewards: the agent steers the imagined world into states the model misreads, which a
 per-action baseline (the envs' `reward_baseline`) does not remove (see README, Agents).
 
-The truth beside it: the ground-truth maze is put where each recorded episode was at the last
-context frame (`place_at_recorded_moment`) and stepped with the same actions, so every policy's
-imagined reward sits next to the reward it really earns from the same moments.
+The truth beside it: the env steps a ground-truth maze from the same recorded moments with the
+same actions (`info["reward_real"]`), so every policy's imagined reward sits next to the reward
+it really earns.
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ import numpy as np
 import torch
 
 import ssm_gym  # noqa: F401  (registers the envs)
-from ssm_gym.envs.world_model_env import DatasetStarts
-from ssm_gym.maze.dataset import load_episode
-from ssm_gym.maze.record import place_at_recorded_moment
-from ssm_gym.maze.sim import ACTION_NAMES, N_ACTIONS, MazeBatch
+from ssm_gym.maze.sim import ACTION_NAMES, N_ACTIONS
 
 
 @dataclass
@@ -57,29 +54,15 @@ class Args:
     """Also write the results here."""
 
 
-def draw_starts(context_data: Path, context_len: int, count: int, rng: np.random.Generator):
-    """`count` real histories: (context_obs (count, T, 64, 64, 3), context_actions (count, T-1),
-    [(episode, frame index of the last context frame)])."""
-    starts = DatasetStarts(context_data, context_len)
-    obs, acts, moments = [], [], []
-    for _ in range(count):
-        o, a, facts = starts.draw(rng)
-        obs.append(o), acts.append(a)
-        moments.append((Path(context_data) / facts["context_episode"], facts["context_start"] + context_len - 1))
-    return np.stack(obs), np.stack(acts), moments
-
-
-def run_policy(env, sim: MazeBatch, episodes: dict, context, moments, seed: int, policy, horizon: int):
-    """One episode of `horizon` steps from the given real starts, imagined and real side by side:
-    (actions, model's raw expected rewards, real rewards), each (horizon, N)."""
-    env.reset(seed=seed, options={"context_obs": context[0], "context_actions": context[1]})
-    for i, (path, t) in enumerate(moments):
-        place_at_recorded_moment(sim, i, episodes[path], t)
+def run_policy(env, seed: int, policy, horizon: int):
+    """One episode of `horizon` steps from the real starts that `seed` draws: (actions, the model's
+    raw expected rewards, the real maze's rewards for the same actions), each (horizon, N)."""
+    env.reset(seed=seed)
     acts, raws, reals = [], [], []
     for t in range(horizon):
         a = policy(t)
         _, _, _, _, info = env.step(a)
-        acts.append(a), raws.append(info["reward_raw"]), reals.append(sim.step(a))
+        acts.append(a), raws.append(info["reward_raw"]), reals.append(info["reward_real"])
     return np.stack(acts), np.stack(raws), np.stack(reals)
 
 
@@ -87,18 +70,15 @@ def main(args: Args) -> dict:
     if args.horizon < 1 or args.num_envs < 1 or args.start_batches < 1:
         raise ValueError("horizon, num_envs and start_batches must be >= 1")
     n = args.num_envs
+    # every reset draws real history from context_data with the sub-envs' generators, so a seed
+    # gives the same starts (and noise) to every policy; the env steps the real maze beside
     env = gym.make_vec("SSMWorld-Maze-v0", num_envs=n, checkpoint=args.checkpoint, device=args.device,
                        sampling_steps=args.sampling_steps, action_guidance=args.action_guidance, reward_mode="expected",
-                       max_episode_steps=args.horizon, autoreset_mode="SameStep")
-    obs, acts, moments = draw_starts(args.context_data, args.context_len, n * args.start_batches,
-                                     np.random.default_rng(args.seed))
-    episodes = {path: load_episode(path) for path in sorted({p for p, _ in moments})}
-    sim = MazeBatch(n)
-    batches = [slice(b * n, (b + 1) * n) for b in range(args.start_batches)]
+                       context_data=args.context_data, context_len=args.context_len, max_episode_steps=args.horizon,
+                       autoreset_mode="SameStep")
 
-    def run(policy):  # every batch of starts, the same noise seeds for every policy
-        runs = [run_policy(env, sim, episodes, (obs[s], acts[s]), moments[s], args.seed + b, policy, args.horizon)
-                for b, s in enumerate(batches)]
+    def run(policy):  # every batch of starts
+        runs = [run_policy(env, args.seed + b * n, policy, args.horizon) for b in range(args.start_batches)]
         return tuple(np.concatenate(x, axis=1) for x in zip(*runs))  # (horizon, N * batches) each
 
     rng = np.random.default_rng(args.seed + 1)

@@ -101,7 +101,8 @@ class RecordedMoments:
         self.context_len, self.weights = context_len, starts / starts.sum()
         self._facts: dict[int, dict[str, np.ndarray]] = {}
 
-    def _episode(self, i: int) -> dict[str, np.ndarray]:
+    def facts(self, i: int) -> dict[str, np.ndarray]:
+        """The small arrays of episode i (its maze and where the agent and target were)."""
         if i not in self._facts:
             path = self.episodes[i][0]
             try:
@@ -116,4 +117,4 @@ class RecordedMoments:
         """Draw a moment with `rng` and put env i of `sim` there."""
         e = int(rng.choice(len(self.episodes), p=self.weights))
         t0 = int(rng.integers(0, self.episodes[e][1] + 1 - self.context_len + 1))
-        place_at_recorded_moment(sim, i, self._episode(e), t0 + self.context_len - 1)
+        place_at_recorded_moment(sim, i, self.facts(e), t0 + self.context_len - 1)
