@@ -121,7 +121,10 @@ def make_env(args: Args) -> SB3VecEnv:
 
 
 class RealMazeCurve(BaseCallback):
-    """Evaluates the agent in the real maze every `every` env steps; writes curve.csv."""
+    """Evaluates the agent in the real maze every `every` env steps; writes curve.csv. Each row
+    also has the mean reward paid per training step since the last row and, in imagination, what
+    the real maze beside the imagined envs paid for the same actions (`info["reward_real"]`; NaN
+    where it cannot follow the start): paid far above real is an agent exploiting the model."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -129,11 +132,16 @@ class RealMazeCurve(BaseCallback):
         self.seeds = list(range(args.eval_first_seed, args.eval_first_seed + args.eval_episodes))
         self.rows: list[dict] = []
         self.t0 = time.perf_counter()
+        self.paid, self.real = [], []  # per-step rewards since the last row
 
     def evaluate(self) -> None:
         s = summary(real_returns(sb3_act_fn(self.model), self.seeds, self.args.eval_max_steps))
+        real = np.array(self.real, dtype=float)
         row = {"env_steps": self.num_timesteps, "real_return": round(s["mean"], 3), "stderr": round(s["stderr"], 3),
-               "wall_s": round(time.perf_counter() - self.t0, 1)}
+               "wall_s": round(time.perf_counter() - self.t0, 1),
+               "paid_per_step": round(float(np.mean(self.paid)), 5) if self.paid else float("nan"),
+               "real_per_step": round(float(np.nanmean(real)), 5) if np.isfinite(real).any() else float("nan")}
+        self.paid, self.real = [], []
         self.rows.append(row)
         path = self.args.out_dir / "curve.csv"
         with path.open("w", newline="") as f:
@@ -144,6 +152,11 @@ class RealMazeCurve(BaseCallback):
             print(f"env steps {row['env_steps']}: real-maze return {row['real_return']:.2f} +- {row['stderr']:.2f}")
 
     def _on_step(self) -> bool:
+        rewards = np.asarray(self.locals["rewards"], dtype=float)
+        self.paid.extend(rewards.tolist())
+        real_env = self.args.env == "real"
+        self.real.extend(r if real_env else info.get("reward_real", float("nan"))
+                         for r, info in zip(rewards, self.locals["infos"]))
         if self.num_timesteps >= self.next_eval:
             self.evaluate()
             self.next_eval += self.args.eval_every

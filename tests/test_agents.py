@@ -1,5 +1,6 @@
 """Agents: PPO in imagination end to end, the CEM planner on a toy problem, evaluation."""
 
+import csv
 import dataclasses
 import json
 
@@ -73,6 +74,10 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     assert path.is_file() and (tmp_path / "ppo" / "curve.png").is_file()
     rows = (tmp_path / "ppo" / "curve.csv").read_text().splitlines()
     assert rows[0].startswith("env_steps,real_return") and len(rows) >= 3
+    stepped = [r for r in csv.DictReader(rows) if r["paid_per_step"] != "nan"]  # rows with steps since the last
+    assert len(stepped) >= 2
+    for row in stepped:  # fresh mazes from seeds: the real maze follows every env
+        assert 0 <= float(row["real_per_step"]) <= 1
     agent = load_agent(path)
     returns = real_returns(sb3_act_fn(agent), [3_000_000, 3_000_001], 20)
     assert returns.shape == (2,) and np.isfinite(returns).all()
@@ -108,6 +113,8 @@ def test_ppo_time_budget_stops_training_early_with_starts_from_real_data(tmp_pat
     venv = make_env(real).venv
     assert venv.unwrapped.moments is not None and venv.unwrapped.moments.context_len == 4
     assert train_ppo(real).is_file()
+    for row in csv.DictReader((tmp_path / "ppo-real" / "curve.csv").read_text().splitlines()):
+        assert row["real_per_step"] == row["paid_per_step"]  # in the real maze the paid reward is the truth
 
 
 def test_transfer_scores_agents_on_real_and_imagined_frames(tiny_checkpoint, dataset, tmp_path):

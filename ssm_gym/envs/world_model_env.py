@@ -162,6 +162,8 @@ class WorldModelEnv(gym.Env):
     frames drawn from it at random (the way DIAMOND, IRIS and Dreamer start imagination from replayed
     real data); `info` names the episode file and first frame. Pair it with a short
     `max_episode_steps` (e.g. 32) to train agents on short imagined horizons that drift little.
+    The start is the first thing drawn from the env's generator, so a seed picks the same recorded
+    moment as `SSMWorld-MazeReal-v0` with the same `context_data` (paired comparisons).
 
     ## Rewards
     The model's reward head (the real maze pays +1 for touching the target). `reward_mode`
