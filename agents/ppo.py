@@ -106,6 +106,8 @@ def model_reward_baseline(args: Args, model) -> list[float]:
 def make_env(args: Args) -> SB3VecEnv:
     common = dict(num_envs=args.num_envs, max_episode_steps=args.max_episode_steps, autoreset_mode="SameStep")
     if args.env == "real":
+        if args.reward_mode != "threshold" or args.reward_baseline != "none":
+            raise ValueError("--reward-mode and --reward-baseline choose imagined rewards; --env real pays the real maze's")
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", context_data=args.context_data,
                                       context_len=args.context_len, **common))
     from ssm_gym.checkpoints import shipped_checkpoint

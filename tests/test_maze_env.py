@@ -147,8 +147,7 @@ def test_vector_reset_mask_and_bad_actions():
 
 def test_starts_at_recorded_moments(dataset):
     """With context_data every start is a recorded frame after at least context_len - 1 others,
-    and the maze continues from there with true dynamics (the recorded actions earn the
-    recorded rewards up to the first touch; the next target is drawn afresh)."""
+    and the maze continues from there exactly as recorded under the recorded actions."""
     from ssm_gym.maze.dataset import episode_actions, load_episode
 
     episodes = [load_episode(f) for f in sorted(dataset.glob("*.npz"))]
@@ -163,11 +162,9 @@ def test_starts_at_recorded_moments(dataset):
         assert hits
         k, t = hits[0]
         seen.add(hits[0])
-        for a, r in zip(episode_actions(episodes[k])[t:], episodes[k]["reward"][t + 1:]):
-            obs, reward, *_ = env.step(a)
-            assert reward == r
-            if r:
-                break
+        for a, r, pose in zip(episode_actions(episodes[k])[t:], episodes[k]["reward"][t + 1:], episodes[k]["agent_pose"][t + 1:]):
+            obs, reward, _, _, info = env.step(a)
+            assert reward == r and (info["agent_pose"] == pose).all()
     assert len(seen) > 6  # the seeds draw different moments
     with pytest.raises(ValueError, match="context_len"):
         MazeRealEnv(context_data=dataset, context_len=100)

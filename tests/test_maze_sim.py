@@ -145,30 +145,28 @@ def test_bad_actions_rejected(bad, err, match):
 
 
 def test_place_at_recorded_moment_replays_the_recording():
-    """From frame 0 the recorded actions replay the whole episode exactly (poses, rewards, frames);
-    from a later frame the frame and the poses match, and the rewards do up to the first touch
-    (after it the next target is drawn afresh). Another maze's layout is refused."""
+    """From any recorded frame, the recorded actions replay the rest of the episode exactly
+    (poses, rewards, frames, next targets after touches). Another maze or other objects are refused."""
     from ssm_gym.maze.dataset import episode_actions
     from ssm_gym.maze.record import place_at_recorded_moment, record_episodes
 
-    ep = record_episodes([5], ["oracle"], steps=120)[0]  # the oracle touches targets
+    ep = record_episodes([5], ["oracle"], steps=150)[0]  # the oracle touches targets
     actions = episode_actions(ep)
-    assert ep["reward"].sum() >= 2
+    touches = np.flatnonzero(ep["reward"])
+    assert len(touches) >= 3
     sim = MazeBatch(2)
-    for t0 in (0, 40):
+    for t0 in (0, 40, int(touches[1])):  # from the start, mid-way, and after two touches
         place_at_recorded_moment(sim, 1, ep, t0)
         assert (sim.render()[1] == ep["image"][t0]).all()
-        touched = False
         for t in range(t0, len(actions)):
             r = sim.step(np.array([0, actions[t]]))[1]
-            assert (sim.pose[1] == ep["agent_pose"][t + 1]).all()
-            if t0 == 0 or not touched:
-                assert r == ep["reward"][t + 1]
-            if t0 == 0:
-                assert (sim.render()[1] == ep["image"][t + 1]).all()
-            touched |= bool(r)
+            assert (sim.pose[1] == ep["agent_pose"][t + 1]).all() and r == ep["reward"][t + 1]
+            assert sim.target[1] == ep["target_index"][t + 1]
+            assert (sim.render()[1] == ep["image"][t + 1]).all()
     with pytest.raises(ValueError, match="t must be"):
-        place_at_recorded_moment(sim, 0, ep, 121)
+        place_at_recorded_moment(sim, 0, ep, 151)
     other = dict(ep, maze_layout=np.zeros_like(ep["maze_layout"]))
     with pytest.raises(ValueError, match="maze_layout"):
         place_at_recorded_moment(sim, 0, other, 3)
+    with pytest.raises(ValueError, match="targets_pos"):  # same walls, another number of objects
+        place_at_recorded_moment(MazeBatch(1, n_objects=4), 0, ep, 3)

@@ -72,7 +72,7 @@ class MazeRealEnv(gym.Env):
 
     ## Starting State
     A random free tile center and heading of a maze generated from the reset seed. With
-    `context_data`, instead a moment of a recorded episode: where the agent was after
+    `context_data`, instead a moment of a recorded episode: where the agent was at the last of
     `context_len` recorded frames (the imagined env's `context_data` starts, with true dynamics).
 
     ## Rewards

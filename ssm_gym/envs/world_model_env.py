@@ -129,11 +129,19 @@ class DatasetStarts:
         facts = {"context_episode": self.clips.episodes[i][0].name, "context_start": t0}
         return clip["frames"].numpy(), clip["prev_actions"][1:].numpy(), facts
 
-    def place(self, sim: MazeBatch, i: int, facts: dict[str, Any]) -> None:
+    def place(self, sim: MazeBatch, i: int, facts: dict[str, Any], strict: bool = False) -> bool:
         """Put env i of a ground-truth maze where a drawn start's last context frame was (the
-        truth beside the imagined episode: `info["reward_real"]`, reward_mode "real")."""
+        truth beside the imagined episode: `info["reward_real"]`, reward_mode "real"). Data the
+        real maze cannot rebuild (not recorded by this package, e.g. Memory Maze's, or with other
+        maze settings) returns False, or raises if `strict`."""
         e = self._index[facts["context_episode"]]
-        place_at_recorded_moment(sim, i, self.moments.facts(e), facts["context_start"] + self.context_len - 1)
+        try:
+            place_at_recorded_moment(sim, i, self.moments.facts(e), facts["context_start"] + self.context_len - 1)
+        except ValueError:  # DatasetError included
+            if strict:
+                raise
+            return False
+        return True
 
 
 def _starts(context_data: str | Path | None, context_len: int) -> Optional[DatasetStarts]:
@@ -162,8 +170,9 @@ class WorldModelEnv(gym.Env):
     frames drawn from it at random (the way DIAMOND, IRIS and Dreamer start imagination from replayed
     real data); `info` names the episode file and first frame. Pair it with a short
     `max_episode_steps` (e.g. 32) to train agents on short imagined horizons that drift little.
-    The start is the first thing drawn from the env's generator, so a seed picks the same recorded
-    moment as `SSMWorld-MazeReal-v0` with the same `context_data` (paired comparisons).
+    The start is the first thing drawn from the env's generator, so a seeded reset picks the same
+    recorded moment as `SSMWorld-MazeReal-v0` with the same `context_data` and seed (paired
+    comparisons; later autoresets draw differently in the two, which use their generators apart).
 
     ## Rewards
     The model's reward head (the real maze pays +1 for touching the target). `reward_mode`
@@ -179,7 +188,8 @@ class WorldModelEnv(gym.Env):
 
     The truth beside it: when the start is known to the real maze (a seeded or random fresh maze,
     or a `context_data` start), a ground-truth maze is stepped in lock-step with the same actions
-    and `info["reward_real"]` holds what it paid (NaN after a start from given `context_obs`).
+    and `info["reward_real"]` holds what it paid (NaN after a start from given `context_obs`, or
+    from data the real maze cannot rebuild: episodes not recorded by this package).
     `reward_mode` "real" pays that instead of the head's: a control that trains on imagined
     observations with true rewards, to tell a wrong reward head from wrong frames (not training
     in imagination alone; it needs known starts).
@@ -230,8 +240,10 @@ class WorldModelEnv(gym.Env):
         self._obs: Optional[np.ndarray] = None
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict[str, Any]] = None):
-        super().reset(seed=seed)
         given = bool(options) and ("context_obs" in options or "context_actions" in options)
+        if given:
+            check_real_start(self.reward_mode)  # before anything changes
+        super().reset(seed=seed)
         # a drawn start comes first from the generator: a seed picks the same recorded moment as
         # SSMWorld-MazeReal-v0 with the same context_data (paired comparisons)
         drawn = self.starts.draw(self.np_random) if self.starts is not None and not given else None
@@ -243,11 +255,10 @@ class WorldModelEnv(gym.Env):
         if given:
             context = check_context(options)
             self._real_known = False
-            check_real_start(self.reward_mode)
         elif drawn is not None:
             *context, facts = drawn
             info.update(facts)
-            self.starts.place(self.real.sim, 0, facts)
+            self._real_known = self.starts.place(self.real.sim, 0, facts, strict=self.reward_mode == "real")
         if context is not None:
             obs, acts = context
             self.engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None],
@@ -333,11 +344,10 @@ class WorldModelVectorEnv(VectorEnv):
         if context is not None:  # given for all envs: keep the restarted ones
             context = (context[0][idx], context[1][idx])
             self._real_known[idx] = False
-            check_real_start(self.reward_mode)
         elif drawn:
             context = (np.stack([d[0] for d in drawn]), np.stack([d[1] for d in drawn]))
             for i, d in zip(idx, drawn):
-                self.starts.place(self.real, i, d[2])
+                self._real_known[i] = self.starts.place(self.real, i, d[2], strict=self.reward_mode == "real")
         if context is None:
             for i, s in zip(idx, maze_seeds):
                 self.real.reset_env(i, np.random.default_rng(s))
@@ -353,6 +363,8 @@ class WorldModelVectorEnv(VectorEnv):
         if mask.shape != (self.num_envs,):
             raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
         context = check_context(options, self.num_envs) if ("context_obs" in options or "context_actions" in options) else None
+        if context is not None:
+            check_real_start(self.reward_mode)  # before anything changes
         idx = np.flatnonzero(mask)
         maze_seeds = None
         if seed is not None:

@@ -89,7 +89,7 @@ def main(args: Args) -> dict:
     def summary(raw, real) -> dict:
         sums = real.sum(0)
         return {"episode_sum": round(float(raw.mean(1).sum()), 4), "real_episode_sum": round(float(sums.mean()), 4),
-                "real_episode_sum_se": round(float(sums.std() / np.sqrt(len(sums))), 4)}
+                "real_episode_sum_se": round(float(sums.std(ddof=1) / np.sqrt(len(sums))), 4) if len(sums) > 1 else 0.0}
 
     out = {"random_action_mean": {ACTION_NAMES[k]: round(float(prior[k]), 4) for k in range(N_ACTIONS)},
            "real_random_action_mean": {ACTION_NAMES[k]: round(float(real_prior[k]), 4) for k in range(N_ACTIONS)},

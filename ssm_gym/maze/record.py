@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ssm_gym.maze.dataset import DatasetError, list_episodes
+from ssm_gym.maze.layout import TILE
 from ssm_gym.maze.policies import make_policy
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch
 
@@ -66,29 +67,37 @@ def record_episodes(
 
 
 def place_at_recorded_moment(sim: MazeBatch, i: int, episode: dict[str, np.ndarray], t: int) -> None:
-    """Put env i of `sim` where a recorded episode was at frame t: the episode's maze (rebuilt
-    from its seed, as `record_episodes` made it), the agent's pose and the current target. From
-    there the ground-truth maze can be stepped with other actions than the recorded ones (the
-    truth to judge a world model's imagined branches against). Refuses an episode whose maze
-    its seed does not rebuild (other maze settings, or data not recorded by this package)."""
+    """Put env i of `sim` exactly where a recorded episode was at frame t: the episode's maze
+    (rebuilt from its seed, as `record_episodes` made it), the agent's pose, the current target,
+    and the maze's generator advanced past the touches before t, so that the recorded actions
+    from t replay the recording exactly (next targets included). From there the ground-truth maze
+    can also be stepped with other actions (the truth to judge a world model's imagined branches
+    against). Refuses an episode whose maze and objects its seed does not rebuild (other maze
+    settings, or data not recorded by this package)."""
     if not 0 <= t < len(episode["agent_pose"]):
         raise ValueError(f"t must be in [0, {len(episode['agent_pose'])}), got {t}")
     sim.reset_env(i, np.random.default_rng(int(episode["seed"])))
-    if sim.walls[i].shape != episode["maze_layout"].shape or not (sim.walls[i] == episode["maze_layout"].astype(bool)).all():
+    objects = episode["targets_pos"][t]
+    if (sim.walls[i].shape != episode["maze_layout"].shape or not (sim.walls[i] == episode["maze_layout"].astype(bool)).all()
+            or objects.shape != sim.object_pos[i].shape or not np.allclose(objects, sim.object_pos[i] / TILE)):
         raise ValueError(f"the maze of seed {int(episode['seed'])} (maze_size {sim.maze_size}, n_objects "
-                         f"{sim.n_objects}) is not this episode's maze_layout: recorded with other settings?")
+                         f"{sim.n_objects}) is not this episode's (maze_layout, targets_pos): recorded with other settings?")
+    for _ in range(int((episode["reward"][1:t + 1] > 0).sum())):  # each touch drew the next target
+        sim.rngs[i].integers(sim.n_objects - 1)
     sim.pose[i] = episode["agent_pose"][t]
     sim.target[i] = episode["target_index"][t]
 
 
 class RecordedMoments:
     """Moments of recorded episodes (a `training.collect` folder) to start the ground-truth maze
-    from: the frame after `context_len` recorded frames, drawn like the imagined env's
+    from: the last of `context_len` recorded frames (the imagined env's first observation after
+    that history), drawn like the imagined env's
     `context_data` starts (uniform over every clip of that length). The real maze started this
     way is the control for short imagined episodes from real data: same starts, same horizon,
-    true dynamics. Reads only the small arrays of each episode (seed, layout, poses, targets)."""
+    true dynamics. Reads only the small arrays of each episode (seed, layout, poses, targets,
+    rewards)."""
 
-    KEYS = ("seed", "maze_layout", "agent_pose", "target_index")
+    KEYS = ("seed", "maze_layout", "agent_pose", "target_index", "targets_pos", "reward")
 
     def __init__(self, directory: str | Path, context_len: int = 32):
         if context_len < 1:
@@ -105,12 +114,12 @@ class RecordedMoments:
         """The small arrays of episode i (its maze and where the agent and target were)."""
         if i not in self._facts:
             path = self.episodes[i][0]
-            try:
-                with np.load(path, allow_pickle=False) as npz:
-                    self._facts[i] = {k: npz[k] for k in self.KEYS}
-            except KeyError as e:
-                raise DatasetError(f"{path}: no {e} array; the real maze can start only from episodes "
-                                   "recorded by this package") from None
+            with np.load(path, allow_pickle=False) as npz:
+                missing = [k for k in self.KEYS if k not in npz.files]
+                if missing:
+                    raise DatasetError(f"{path}: no {', '.join(map(repr, missing))} array; the real maze can start "
+                                       "only from episodes recorded by this package (python -m training.collect)")
+                self._facts[i] = {k: npz[k] for k in self.KEYS}
         return self._facts[i]
 
     def place(self, sim: MazeBatch, i: int, rng: np.random.Generator) -> None:
