@@ -26,8 +26,7 @@ from ssm_gym.envs.maze_real import (
     check_max_episode_steps,
     setup_vector_env,
 )
-from ssm_gym.maze.dataset import ClipDataset, DatasetError
-from ssm_gym.maze.record import RecordedMoments, place_at_recorded_moment
+from ssm_gym.maze.record import RecordedMoments
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch, check_actions
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.world_model import WorldModel
@@ -110,17 +109,9 @@ class DatasetStarts:
     replayed real data, for short horizons), which keeps the imagined world close to the real one."""
 
     def __init__(self, directory: str | Path, context_len: int = 32, cache_episodes: int = 64):
-        if context_len < 1:
-            raise ValueError(f"context_len must be >= 1, got {context_len}")
-        try:
-            self.clips = ClipDataset(directory, context_len, cache_size=cache_episodes)
-        except DatasetError:
-            raise
-        except ValueError:  # longer than every episode
-            raise ValueError(f"context_len {context_len} is longer than every episode in {directory}") from None
-        self.context_len = context_len
-        self.moments = RecordedMoments(directory, context_len)  # the real maze at the same starts
-        self._index = {path.name: i for i, (path, _) in enumerate(self.clips.episodes)}
+        self.moments = RecordedMoments(directory, context_len, cache_episodes)  # also the real maze there
+        self.clips = self.moments.clips
+        self._index = {path.name: e for e, (path, _) in enumerate(self.clips.episodes)}
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """(context_obs (T, 64, 64, 3) uint8, context_actions (T-1,) int64, facts for `info`)."""
@@ -134,9 +125,8 @@ class DatasetStarts:
         truth beside the imagined episode: `info["reward_real"]`, reward_mode "real"). Data the
         real maze cannot rebuild (not recorded by this package, e.g. Memory Maze's, or with other
         maze settings) returns False, or raises if `strict`."""
-        e = self._index[facts["context_episode"]]
         try:
-            place_at_recorded_moment(sim, i, self.moments.facts(e), facts["context_start"] + self.context_len - 1)
+            self.moments.place_at(sim, i, self._index[facts["context_episode"]], facts["context_start"])
         except ValueError:  # DatasetError included
             if strict:
                 raise

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssm_gym.maze.dataset import DatasetError, list_episodes
+from ssm_gym.maze.dataset import ClipDataset, DatasetError
 from ssm_gym.maze.layout import TILE
 from ssm_gym.maze.policies import make_policy
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch
@@ -91,39 +91,42 @@ def place_at_recorded_moment(sim: MazeBatch, i: int, episode: dict[str, np.ndarr
 class RecordedMoments:
     """Moments of recorded episodes (a `training.collect` folder) to start the ground-truth maze
     from: the last of `context_len` recorded frames (the imagined env's first observation after
-    that history), drawn like the imagined env's
-    `context_data` starts (uniform over every clip of that length). The real maze started this
-    way is the control for short imagined episodes from real data: same starts, same horizon,
-    true dynamics. Reads only the small arrays of each episode (seed, layout, poses, targets,
-    rewards)."""
+    that history), drawn by `ClipDataset.draw` (uniform over every clip of that length), the same
+    draw as the imagined env's `context_data` starts, which build on this class. The real maze
+    started this way is the control for short imagined episodes from real data: same starts, same
+    horizon, true dynamics. Reads only the small arrays of each episode (seed, layout, poses,
+    targets, rewards); `clips` reads frames only when asked for a clip."""
 
     KEYS = ("seed", "maze_layout", "agent_pose", "target_index", "targets_pos", "reward")
 
-    def __init__(self, directory: str | Path, context_len: int = 32):
+    def __init__(self, directory: str | Path, context_len: int = 32, cache_episodes: int = 64):
         if context_len < 1:
             raise ValueError(f"context_len must be >= 1, got {context_len}")
-        self.episodes = list_episodes(directory)
-        lengths = np.array([t + 1 for _, t in self.episodes])
-        starts = np.maximum(lengths - context_len + 1, 0)
-        if not starts.sum():
-            raise ValueError(f"context_len {context_len} is longer than every episode in {directory}")
-        self.context_len, self.weights = context_len, starts / starts.sum()
+        try:
+            self.clips = ClipDataset(directory, context_len, cache_size=cache_episodes)
+        except DatasetError:
+            raise
+        except ValueError:  # longer than every episode
+            raise ValueError(f"context_len {context_len} is longer than every episode in {directory}") from None
+        self.context_len = context_len
         self._facts: dict[int, dict[str, np.ndarray]] = {}
 
-    def facts(self, i: int) -> dict[str, np.ndarray]:
-        """The small arrays of episode i (its maze and where the agent and target were)."""
-        if i not in self._facts:
-            path = self.episodes[i][0]
+    def facts(self, e: int) -> dict[str, np.ndarray]:
+        """The small arrays of episode e (its maze and where the agent and target were)."""
+        if e not in self._facts:
+            path = self.clips.episodes[e][0]
             with np.load(path, allow_pickle=False) as npz:
                 missing = [k for k in self.KEYS if k not in npz.files]
                 if missing:
                     raise DatasetError(f"{path}: no {', '.join(map(repr, missing))} array; the real maze can start "
                                        "only from episodes recorded by this package (python -m training.collect)")
-                self._facts[i] = {k: npz[k] for k in self.KEYS}
-        return self._facts[i]
+                self._facts[e] = {k: npz[k] for k in self.KEYS}
+        return self._facts[e]
+
+    def place_at(self, sim: MazeBatch, i: int, e: int, t0: int) -> None:
+        """Put env i of `sim` at the last frame of the clip of episode e that starts at frame t0."""
+        place_at_recorded_moment(sim, i, self.facts(e), t0 + self.context_len - 1)
 
     def place(self, sim: MazeBatch, i: int, rng: np.random.Generator) -> None:
         """Draw a moment with `rng` and put env i of `sim` there."""
-        e = int(rng.choice(len(self.episodes), p=self.weights))
-        t0 = int(rng.integers(0, self.episodes[e][1] + 1 - self.context_len + 1))
-        place_at_recorded_moment(sim, i, self.facts(e), t0 + self.context_len - 1)
+        self.place_at(sim, i, *self.clips.draw(rng))

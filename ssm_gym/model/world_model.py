@@ -570,9 +570,9 @@ class WorldModel(nn.Module):
                 action_guidance: float | None = None) -> tuple[Tensor, Tensor]:
         """The first half of ``generate``: sample the next frame after ``action`` (N,) without
         advancing ``state``. Returns ``(frame (N, H, W, C) uint8, expected reward (N,))``, the
-        latter read on the first denoising pass (see ``generate``'s reward_from="denoiser").
-        An ensemble uses it to let every member predict from its own state before all of them
-        advance on one chosen frame (``observe``).
+        latter read on the first denoising pass (see ``generate``'s reward_from="denoiser"). For
+        callers that choose the frame to advance on themselves (``observe``), e.g. several models
+        each predicting from its own state before all observe one frame.
 
         action_guidance (default ``config.action_guidance``): w != 1 runs every denoising pass
         twice, with the action and with the null action, and uses ``D(null) + w (D(a) - D(null))``
