@@ -200,15 +200,16 @@ def main(args: Args) -> dict:
         print(f"{r['num_envs']:>8} | {r['env_steps_per_s']:>11,.1f} | {r['ms_per_step']:>8.1f}"
               + (f" | {r['graph_env_steps_per_s']:>17,.1f} | {r['graph_ms_per_step']:>8.2f}" if g else "")
               + (f" | {r['guided_env_steps_per_s']:>18,.1f} | {r['guided_ms_per_step']:>8.1f}" if w else ""))
-    print("\nstep time vs episode step (num_envs=1)")
-    print(f"{'variant':>10} | {'episode step':>12} | {'ms/step':>8} | {'state bytes/env':>15}")
-    for r in flat:
-        print(f"{r['variant']:>10} | {r['episode_step']:>12,} | {r['ms_per_step']:>8.1f} | {r['state_bytes_per_env']:>15,}")
-    for v in (model.config.variant, "attn_full"):
-        r = next(x for x in flat if x["variant"] == v)
-        print(f"{v}: step {args.episode_steps[-1]} / step {args.episode_steps[0]} time = {r['ratio_last_first']:.2f}x")
-    parts = flat[0]["state_bytes_by_part"]
-    print(f"{model.config.variant} state per env: " + ", ".join(f"{k} {v:,} B ({v / sum(parts.values()):.0%})" for k, v in parts.items()))
+    if flat:  # (no --episode-steps given: throughput only)
+        print("\nstep time vs episode step (num_envs=1)")
+        print(f"{'variant':>10} | {'episode step':>12} | {'ms/step':>8} | {'state bytes/env':>15}")
+        for r in flat:
+            print(f"{r['variant']:>10} | {r['episode_step']:>12,} | {r['ms_per_step']:>8.1f} | {r['state_bytes_per_env']:>15,}")
+        for v in (model.config.variant, "attn_full"):
+            r = next(x for x in flat if x["variant"] == v)
+            print(f"{v}: step {args.episode_steps[-1]} / step {args.episode_steps[0]} time = {r['ratio_last_first']:.2f}x")
+        parts = flat[0]["state_bytes_by_part"]
+        print(f"{model.config.variant} state per env: " + ", ".join(f"{k} {v:,} B ({v / sum(parts.values()):.0%})" for k, v in parts.items()))
     f = out["flops"]
     print(f"\nnum_envs={f['num_envs']}: {f['gflop_per_step']} GFLOP per step, {f['achieved_gflops']} GFLOP/s achieved; "
           f"matmul {f['matmul_gflops_fp32']} GFLOP/s fp32 -> {f['achieved_gflops'] / f['matmul_gflops_fp32']:.0%}")

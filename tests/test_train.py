@@ -233,8 +233,9 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     # per-position action tokens and the previous-frame input may be switched on: they start at
     # zero, the rest is loaded
     grown_cfg = dataclasses.replace(cfg, out_dir=tmp_path / "e", action_dropout=0.5, model=dataclasses.replace(
-        cfg.model, action_tokens=True, prev_frame=True, null_action=True, action_guidance=1.5))
+        cfg.model, action_tokens=True, prev_frame=True, null_action=True, action_guidance=1.5, pixel_head=4))
     grown = load_model(train(grown_cfg))
+    assert grown.config.pixel_head == 4 and grown.pixel_refine[-1].weight.abs().max() < 1e-6
     assert grown.config.action_tokens and grown.action_tok.weight.abs().max() < 1e-6
     assert grown.config.prev_frame and grown.prev_in.weight.abs().max() < 1e-6
     assert grown.config.null_action and grown.action_null.abs().max() < 1e-6
@@ -244,6 +245,10 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     # ...but not switched off again (weights would be dropped)
     with pytest.raises(ValueError, match="init-from.*action_tokens"):
         train(dataclasses.replace(cfg, out_dir=tmp_path / "f", init_from=tmp_path / "e" / "model"))
+    # nor resized: the refiner's weights would not fit
+    with pytest.raises(ValueError, match="init-from.*pixel_head"):
+        train(dataclasses.replace(grown_cfg, out_dir=tmp_path / "g", init_from=tmp_path / "e" / "model",
+                                  model=dataclasses.replace(grown_cfg.model, pixel_head=8)))
 
 
 def test_action_dropout_needs_the_null_action(data, tmp_path):

@@ -1,6 +1,8 @@
 """World model: parallel == step API for every variant, pieces == whole, attention window,
 state helpers, sampler determinism, and a tiny training smoke test."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -28,7 +30,8 @@ def tiny_config(variant, **kw):
 def variant_model(spec):
     """"full+prev_frame" -> ("full", a randomized tiny model of that variant with that option on)."""
     variant, _, extra = spec.partition("+")
-    return variant, randomized(tiny_config(variant, **({extra: True} if extra else {})))
+    value = 4 if extra == "pixel_head" else True  # (pixel_head: the refiner's channels)
+    return variant, randomized(tiny_config(variant, **({extra: value} if extra else {})))
 
 
 def randomized(cfg, seed=0):
@@ -55,7 +58,8 @@ def max_err(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "full+action_tokens", "full+prev_frame", "attn_full+prev_frame"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "full+action_tokens", "full+prev_frame", "attn_full+prev_frame",
+                                     "full+pixel_head"])
 def test_parallel_equals_step(variant):
     variant, m = variant_model(variant)
     frames, actions = clip()
@@ -76,7 +80,7 @@ def test_parallel_equals_step(variant):
     assert (parts["ssm_state"] > 0) == (variant in ("full", "ssm_flat"))
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "full+prev_frame"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "full+prev_frame", "full+pixel_head"])
 def test_pieces_with_state_equal_whole(variant):
     variant, m = variant_model(variant)
     frames, actions = clip(t=11)
@@ -422,3 +426,31 @@ def test_index_copy_installs_warm_envs(variant):
     ref = m.observe(sub, frames[1:2, 0], actions[1:2, 1])
     out = m.observe(state, frames[:, 0], actions[:, 1])
     assert max_err(out.raw[1:2], ref.raw) < 1e-5
+
+
+def test_pixel_head_starts_as_the_model_without_it_and_can_cancel_noise_per_pixel():
+    """Zero-initialised, the refiner changes nothing; once trained it can correct every pixel,
+    including noise in the patch directions that the d_model-wide tokens cannot reach (here a
+    patch has 4x4x3 = 48 values and tokens are 32 wide)."""
+    cfg = tiny_config("full")
+    plain = randomized(cfg)
+    torch.manual_seed(0)
+    refined = WorldModel(dataclasses.replace(cfg, pixel_head=4))
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("pixel_refine.") for k in missing)
+    refined.eval()
+    frames, actions = clip(t=4)
+    sigma = torch.full((2, 4), 0.3)
+    noisy = frames.float() / 127.5 - 1 + 0.3 * torch.randn(2, 4, 16, 16, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert max_err(refined(noisy, sigma, actions).denoised, plain(noisy, sigma, actions).denoised) < 1e-6
+    # the token path's output spans at most d_model directions per patch; the refiner's does not
+    x = torch.randn(1, 1, 16, 16, 3)
+    jac_plain = torch.autograd.functional.jacobian(lambda v: plain(v, torch.full((1, 1), 0.3), actions[:1, :1]).raw, x)
+    with torch.no_grad():
+        for p in refined.pixel_refine.parameters():
+            p.normal_(0, 0.2)
+    jac_ref = torch.autograd.functional.jacobian(lambda v: refined(v, torch.full((1, 1), 0.3), actions[:1, :1]).raw, x)
+    patch = lambda j: j.reshape(16, 16, 3, 16, 16, 3)[:4, :4].reshape(48, 16 * 16 * 3)  # noqa: E731  one patch's rows
+    rank = lambda j: int(torch.linalg.matrix_rank(patch(j), atol=1e-5))  # noqa: E731
+    assert rank(jac_plain) <= cfg.d_model < rank(jac_ref) == 48

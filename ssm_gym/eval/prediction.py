@@ -19,6 +19,10 @@ Two more checks say whether the model has learned dynamics at all: the scores of
 predictors on the same clips (the last real frame as the next one; the mean context frame as
 every future one), and the action sensitivity (the next frame imagined for every action from
 the same state and noise: is the one for the action actually taken the closest to the truth?).
+
+And the denoising curve: the real next frame, noised at a few levels sigma, denoised once from
+the real history. A denoiser that cannot remove small noise leaves multi-step samples grainy
+(every step but the first works at small sigma), whatever its one-step score.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 
 from ssm_gym.eval.metrics import psnr
+from ssm_gym.model.diffusion import float_to_frames
 from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
 from ssm_gym.maze.sim import N_ACTIONS
 
@@ -59,6 +64,20 @@ def load_clips(folder: str | Path, episodes: int, length: int, windows: int = 1)
     return Clips(frames, torch.from_numpy(prev), torch.from_numpy(rewards))
 
 
+def _warmed_up(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int, after: int, seed: int):
+    """Checks that `after` frames follow the context, moves the clips to the model's device and
+    warms a state up on the context: ``(frames, prev_actions, device, generator, state)``."""
+    total = frames.shape[1]
+    if total < context + after:
+        raise ValueError(f"need {context + after} frames, got {total}")
+    dev = next(model.parameters()).device
+    frames, prev_actions = frames.to(dev), prev_actions.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    state = model.init_state(frames.shape[0], dev)
+    model.observe_clip(state, frames[:, :context], prev_actions[:, :context])
+    return frames, prev_actions, dev, gen, state
+
+
 @torch.no_grad()
 def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int, horizon: int,
                      steps: int | None = None, seed: int = 0, reward_from: str = "frame",
@@ -68,14 +87,7 @@ def predict_episodes(model, frames: torch.Tensor, prev_actions: torch.Tensor, co
     (N, horizon, 64, 64, 3) and `real`, and the predicted rewards `one_step_reward`,
     `open_loop_reward` (N, horizon) float, read where ``reward_from`` says (see
     ``WorldModel.generate``, as is ``action_guidance``)."""
-    n, total = frames.shape[:2]
-    if total < context + horizon:
-        raise ValueError(f"need {context + horizon} frames, got {total}")
-    dev = next(model.parameters()).device
-    frames, prev_actions = frames.to(dev), prev_actions.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    state = model.init_state(n, dev)
-    model.observe_clip(state, frames[:, :context], prev_actions[:, :context])
+    frames, prev_actions, _, gen, state = _warmed_up(model, frames, prev_actions, context, horizon, seed)
     open_state = state.clone()
     one_step, open_loop, one_r, open_r = [], [], [], []
     for h in range(context, context + horizon):
@@ -111,17 +123,10 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
     ``expected_reward_argmax_share``: how often each action has the highest. An action favoured
     everywhere is a prior the head learned (touches follow moves), which an agent in imagination
     exploits by repeating it; the envs' ``reward_baseline`` subtracts it."""
-    n, total = frames.shape[:2]
-    if total < context + positions:
-        raise ValueError(f"need {context + positions} frames, got {total}")
-    dev = next(model.parameters()).device
-    frames, prev_actions = frames.to(dev), prev_actions.to(dev)
-    k = N_ACTIONS
+    n, k = frames.shape[0], N_ACTIONS
+    frames, prev_actions, dev, gen, state = _warmed_up(model, frames, prev_actions, context, positions, seed)
     rows = torch.arange(n, device=dev).repeat_interleave(k)  # env j*k + a: clip j, action a
     acts = torch.arange(k, device=dev).repeat(n)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    state = model.init_state(n, dev)
-    model.observe_clip(state, frames[:, :context], prev_actions[:, :context])
     true_p, other_p, best, between, rewards = [], [], [], [], []
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     for h in range(context, context + positions):
@@ -143,6 +148,29 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
             "true_action_best": float(np.mean(best)), "psnr_between_actions": float(np.mean(between)),
             "samples": n * positions, "expected_reward_by_action": [round(float(v), 5) for v in r.mean(0)],
             "expected_reward_argmax_share": [round(float(v), 3) for v in np.bincount(r.argmax(1), minlength=k) / len(r)]}
+
+
+@torch.no_grad()
+def denoising_curve(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int,
+                    sigmas: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0, 5.0), positions: int = 4,
+                    seed: int = 0) -> dict[str, dict[str, float]]:
+    """For each noise level: PSNR of the noised real frame (``input``) and of the model's one-pass
+    denoised estimate (``denoised``) against the clean frame, at `positions` consecutive steps
+    after `context` real frames, the state following the real frames. Keys are the sigmas as
+    strings (JSON)."""
+    n = frames.shape[0]
+    frames, prev_actions, dev, gen, state = _warmed_up(model, frames, prev_actions, context, positions, seed)
+    scores = {s: ([], []) for s in sigmas}
+    for h in range(context, context + positions):
+        clean = frames[:, h:h + 1].float() / 127.5 - 1.0
+        for s in sigmas:
+            noisy = clean + s * torch.randn(clean.shape, generator=gen, device=dev)
+            out = model(noisy, torch.full((n, 1), s, device=dev), prev_actions[:, h:h + 1], state=state, update="none")
+            real = frames[:, h:h + 1].cpu().numpy()
+            scores[s][0].append(psnr(float_to_frames(noisy).cpu().numpy(), real))
+            scores[s][1].append(psnr(float_to_frames(out.denoised).cpu().numpy(), real))
+        model.observe(state, frames[:, h], prev_actions[:, h])
+    return {str(s): {"input": float(np.mean(a)), "denoised": float(np.mean(b))} for s, (a, b) in scores.items()}
 
 
 def trivial_baselines(frames: torch.Tensor, context: int) -> dict[str, float]:
@@ -244,6 +272,8 @@ class Args:
     whole_episode_len: int = 1001
     action_positions: int = 8
     """Steps per clip at which the action sensitivity is measured (at most --horizon; 0 = skip it)."""
+    denoise_sigmas: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0, 5.0)
+    """Noise levels of the denoising curve (empty = skip it)."""
     json: Optional[Path] = None
     """Also write the rows as JSON here."""
 
@@ -264,6 +294,10 @@ def main(args: Args) -> list[dict]:
         if args.whole_episodes:
             m = reward_metrics(teacher_forced_rewards(model, whole, whole_prev), whole_r.numpy())
             rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})
+            print(json.dumps(rows[-1]), flush=True)
+        if args.denoise_sigmas:
+            curve = denoising_curve(model, frames, prev, args.context, args.denoise_sigmas, min(4, args.horizon), args.seed)
+            rows.append({"checkpoint": str(ckpt), "denoising_psnr": {k: r3(v) for k, v in curve.items()}})
             print(json.dumps(rows[-1]), flush=True)
         weights = args.action_guidance if model.action_null is not None else (1.0,)
         for steps, w in [(s, w) for s in args.sampling_steps for w in weights]:

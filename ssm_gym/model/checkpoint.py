@@ -41,7 +41,7 @@ def config_to_dict(config: WorldModelConfig) -> dict[str, Any]:
 # Fields added to WorldModelConfig after format_version 1, with the value that reproduces what
 # checkpoints written before them compute. Only these may be absent from a checkpoint.
 ADDED_FIELDS: dict[str, Any] = {"action_tokens": False, "prev_frame": False, "null_action": False,
-                                "action_guidance": 1.0}
+                                "action_guidance": 1.0, "pixel_head": 0}
 
 
 def config_from_dict(d: dict[str, Any], where: str = "config") -> WorldModelConfig:

@@ -97,7 +97,8 @@ INIT_FROM_FREE_FIELDS = ("p_mean", "p_std", "sample_steps", "sigma_min", "sigma_
 
 # Fields a fine-tune may switch on, with the parameters each adds: they start at zero (the loaded
 # model's output is unchanged at the start) and are the only tensors the start model may lack.
-INIT_FROM_GROW_FIELDS = {"action_tokens": "action_tok.", "prev_frame": "prev_in.", "null_action": "action_null"}
+INIT_FROM_GROW_FIELDS = {"action_tokens": "action_tok.", "prev_frame": "prev_in.", "null_action": "action_null",
+                         "pixel_head": "pixel_refine."}
 
 
 def mismatch(a, b) -> str:
@@ -299,7 +300,8 @@ def train(cfg: TrainConfig) -> Path:
         # fields that only steer training noise, sampling or execution may differ (e.g. a fine-tune
         # with another noise distribution); the network's own fields must match
         free = {k: getattr(cfg.model, k) for k in INIT_FROM_FREE_FIELDS}
-        free.update({k: True for k in INIT_FROM_GROW_FIELDS if getattr(cfg.model, k)})
+        free.update({k: getattr(cfg.model, k) for k in INIT_FROM_GROW_FIELDS
+                     if getattr(cfg.model, k) and not getattr(start_model.config, k)})
         if dataclasses.replace(start_model.config, **free) != cfg.model:
             raise ValueError(f"--init-from {cfg.init_from}: its model config differs from this run's "
                              f"({mismatch(start_model.config, cfg.model)})")
