@@ -57,3 +57,33 @@ def test_maze_sim_benchmark():
     bench = load("maze_sim")
     out = bench.main(bench.Args(num_envs=(1, 2), seconds=0.05, json=True))
     assert out
+
+
+def test_rollout_benchmark_throughput_only(tiny_checkpoint, capsys):
+    bench = load("rollout")
+    out = bench.main(bench.Args(checkpoint=tiny_checkpoint, num_envs=(1,), episode_steps=(), seconds=0.05))
+    assert out["flat"] == [] and out["throughput"][0]["env_steps_per_s"] > 0
+    assert "step time vs episode step" not in capsys.readouterr().out
+
+
+def test_imagined_frames_grid(tiny_checkpoint, tmp_path):
+    """The example that compares models' imagined frames: one row per model and sampler, checked input."""
+    from PIL import Image
+
+    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.record import record_episodes
+
+    spec = importlib.util.spec_from_file_location("imagined_frames_grid", BENCH.parent / "examples" / "imagined_frames_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = grid
+    spec.loader.exec_module(grid)
+    for s, ep in zip((5, 6), record_episodes([5, 6], ["explore"] * 2, steps=12)):
+        save_episode(tmp_path / "val" / f"ep_{s:06d}.npz", ep)
+    args = grid.Args(rows=(f"{tiny_checkpoint}:1", f"{tiny_checkpoint}:2"), val_dir=tmp_path / "val", start=2,
+                     context=4, at=(1, 3), scale=1, out=tmp_path / "g.png")
+    img = Image.open(grid.main(args))
+    assert img.size == (170 + 2 * 64, 3 * 64)  # real + two rows, two imagined steps each
+    with pytest.raises(ValueError, match="model_folder:denoising_steps"):
+        grid.main(grid.Args(rows=(str(tiny_checkpoint),), val_dir=tmp_path / "val"))
+    with pytest.raises(ValueError, match="this grid needs 22"):
+        grid.main(grid.Args(rows=(f"{tiny_checkpoint}:1",), val_dir=tmp_path / "val", start=2, context=4, at=(16,)))
