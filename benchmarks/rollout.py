@@ -161,7 +161,8 @@ def main(args: Args) -> dict:
 
     flat = []
     attn_cfg = dataclasses.replace(model.config, variant="attn_full")
-    for variant, m in ((model.config.variant, model), ("attn_full", WorldModel(attn_cfg).to(args.device).eval())):
+    variants = ((model.config.variant, model), ("attn_full", WorldModel(attn_cfg).to(args.device).eval())) if args.episode_steps else ()
+    for variant, m in variants:
         times = []
         for t in args.episode_steps:
             eng = RolloutEngine(m, 1, device=args.device, sampling_steps=steps)

@@ -69,8 +69,10 @@ def main(args: Args) -> Path:
     episodes = list_episodes(args.val_dir)
     if not 0 <= args.episode < len(episodes):
         raise ValueError(f"--episode {args.episode}: {args.val_dir} holds {len(episodes)} episodes")
-    if not args.at or min(args.at) < 1:
-        raise ValueError(f"--at must list imagined steps >= 1, got {args.at}")
+    if not args.at or min(args.at) < 1 or list(args.at) != sorted(set(args.at)):
+        raise ValueError(f"--at must list imagined steps >= 1 in increasing order, got {args.at}")
+    if args.start < 0 or args.context < 1:
+        raise ValueError(f"--start must be >= 0 and --context >= 1, got {args.start} and {args.context}")
     ep = load_episode(episodes[args.episode][0])
     end = args.start + args.context + max(args.at)
     if end > len(ep["image"]):

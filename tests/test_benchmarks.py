@@ -85,5 +85,7 @@ def test_imagined_frames_grid(tiny_checkpoint, tmp_path):
     assert img.size == (170 + 2 * 64, 3 * 64)  # real + two rows, two imagined steps each
     with pytest.raises(ValueError, match="model_folder:denoising_steps"):
         grid.main(grid.Args(rows=(str(tiny_checkpoint),), val_dir=tmp_path / "val"))
+    with pytest.raises(ValueError, match="increasing order"):
+        grid.main(grid.Args(rows=(f"{tiny_checkpoint}:1",), val_dir=tmp_path / "val", at=(4, 1)))
     with pytest.raises(ValueError, match="this grid needs 22"):
         grid.main(grid.Args(rows=(f"{tiny_checkpoint}:1",), val_dir=tmp_path / "val", start=2, context=4, at=(16,)))

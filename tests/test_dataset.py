@@ -165,3 +165,23 @@ def test_reward_clips_are_oversampled(tmp_path):
     save_episode(quiet / "ep_000000.npz", {**eps[0], "reward": np.zeros_like(eps[0]["reward"])})
     with pytest.raises(DatasetError, match="no episode has a reward"):
         ClipDataset(quiet, clip_len=10, reward_clip_prob=0.5)
+
+
+def test_preload_reads_what_single_reads_give_within_the_cache_and_names_a_bad_file(tmp_path, episodes):
+    for i, ep in enumerate(episodes):
+        save_episode(tmp_path / f"ep_{i:06d}.npz", ep)
+    pre = ClipDataset(tmp_path, 8)
+    pre.preload()
+    lazy = ClipDataset(tmp_path, 8)
+    for i in range(3):
+        for k, v in lazy._episode(i).items():
+            assert np.array_equal(pre._cache[i][k], v), k
+    small = ClipDataset(tmp_path, 8, cache_size=2)
+    small.preload()
+    assert sorted(small._cache) == [0, 1]  # never past cache_size
+    # a file that goes bad after listing (list_episodes checks each once): its name, not a hang
+    bad = ClipDataset(tmp_path, 8)
+    data = (tmp_path / "ep_000001.npz").read_bytes()
+    (tmp_path / "ep_000001.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="ep_000001.npz"):
+        bad.preload()

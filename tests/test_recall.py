@@ -194,10 +194,10 @@ def test_action_sensitivity_and_trivial_baselines_on_known_cases():
 class _Denoiser(torch.nn.Module):
     """Returns the clean frame it was told (perfect) or its noisy input (does nothing)."""
 
-    def __init__(self, perfect, clean):
+    def __init__(self, perfect, clean, sigmas):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.perfect, self.clean, self.seen = perfect, clean, []
+        self.perfect, self.clean, self.seen, self.sigmas = perfect, clean, [], list(sigmas)
 
     def init_state(self, n, dev):
         return None
@@ -209,7 +209,10 @@ class _Denoiser(torch.nn.Module):
         self.seen.append(len(self.seen))
 
     def forward(self, x, sigma, actions, state=None, update="none"):
-        assert update == "none"
+        assert update == "none" and sigma.shape == (3, 1)
+        s = self.sigmas.pop(0)  # told the level it was noised at, in the order asked
+        assert torch.all(sigma == s) and (x - (self.clean[:, len(self.seen):len(self.seen) + 1].float() / 127.5 - 1)).std() > s / 2
+        self.sigmas.append(s)
         out = self.clean[:, len(self.seen):len(self.seen) + 1].float() / 127.5 - 1 if self.perfect else x
         return types.SimpleNamespace(denoised=out)
 
@@ -220,13 +223,15 @@ def test_denoising_curve_on_known_denoisers():
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(40, 216, (3, 7, 16, 16, 3), generator=g, dtype=torch.uint8)
     actions = torch.zeros(3, 7, dtype=torch.long)
-    perfect = denoising_curve(_Denoiser(True, frames), frames, actions, context=3, sigmas=(0.1, 1.0), positions=4)
-    idle = denoising_curve(_Denoiser(False, frames), frames, actions, context=3, sigmas=(0.1, 1.0), positions=4)
+    perfect = denoising_curve(_Denoiser(True, frames, (0.1, 1.0)), frames, actions, context=3, sigmas=(0.1, 1.0), positions=4)
+    idle = denoising_curve(_Denoiser(False, frames, (0.1, 1.0)), frames, actions, context=3, sigmas=(0.1, 1.0), positions=4)
     assert perfect["0.1"]["denoised"] == 100.0 and idle["0.1"]["denoised"] == idle["0.1"]["input"]
     # Gaussian noise of std sigma on a [-1, 1] scale: PSNR = 20 log10(2 / sigma) (less clipping)
     assert idle["0.1"]["input"] == pytest.approx(26.0, abs=0.3) and perfect["1.0"]["input"] > 6.0
     with pytest.raises(ValueError, match="need 8 frames"):
-        denoising_curve(_Denoiser(True, frames), frames, actions, context=3, positions=5)
+        denoising_curve(_Denoiser(True, frames, ()), frames, actions, context=3, positions=5)
+    with pytest.raises(ValueError, match="noise levels must be > 0"):
+        denoising_curve(_Denoiser(True, frames, ()), frames, actions, context=3, sigmas=(0.0, 0.1))
 
 
 def test_reward_metrics_count_paid_events_and_false_payouts():

@@ -245,6 +245,9 @@ def test_init_from_starts_from_given_weights_and_checks_config(data, tmp_path):
     # ...but not switched off again (weights would be dropped)
     with pytest.raises(ValueError, match="init-from.*action_tokens"):
         train(dataclasses.replace(cfg, out_dir=tmp_path / "f", init_from=tmp_path / "e" / "model"))
+    with pytest.raises(ValueError, match="init-from.*pixel_head"):
+        train(dataclasses.replace(grown_cfg, out_dir=tmp_path / "h", init_from=tmp_path / "e" / "model",
+                                  model=dataclasses.replace(grown_cfg.model, pixel_head=0)))
     # nor resized: the refiner's weights would not fit
     with pytest.raises(ValueError, match="init-from.*pixel_head"):
         train(dataclasses.replace(grown_cfg, out_dir=tmp_path / "g", init_from=tmp_path / "e" / "model",

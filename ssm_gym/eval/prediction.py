@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ssm_gym.eval.metrics import psnr
-from ssm_gym.model.diffusion import float_to_frames
+from ssm_gym.model.diffusion import float_to_frames, frames_to_float
 from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
 from ssm_gym.maze.sim import N_ACTIONS
 
@@ -157,16 +157,19 @@ def denoising_curve(model, frames: torch.Tensor, prev_actions: torch.Tensor, con
     """For each noise level: PSNR of the noised real frame (``input``) and of the model's one-pass
     denoised estimate (``denoised``) against the clean frame, at `positions` consecutive steps
     after `context` real frames, the state following the real frames. Keys are the sigmas as
-    strings (JSON)."""
+    strings (JSON). The denoiser is the plain one (no action guidance, whatever the model's
+    default): this measures the network, not the sampler."""
+    if not sigmas or min(sigmas) <= 0:
+        raise ValueError(f"noise levels must be > 0, got {tuple(sigmas)}")
     n = frames.shape[0]
     frames, prev_actions, dev, gen, state = _warmed_up(model, frames, prev_actions, context, positions, seed)
     scores = {s: ([], []) for s in sigmas}
     for h in range(context, context + positions):
-        clean = frames[:, h:h + 1].float() / 127.5 - 1.0
+        clean = frames_to_float(frames[:, h:h + 1])
+        real = frames[:, h:h + 1].cpu().numpy()
         for s in sigmas:
             noisy = clean + s * torch.randn(clean.shape, generator=gen, device=dev)
             out = model(noisy, torch.full((n, 1), s, device=dev), prev_actions[:, h:h + 1], state=state, update="none")
-            real = frames[:, h:h + 1].cpu().numpy()
             scores[s][0].append(psnr(float_to_frames(noisy).cpu().numpy(), real))
             scores[s][1].append(psnr(float_to_frames(out.denoised).cpu().numpy(), real))
         model.observe(state, frames[:, h], prev_actions[:, h])
@@ -274,6 +277,8 @@ class Args:
     """Steps per clip at which the action sensitivity is measured (at most --horizon; 0 = skip it)."""
     denoise_sigmas: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0, 5.0)
     """Noise levels of the denoising curve (empty = skip it)."""
+    denoise_positions: int = 4
+    """Steps per clip at which the denoising curve is measured (at most --horizon)."""
     json: Optional[Path] = None
     """Also write the rows as JSON here."""
 
@@ -296,7 +301,8 @@ def main(args: Args) -> list[dict]:
             rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})
             print(json.dumps(rows[-1]), flush=True)
         if args.denoise_sigmas:
-            curve = denoising_curve(model, frames, prev, args.context, args.denoise_sigmas, min(4, args.horizon), args.seed)
+            curve = denoising_curve(model, frames, prev, args.context, args.denoise_sigmas,
+                                    min(args.denoise_positions, args.horizon), args.seed)
             rows.append({"checkpoint": str(ckpt), "denoising_psnr": {k: r3(v) for k, v in curve.items()}})
             print(json.dumps(rows[-1]), flush=True)
         weights = args.action_guidance if model.action_null is not None else (1.0,)

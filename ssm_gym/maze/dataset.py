@@ -191,10 +191,17 @@ class ClipDataset(torch.utils.data.IterableDataset):
         training run does not spend its budget on first reads. Files are read by a few threads
         (decompression releases the GIL): a lent GPU machine reads thousands of episodes in
         seconds instead of a minute."""
-        todo = [i for i in range(min(len(self.episodes), self.cache_size)) if i not in self._cache]
+        todo = [i for i in range(len(self.episodes)) if i not in self._cache]
+        todo = todo[:max(0, self.cache_size - len(self._cache))]  # never past cache_size
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for i, ep in zip(todo, pool.map(self._read, todo)):
-                self._cache[i] = ep
+            futures = [pool.submit(self._read, i) for i in todo]
+            try:
+                for i, f in zip(todo, futures):
+                    self._cache[i] = f.result()
+            except BaseException:  # a bad file: stop reading the rest and raise its error
+                for f in futures:
+                    f.cancel()
+                raise
 
     def _read(self, i: int) -> dict[str, np.ndarray]:
         ep = load_episode(self.episodes[i][0])

@@ -76,8 +76,8 @@ class WorldModelConfig:
 
     def __post_init__(self):
         assert self.variant in VARIANTS, f"variant must be one of {VARIANTS}"
-        if self.pixel_head < 0:
-            raise ValueError(f"pixel_head must be >= 0 (0 = none), got {self.pixel_head}")
+        if isinstance(self.pixel_head, bool) or not isinstance(self.pixel_head, int) or self.pixel_head < 0:
+            raise ValueError(f"pixel_head is the refiner's channels, an int >= 0 (0 = none), got {self.pixel_head!r}")
         self.block_sizes = tuple(tuple(b) if b is not None else None for b in self.block_sizes)
 
     @property
@@ -372,8 +372,8 @@ class WorldModel(nn.Module):
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
         # Pixel refiner. The network's output F is patch_out of a d_model-wide token, so per 8x8x3
         # patch (192 values) it spans at most d_model = 128 directions: the noise in the other 64
-        # cannot be cancelled and stays in D = c_skip x + c_out F. That bounds denoising at low noise
-        # levels (measured on every model so far: 26 -> 30 dB at sigma 0.1, 17 -> 23 dB at 0.28,
+        # cannot be cancelled and stays in D = c_skip x + c_out F (scaled by c_skip). That bounds
+        # denoising at low noise levels (every model so far: 26 -> 30 dB at sigma 0.1, 17 -> 23 dB at 0.3,
         # near the bound), which leaves multi-step samples grainy. Three 3x3 convolutions over the
         # full-resolution noisy input, F and the noise level add a per-pixel correction to F.
         # The last one is zero-initialised: a fine-tune starts from the model it loads.
@@ -437,7 +437,7 @@ class WorldModel(nn.Module):
     # -- network -------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, actions: Tensor, state: WorldModelState | None = None,
                 update: str = "copy", compress: ClipCompression | None = None,
-                clean: Tensor | None = None) -> WorldModelOutput:
+                clean: Tensor | None = None, refine: bool = True) -> WorldModelOutput:
         """Denoise a clip (or a piece following ``state``) in parallel.
 
         x (B, T, H, W, C) noisy frames in [-1, 1] scale (uint8 accepted: clean frames); sigma (B, T)
@@ -447,13 +447,16 @@ class WorldModel(nn.Module):
         compress: state-compression masks of these frames (training, and the step API), or None.
         clean (B, T, H, W, C): the clean frames behind ``x``, which a ``prev_frame`` model feeds to the
         frame after each (training); may be left out when ``x`` is clean or T = 1.
+        refine: run the pixel refiner (``pixel_head``); False skips it where only the state matters
+        (clean frames: c_out = 0, so ``denoised`` is ``x`` either way; ``raw`` then lacks its part).
         """
         cfg = self.config
         x = frames_to_float(x)
         b, t = x.shape[:2]
         sigma = sigma.to(x.dtype).expand(b, t)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, cfg.sigma_data)
-        tok = self.patch_in(self.patchify(x * c_in[:, :, None, None, None])) + self.pos_emb
+        x_in = x * c_in[:, :, None, None, None]
+        tok = self.patch_in(self.patchify(x_in)) + self.pos_emb
         actions, null = self._split_null(actions)
         if self.action_tok is not None:
             emb = self.action_tok(actions).view(b, t, self.n_tok, cfg.d_model)
@@ -489,8 +492,8 @@ class WorldModel(nn.Module):
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
         hfin = F.layer_norm(tok, tok.shape[-1:], eps=1e-6)
         raw = self.unpatchify(self.patch_out(modulate(hfin, shift, scale)))
-        if self.pixel_refine is not None:
-            raw = raw + self._refine(raw, x * c_in[:, :, None, None, None], c_noise)
+        if self.pixel_refine is not None and refine:
+            raw = raw + self._refine(raw, x_in, c_noise)
         rt = self.head(hfin.mean(dim=2))
         denoised = c_skip[:, :, None, None, None] * x + c_out[:, :, None, None, None] * raw
 
@@ -557,7 +560,7 @@ class WorldModel(nn.Module):
         """Warm up on T real frames at once (parallel form): frames (N, T, H, W, C), actions (N, T)."""
         sigma = torch.zeros(frames.shape[:2], device=frames.device)
         if state.comp is None:
-            return self(frames, sigma, actions.to(frames.device), state=state, update="inplace")
+            return self(frames, sigma, actions.to(frames.device), state=state, update="inplace", refine=False)
         return self._advance_compressed(state, frames, sigma, actions.to(frames.device))
 
     def _advance_compressed(self, state: WorldModelState, frames: Tensor, sigma: Tensor, actions: Tensor):
@@ -566,7 +569,7 @@ class WorldModel(nn.Module):
         comp = state.comp
         frames = frames if frames.dtype == torch.uint8 else float_to_frames(frames)
         masks, act_after = comp.observe(frames, state.t)
-        out = self(frames, sigma, actions, state=state, update="inplace", compress=masks)
+        out = self(frames, sigma, actions, state=state, update="inplace", compress=masks, refine=False)
         comp.commit(frames, act_after)
         truncate_ssm_(state, self.layers, comp)
         return out

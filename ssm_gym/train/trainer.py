@@ -300,13 +300,13 @@ def train(cfg: TrainConfig) -> Path:
         # fields that only steer training noise, sampling or execution may differ (e.g. a fine-tune
         # with another noise distribution); the network's own fields must match
         free = {k: getattr(cfg.model, k) for k in INIT_FROM_FREE_FIELDS}
-        free.update({k: getattr(cfg.model, k) for k in INIT_FROM_GROW_FIELDS
-                     if getattr(cfg.model, k) and not getattr(start_model.config, k)})
+        grow = [k for k in INIT_FROM_GROW_FIELDS if getattr(cfg.model, k) and not getattr(start_model.config, k)]
+        free.update({k: getattr(cfg.model, k) for k in grow})
         if dataclasses.replace(start_model.config, **free) != cfg.model:
             raise ValueError(f"--init-from {cfg.init_from}: its model config differs from this run's "
                              f"({mismatch(start_model.config, cfg.model)})")
         missing, unexpected = model.load_state_dict(start_model.state_dict(), strict=False)
-        grown = {n for n, _ in model.named_parameters() if n.startswith(tuple(INIT_FROM_GROW_FIELDS.values()))}
+        grown = {n for n, _ in model.named_parameters() if n.startswith(tuple(INIT_FROM_GROW_FIELDS[k] for k in grow))}
         if unexpected or set(missing) - grown:
             raise ValueError(f"--init-from {cfg.init_from}: weights do not fit this run's model "
                              f"(missing {sorted(set(missing) - grown)[:3]}, unexpected {unexpected[:3]})")
