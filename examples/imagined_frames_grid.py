@@ -57,8 +57,7 @@ def imagine(model, frames: torch.Tensor, actions: torch.Tensor, context: int, st
     model.observe_clip(state, frames[None, :context], actions[None, :context])
     shown = []
     for t in range(max(at)):
-        frame, _ = model.predict(state, actions[None, context + t], steps=steps, generator=g)
-        model.observe(state, frame, actions[None, context + t])
+        frame, _, _ = model.generate(state, actions[None, context + t], steps=steps, generator=g)
         if t + 1 in at:
             shown.append(frame[0].numpy())
     return shown

@@ -150,9 +150,12 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
             "expected_reward_argmax_share": [round(float(v), 3) for v in np.bincount(r.argmax(1), minlength=k) / len(r)]}
 
 
+DENOISE_SIGMAS = (0.05, 0.1, 0.3, 1.0, 5.0)  # small levels (the sampler's last steps) to pure noise
+
+
 @torch.no_grad()
 def denoising_curve(model, frames: torch.Tensor, prev_actions: torch.Tensor, context: int,
-                    sigmas: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0, 5.0), positions: int = 4,
+                    sigmas: tuple[float, ...] = DENOISE_SIGMAS, positions: int = 4,
                     seed: int = 0) -> dict[str, dict[str, float]]:
     """For each noise level: PSNR of the noised real frame (``input``) and of the model's one-pass
     denoised estimate (``denoised``) against the clean frame, at `positions` consecutive steps
@@ -275,7 +278,7 @@ class Args:
     whole_episode_len: int = 1001
     action_positions: int = 8
     """Steps per clip at which the action sensitivity is measured (at most --horizon; 0 = skip it)."""
-    denoise_sigmas: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0, 5.0)
+    denoise_sigmas: tuple[float, ...] = DENOISE_SIGMAS
     """Noise levels of the denoising curve (empty = skip it)."""
     denoise_positions: int = 4
     """Steps per clip at which the denoising curve is measured (at most --horizon)."""
