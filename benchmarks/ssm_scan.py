@@ -9,13 +9,16 @@ JSON keys
 - ``scan``: list, one entry per sequence length L:
   ``L`` (tokens), ``chunk_size``, ``sequential_ms`` (plain recurrence, forward), ``chunked_ms``
   (pure-PyTorch chunked SSD, forward), ``speedup`` (sequential / chunked), ``max_rel_err``
-  (chunked fp32 vs sequential fp64, normwise: max|diff| / max|ref|); on CUDA with mamba-ssm
-  installed also ``mamba_ms``, ``mamba_speedup`` (sequential / mamba) and ``mamba_max_rel_err``.
+  (chunked fp32 vs sequential fp64, normwise: max|diff| / max|ref|); on the CPU, where the fused
+  C++ kernel builds, also ``fused_ms``, ``fused_speedup`` (sequential / fused) and
+  ``fused_max_rel_err``; on CUDA with mamba-ssm installed ``mamba_ms``, ``mamba_speedup``
+  (sequential / mamba) and ``mamba_max_rel_err``.
   Times are best of ``repeats``.
   Shape: batch ``scan_batch`` sequences, 8 heads x 32 headdim, d_state 16 (the default layer).
 - ``matmul_gflops``: {"fp32": ..., "bf16": ...}: measured square matmul (``matmul_n``) GFLOP/s.
 - ``train``: list, one entry per precision ("fp32", "bf16" = bf16 autocast) and SSD backend
-  ("torch"; "mamba" too on CUDA with mamba-ssm): ``precision``, ``backend``,
+  ("torch"; "cpu", the fused kernel, too on the CPU; "mamba" too on CUDA with mamba-ssm):
+  ``precision``, ``backend``,
   ``batch``, ``frames_per_clip``, ``step_s`` (mean seconds per optimizer step, after warm-up),
   ``frames_per_s``, ``gflop_per_step`` (FlopCounterMode count of one train step, forward +
   backward; the CPU flash-attention op counted as dense attention over the keys it is given),
@@ -42,9 +45,11 @@ from ssm_gym.model import (
     HAS_MAMBA_SSM,
     WorldModel,
     WorldModelConfig,
+    cpu_kernel,
     diffusion_forcing_loss,
     ssd,
     ssd_chunked,
+    ssd_fused_cpu,
     ssd_sequential,
 )
 
@@ -90,6 +95,10 @@ def has_mamba(device: str) -> bool:
     return device.startswith("cuda") and HAS_MAMBA_SSM
 
 
+def has_fused_cpu(device: str) -> bool:
+    return device == "cpu" and cpu_kernel() is not None
+
+
 def bench_scan(args: Args) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -109,6 +118,11 @@ def bench_scan(args: Args) -> list[dict]:
             y = ssd_chunked(x, dt, A, B, C, args.chunk_size, D)[0]
         row = {"L": L, "chunk_size": args.chunk_size, "sequential_ms": 1e3 * t_seq, "chunked_ms": 1e3 * t_chk,
                "speedup": t_seq / t_chk, "max_rel_err": rel_err(y, y_ref)}
+        if has_fused_cpu(dev):  # the fused C++ recurrence (ssm_gym/model/csrc/ssd_cpu.cpp)
+            with torch.no_grad():
+                t_fu = best_time(lambda: ssd_fused_cpu(*inputs, D), args.repeats, dev)  # noqa: B023
+                y_fu = ssd_fused_cpu(*inputs, D)[0]
+            row.update(fused_ms=1e3 * t_fu, fused_speedup=t_seq / t_fu, fused_max_rel_err=rel_err(y_fu, y_ref))
         if has_mamba(dev):  # mamba-ssm's fused kernel (its own chunk size: 64 is what Mamba-2 uses)
             with torch.no_grad():
                 t_mb = best_time(lambda: ssd(*inputs, D, chunk_size=64, backend="mamba"), args.repeats, dev)  # noqa: B023
@@ -171,7 +185,8 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
         step(False)
     flops = fc.get_total_flops()  # the same model and clip for every backend
     rows = []
-    for backend in ("torch", "mamba") if has_mamba(args.device) else ("torch",):
+    backends = ("torch",) + (("mamba",) if has_mamba(args.device) else ()) + (("cpu",) if has_fused_cpu(args.device) else ())
+    for backend in backends:
         for layer in model.layers:
             if layer.ssm is not None:
                 layer.ssm.backend = backend
@@ -200,12 +215,12 @@ def main(args: Args):
         return
     print(f"{result['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"\nSSD scan, forward, fp32 (batch {args.scan_batch}, 8 heads x 32, d_state 16, chunk {args.chunk_size})")
-    mb = has_mamba(args.device)
+    extra = "fused" if has_fused_cpu(args.device) else "mamba" if has_mamba(args.device) else None
     print(f"{'L':>6} {'sequential ms':>14} {'chunked ms':>11} {'speedup':>8} {'rel err':>9}"
-          + (f" {'mamba ms':>9} {'speedup':>8} {'rel err':>9}" if mb else ""))
+          + (f" {extra + ' ms':>9} {'speedup':>8} {'rel err':>9}" if extra else ""))
     for r in scan:
         print(f"{r['L']:>6} {r['sequential_ms']:>14.1f} {r['chunked_ms']:>11.2f} {r['speedup']:>7.1f}x {r['max_rel_err']:>9.1e}"
-              + (f" {r['mamba_ms']:>9.3f} {r['mamba_speedup']:>7.1f}x {r['mamba_max_rel_err']:>9.1e}" if mb else ""))
+              + (f" {r[extra + '_ms']:>9.3f} {r[extra + '_speedup']:>7.1f}x {r[extra + '_max_rel_err']:>9.1e}" if extra else ""))
     print(f"\nmatmul {args.matmul_n}^3: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
     print(f"\ntrain step, default config ({model_info['params'] / 1e6:.2f}M params), {args.batch} clips x {args.frames} frames")
     print(f"{'precision':>9} {'backend':>7} {'s/step':>7} {'frames/s':>9} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")

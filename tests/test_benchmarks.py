@@ -3,10 +3,13 @@ found here, not when someone needs its numbers. Their figures are checked for sh
 not for speed."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from ssm_gym.model import cpu_kernel
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -47,10 +50,22 @@ def test_compression_benchmark(tiny_checkpoint):
     assert strong["env_steps_per_s"] > 0
 
 
-def test_ssm_scan_benchmark():
+@pytest.mark.parametrize("as_json", [True, False])
+def test_ssm_scan_benchmark(as_json, capsys):
     bench = load("ssm_scan")
-    bench.main(bench.Args(json=True, lengths=(32,), scan_batch=1, chunk_size=8, matmul_n=64, batch=1, frames=4,
+    bench.main(bench.Args(json=as_json, lengths=(32,), scan_batch=1, chunk_size=8, matmul_n=64, batch=1, frames=4,
                           steps=1))
+    out = capsys.readouterr().out
+    fused = cpu_kernel() is not None
+    if as_json:
+        result = json.loads(out)
+        row = result["scan"][0]
+        assert row["max_rel_err"] < 1e-5 and ("fused_ms" in row) == fused
+        if fused:
+            assert row["fused_max_rel_err"] < 1e-5
+        assert {r["backend"] for r in result["train"]} == ({"torch", "cpu"} if fused else {"torch"})
+    else:
+        assert "chunked ms" in out and ("fused ms" in out) == fused
 
 
 def test_maze_sim_benchmark():

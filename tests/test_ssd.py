@@ -7,15 +7,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ssm_gym.model.ssm as ssm_module
 from ssm_gym.model.ssm import (
     HAS_MAMBA_SSM,
     BlockwiseSSM,
+    cpu_kernel,
     from_blocks,
     ssd,
     ssd_chunked,
+    ssd_fused_cpu,
     ssd_sequential,
     to_blocks,
 )
+
+needs_cpu_kernel = pytest.mark.skipif(cpu_kernel() is None, reason="the fused CPU kernel could not be built")
 
 
 
@@ -37,6 +42,12 @@ def make_inputs(seed, b, l, h, g, p, n, dtype, with_init=True, with_D=True, dt_s
     return x, dt, A, B, C, D, s0
 
 
+def inputs_for(s: dict, dtype=torch.float64):
+    """make_inputs for one hypothesis draw of ``shapes`` / ``fused_shapes``."""
+    h, g = s["hg"]
+    return make_inputs(s["seed"], s["b"], s["l"], h, g, s["p"], s["n"], dtype, s["with_init"], s["with_D"], s["dt_scale"])
+
+
 shapes = st.fixed_dictionaries({
     "seed": st.integers(0, 2**31 - 1),
     "b": st.integers(1, 2),
@@ -54,9 +65,7 @@ shapes = st.fixed_dictionaries({
 @settings(max_examples=60, deadline=None)
 @given(shapes)
 def test_chunked_equals_sequential_float64(s):
-    h, g = s["hg"]
-    x, dt, A, B, C, D, s0 = make_inputs(s["seed"], s["b"], s["l"], h, g, s["p"], s["n"], torch.float64,
-                                        s["with_init"], s["with_D"], s["dt_scale"])
+    x, dt, A, B, C, D, s0 = inputs_for(s)
     y_ref, f_ref = ssd_sequential(x, dt, A, B, C, D, s0)
     y, f = ssd_chunked(x, dt, A, B, C, chunk_size=s["chunk"], D=D, initial_state=s0)
     assert y.shape == y_ref.shape and f.shape == f_ref.shape
@@ -67,9 +76,7 @@ def test_chunked_equals_sequential_float64(s):
 @settings(max_examples=40, deadline=None)
 @given(shapes)
 def test_chunked_float32_matches_float64_reference(s):
-    h, g = s["hg"]
-    args64 = make_inputs(s["seed"], s["b"], s["l"], h, g, s["p"], s["n"], torch.float64,
-                         s["with_init"], s["with_D"], s["dt_scale"])
+    args64 = inputs_for(s)
     y_ref, f_ref = ssd_sequential(*args64)
     args32 = [None if a is None else a.float() for a in args64]
     x, dt, A, B, C, D, s0 = args32
@@ -192,3 +199,88 @@ def test_segmented_chunked_scan_values_and_gradients(segment):
     assert rel_err(y, y_ref) < 1e-10 and rel_err(f, f_ref) < 1e-10
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused CPU kernel (csrc/ssd_cpu.cpp): the same map as the reference, forward and backward
+# ---------------------------------------------------------------------------------------------
+fused_shapes = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**31 - 1),
+    "b": st.integers(1, 3),
+    "l": st.integers(1, 70),  # across the backward's 16-token checkpoint segments
+    "hg": st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)]),
+    "p": st.sampled_from([1, 3, 5, 32, 64]),  # 32 and 64 take the kernel's fixed-headdim path
+    "n": st.integers(1, 17),
+    "with_init": st.booleans(),
+    "with_D": st.booleans(),
+    "dt_scale": st.sampled_from([0.01, 1.0, 3.0]),
+})
+
+
+@needs_cpu_kernel
+@settings(max_examples=50, deadline=None)
+@given(fused_shapes)
+def test_fused_cpu_equals_sequential_values_and_gradients_float64(s):
+    args = inputs_for(s)
+    args = [None if a is None else a.clone().requires_grad_(True) for a in args]
+    leaves = [a for a in args if a is not None]
+    y_ref, f_ref = ssd_sequential(*args)
+    y, f = ssd_fused_cpu(*args)
+    assert y.shape == y_ref.shape and f.shape == f_ref.shape
+    assert rel_err(y, y_ref) < 1e-10 and rel_err(f, f_ref) < 1e-10
+    # a loss on both outputs, so the final state's gradient flows back through the kernel too
+    gen = torch.Generator().manual_seed(s["seed"])
+    wy, wf = torch.randn(y.shape, generator=gen, dtype=y.dtype), torch.randn(f.shape, generator=gen, dtype=f.dtype)
+    g_ref = torch.autograd.grad((y_ref * wy).sum() + (f_ref * wf).sum(), leaves)
+    g_fused = torch.autograd.grad((y * wy).sum() + (f * wf).sum(), leaves)
+    for a, b in zip(g_fused, g_ref):
+        assert rel_err(a, b) < 1e-9
+
+
+@needs_cpu_kernel
+@settings(max_examples=25, deadline=None)
+@given(fused_shapes)
+def test_fused_cpu_float32_matches_float64_reference(s):
+    args64 = inputs_for(s)
+    y_ref, f_ref = ssd_sequential(*args64)
+    y, f = ssd_fused_cpu(*[None if a is None else a.float() for a in args64])
+    assert y.dtype == torch.float32
+    assert rel_err(y.double(), y_ref) < 1e-5 and rel_err(f.double(), f_ref) < 1e-5
+
+
+@needs_cpu_kernel
+def test_fused_cpu_pieces_equal_whole_and_output_only_gradients():
+    x, dt, A, B, C, D, s0 = make_inputs(0, 2, 64, 4, 2, 32, 16, torch.float64)
+    y_whole, f_whole = ssd_fused_cpu(x, dt, A, B, C, D, s0)
+    state, ys = s0, []
+    for a, b in itertools.pairwise([0, 1, 17, 40, 64]):
+        y, state = ssd_fused_cpu(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], D, state)
+        ys.append(y)
+    assert rel_err(torch.cat(ys, 1), y_whole) < 1e-12 and rel_err(state, f_whole) < 1e-12
+    # only y used (the final state's gradient is None in backward), and no initial state
+    xg = x.clone().requires_grad_(True)
+    g_ref, = torch.autograd.grad(ssd_sequential(xg, dt, A, B, C, D)[0].square().sum(), xg)
+    g, = torch.autograd.grad(ssd_fused_cpu(xg, dt, A, B, C, D)[0].square().sum(), xg)
+    assert rel_err(g, g_ref) < 1e-10
+
+
+@needs_cpu_kernel
+def test_fused_cpu_dispatch_bf16_autocast_and_errors(monkeypatch):
+    x, dt, A, B, C, D, s0 = make_inputs(1, 1, 33, 2, 1, 4, 3, torch.float32)
+    y1, f1 = ssd(x, dt, A, B, C, D, s0, backend="cpu")
+    y2, f2 = ssd(x, dt, A, B, C, D, s0, chunk_size=8, backend="torch")
+    assert rel_err(y1, y2) < 1e-5 and rel_err(f1, f2) < 1e-5
+    y3, _ = ssd(x, dt, A, B, C, D, s0, backend="auto")  # auto takes the kernel on the CPU
+    assert torch.equal(y3, y1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the scan itself stays fp32 under autocast
+        y4, f4 = ssd(x.bfloat16(), dt, A, B, C, D, s0, backend="cpu")
+    assert y4.dtype == torch.bfloat16 and f4.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="dt must be"):
+        ssd_fused_cpu(x, dt[:, :-1], A, B, C)
+    with pytest.raises(RuntimeError, match="initial_state"):
+        ssd_fused_cpu(x, dt, A, B, C, initial_state=s0[..., :-1])
+    # without the kernel (no compiler, or SSM_GYM_CPU_KERNEL=0): auto falls back, "cpu" says why
+    monkeypatch.setattr(ssm_module, "_cpu_kernel", False)
+    assert torch.allclose(ssd(x, dt, A, B, C, D, s0, chunk_size=8, backend="auto")[0], y2)
+    with pytest.raises(RuntimeError, match="fused CPU SSD kernel is not available"):
+        ssd(x, dt, A, B, C, D, s0, backend="cpu")

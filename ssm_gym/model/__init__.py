@@ -8,7 +8,7 @@ from .diffusion import (
     karras_sigmas,
     sample,
 )
-from .ssm import HAS_MAMBA_SSM, BlockwiseSSM, ssd, ssd_chunked, ssd_sequential
+from .ssm import HAS_MAMBA_SSM, BlockwiseSSM, cpu_kernel, ssd, ssd_chunked, ssd_fused_cpu, ssd_sequential
 from .world_model import (
     VARIANTS,
     WorldModel,
@@ -29,6 +29,7 @@ __all__ = [
     "WorldModelConfig",
     "WorldModelOutput",
     "WorldModelState",
+    "cpu_kernel",
     "diffusion_forcing_loss",
     "float_to_frames",
     "frames_to_float",
@@ -37,5 +38,6 @@ __all__ = [
     "sample",
     "ssd",
     "ssd_chunked",
+    "ssd_fused_cpu",
     "ssd_sequential",
 ]

@@ -6,10 +6,12 @@ Read top to bottom:
 2. ``ssd_chunked``: the same map computed in chunks (the "state-space dual" form of Mamba-2):
    quadratic attention-like products inside a chunk, a short recurrence between chunks.
    Pure PyTorch, runs anywhere; the default backend.
-3. ``ssd``: dispatch between the torch path and mamba-ssm's fused CUDA kernel
-   (``mamba_chunk_scan_combined``) when it is importable and the tensors live on a GPU.
-   Both backends use the same state layout ``(batch, nheads, headdim, d_state)``.
-4. ``BlockwiseSSM``: a Mamba-2 mixer (in-projection, short causal conv, SSD, gated RMSNorm,
+3. ``ssd_fused_cpu``: the recurrence as one fused C++ loop (``csrc/ssd_cpu.cpp``, compiled on
+   first use), forward and backward; the fastest path on a CPU.
+4. ``ssd``: dispatch between the torch path, the fused CPU kernel and mamba-ssm's fused CUDA
+   kernel (``mamba_chunk_scan_combined``) when it is importable and the tensors live on a GPU.
+   All backends use the same state layout ``(batch, nheads, headdim, d_state)``.
+5. ``BlockwiseSSM``: a Mamba-2 mixer (in-projection, short causal conv, SSD, gated RMSNorm,
    out-projection) applied to video tokens ``(B, T, H, W, D)`` with the block-wise scan of
    Po et al. 2025: the H x W token grid is cut into (b_h, b_w) blocks, each block is one
    sequence over all frames (frame-major, raster order inside the block) with its own state.
@@ -24,6 +26,10 @@ with ``A < 0`` a scalar per head and ``dt_t > 0`` a per-token, per-head step siz
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -171,24 +177,101 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. backend dispatch
+# 3. the fused CPU kernel (C++, compiled on first use)
+# ---------------------------------------------------------------------------------------------
+CPU_KERNEL_SOURCE = Path(__file__).with_name("csrc") / "ssd_cpu.cpp"
+CPU_KERNEL_CKPT = 16  # the forward keeps the state every this many tokens for the backward
+_cpu_kernel = None  # the loaded extension; False once building it failed or it is switched off
+
+
+def cpu_kernel():
+    """The compiled fused CPU scan, or None where it cannot be built (no C++ compiler) or
+    ``SSM_GYM_CPU_KERNEL=0`` switches it off. Built once per machine into torch's extension
+    cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes load
+    it in well under a second."""
+    global _cpu_kernel
+    if _cpu_kernel is None:
+        _cpu_kernel = False
+        if os.environ.get("SSM_GYM_CPU_KERNEL", "1") != "0":
+            from torch.utils.cpp_extension import load
+
+            t0 = time.perf_counter()
+            try:
+                _cpu_kernel = load(name="ssm_gym_ssd_cpu", sources=[str(CPU_KERNEL_SOURCE)],
+                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            except Exception as e:  # noqa: BLE001 (no compiler, or a failed build: the torch path still works)
+                print(f"ssm-gym: could not build the fused CPU SSD kernel ({type(e).__name__}: {str(e)[:300]}); "
+                      "using the pure-PyTorch scan", file=sys.stderr)
+            if _cpu_kernel and time.perf_counter() - t0 > 5:
+                print(f"ssm-gym: built the fused CPU SSD kernel in {time.perf_counter() - t0:.0f} s (cached from now on)",
+                      file=sys.stderr)
+    return _cpu_kernel or None
+
+
+class _FusedCpuScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, initial_state):
+        kernel = cpu_kernel()
+        grad = any(ctx.needs_input_grad)
+        y, final, ckpt = kernel.forward(x, dt, A, B, C, initial_state, CPU_KERNEL_CKPT if grad else 0)
+        if grad:
+            ctx.save_for_backward(x, dt, A, B, C, ckpt)
+            ctx.has_initial_state = initial_state is not None
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gfinal):
+        x, dt, A, B, C, ckpt = ctx.saved_tensors
+        gx, gdt, gA, gB, gC, ginit = cpu_kernel().backward(
+            x, dt, A, B, C, ckpt, gy.contiguous(), None if gfinal is None else gfinal.contiguous(), CPU_KERNEL_CKPT)
+        b, l, h, n = gB.shape
+        g = B.shape[2]  # heads of one group share B and C: their gradients add up
+        gB, gC = gB.view(b, l, g, h // g, n).sum(3), gC.view(b, l, g, h // g, n).sum(3)
+        return gx, gdt, gA.sum(0), gB, gC, ginit if ctx.has_initial_state else None
+
+
+def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None):
+    """The recurrence of :func:`ssd_sequential` as one fused C++ loop per (batch, head), with its
+    backward; same inputs and outputs. CPU tensors of one floating dtype (fp32 or fp64)."""
+    if cpu_kernel() is None:
+        raise RuntimeError("the fused CPU SSD kernel is not available (it needs a C++ compiler; "
+                           "SSM_GYM_CPU_KERNEL=0 switches it off): use backend='torch'")
+    dtype = x.dtype
+    init = None if initial_state is None else initial_state.to(dtype).contiguous()
+    y, final = _FusedCpuScan.apply(x.contiguous(), dt.to(dtype).contiguous(), A.to(dtype).contiguous(),
+                                   B.to(dtype).contiguous(), C.to(dtype).contiguous(), init)
+    if D is not None:
+        y = y + (D[:, None] if D.dim() == 1 else D) * x
+    return y, final
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. backend dispatch
 # ---------------------------------------------------------------------------------------------
 def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backend: str = "auto"):
     """SSD scan with one state layout for every backend.
 
-    backend: "torch" (chunked, pure PyTorch), "mamba" (mamba-ssm CUDA kernel, error if missing),
-    "sequential" (the reference), or "auto" (mamba on CUDA tensors when importable and the chunk
-    is at least MAMBA_MIN_CHUNK, else torch).
+    backend: "torch" (chunked, pure PyTorch), "cpu" (the fused C++ kernel, error if it cannot be
+    built), "mamba" (mamba-ssm CUDA kernel, error if missing), "sequential" (the reference), or
+    "auto": on CPU tensors the fused kernel when it builds, else torch; on CUDA tensors mamba when
+    importable and the chunk is at least MAMBA_MIN_CHUNK, else torch.
     """
     if backend == "auto":
-        backend = "mamba" if (HAS_MAMBA_SSM and x.is_cuda and chunk_size >= MAMBA_MIN_CHUNK) else "torch"
-    if backend == "torch":
+        if x.is_cuda:
+            backend = "mamba" if (HAS_MAMBA_SSM and chunk_size >= MAMBA_MIN_CHUNK) else "torch"
+        else:
+            backend = "cpu" if x.device.type == "cpu" and cpu_kernel() is not None else "torch"
+    if backend in ("torch", "cpu"):
         # the scan runs in fp32 (or fp64) even under bf16 autocast: decays and states need the range
         dtype = torch.promote_types(x.dtype, torch.float32)
+        args = (x.to(dtype), dt.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype))
+        Dd = None if D is None else D.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y, final = ssd_chunked(x.to(dtype), dt.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype),
-                                   chunk_size=chunk_size, D=None if D is None else D.to(dtype),
-                                   initial_state=initial_state)
+            if backend == "torch":
+                y, final = ssd_chunked(*args, chunk_size=chunk_size, D=Dd, initial_state=initial_state)
+            else:
+                y, final = ssd_fused_cpu(*args, D=Dd, initial_state=initial_state)
         return y.to(x.dtype), final
     if backend == "sequential":
         return ssd_sequential(x, dt, A, B, C, D=D, initial_state=initial_state)
@@ -209,7 +292,7 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. the Mamba-2 layer with the block-wise scan
+# 5. the Mamba-2 layer with the block-wise scan
 # ---------------------------------------------------------------------------------------------
 def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Depthwise 1-D convolution without padding: x (b, c, L + k - 1), weight (c, k) -> (b, c, L).
