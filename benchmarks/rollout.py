@@ -5,12 +5,15 @@
     python benchmarks/rollout.py --device cuda --cuda-graph   # on a GPU, eager and graphed steps
 
 JSON keys (same figures as the tables):
-  "throughput": [{"num_envs", "env_steps_per_s", "ms_per_step"}] at the default sampling steps;
+  "throughput": [{"num_envs", "env_steps_per_s", "ms_per_step"}] at the default sampling steps, timed
+      after the attention window's first steps (a full ring; before session 14 timing began two
+      steps after the reset, when the ring held few frames and a step was cheaper);
   "flat": [{"variant", "episode_step", "ms_per_step", "state_bytes_per_env"}] for the model's own
       variant and the full-causal-attention variant of the same width and depth (num_envs=1), with
       "ratio_last_first" per variant;
   "flops": {"num_envs", "gflop_per_step", "achieved_gflops", "matmul_gflops_fp32"} for one step at the
-      largest num_envs, next to this machine's matmul throughput measured in the same run;
+      largest num_envs (matmuls and attention, see ssm_gym/model/flops.py; before session 14 the
+      CPU attention op went uncounted), next to this machine's matmul throughput in the same run;
   "sampling_steps", "threads", "targets".
 With --action-guidance w each throughput row also has "guided_env_steps_per_s" and
 "guided_ms_per_step" (classifier-free action guidance at weight w, same run; a model without the
@@ -36,12 +39,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 import tyro
-from torch.utils.flop_counter import FlopCounterMode
 
 import ssm_gym  # noqa: F401
 from ssm_gym.checkpoints import shipped_checkpoint
 from ssm_gym.model.attention import KVCache
 from ssm_gym.model.checkpoint import load_model
+from ssm_gym.model.flops import flop_counter
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine
 
@@ -77,10 +80,10 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(engine: RolloutEngine, min_seconds: float, min_steps: int = 3) -> float:
-    """Seconds per engine step (after two warm-up steps)."""
+def time_steps(engine: RolloutEngine, min_seconds: float, min_steps: int = 3, warmup: int = 2) -> float:
+    """Seconds per engine step (after `warmup` untimed steps)."""
     rng = np.random.default_rng(0)
-    for _ in range(2):
+    for _ in range(warmup):
         engine.step(torch.from_numpy(rng.integers(0, 6, engine.num_envs)))
     sync(engine.device)
     n, t0 = 0, time.perf_counter()
@@ -140,11 +143,19 @@ def main(args: Args) -> dict:
             guided = WorldModel(dataclasses.replace(model.config, null_action=True)).to(args.device).eval()
             guided.load_state_dict(model.state_dict(), strict=False)
 
+    # Throughput is timed in the steady state: after a reset the attention ring holds one frame
+    # and fills up over the window's first steps, which are cheaper (fewer keys) than the rest.
+    warmup = max(2, model.config.window or 0)
+    engines = {}
+
     def seconds_per_step(n: int, cuda_graph: bool, guidance: Optional[float] = None) -> float:
         eng = RolloutEngine(model if guidance is None else guided, n, device=args.device, sampling_steps=steps,
                             cuda_graph=cuda_graph, action_guidance=guidance)
         eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
-        return time_steps(eng, args.seconds)
+        sec = time_steps(eng, args.seconds, warmup=warmup)
+        if not cuda_graph and guidance is None:
+            engines[n] = eng
+        return sec
 
     rows = []
     for n in args.num_envs:
@@ -177,9 +188,8 @@ def main(args: Args) -> dict:
     out["flat"] = flat
 
     n = max(args.num_envs)
-    eng = RolloutEngine(model, n, device=args.device, sampling_steps=steps)
-    eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
-    with FlopCounterMode(display=False) as counter:
+    eng = engines[n]  # counted in the same steady state as it was timed (a full attention ring)
+    with flop_counter() as counter:
         eng.step(torch.zeros(n, dtype=torch.long))
     gflop = counter.get_total_flops() / 1e9
     sec = next(r["ms_per_step"] for r in rows if r["num_envs"] == n) / 1000

@@ -104,3 +104,17 @@ def test_imagined_frames_grid(tiny_checkpoint, tmp_path):
         grid.main(grid.Args(rows=(f"{tiny_checkpoint}:1",), val_dir=tmp_path / "val", at=(4, 1)))
     with pytest.raises(ValueError, match="this grid needs 22"):
         grid.main(grid.Args(rows=(f"{tiny_checkpoint}:1",), val_dir=tmp_path / "val", start=2, context=4, at=(16,)))
+
+
+def test_flop_counter_counts_cpu_attention():
+    """The CPU's fused attention op is counted as dense attention: 4 b h q k d (QK^T and PV)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ssm_gym.model.flops import flop_counter
+
+    b, h, q, k, d = 2, 3, 5, 7, 8
+    qs, ks, vs = torch.randn(b, h, q, d), torch.randn(b, h, k, d), torch.randn(b, h, k, d)
+    with flop_counter() as c:
+        F.scaled_dot_product_attention(qs, ks, vs)
+    assert c.get_total_flops() == 4 * b * h * q * k * d
