@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -195,6 +196,8 @@ def cpu_kernel():
         if os.environ.get("SSM_GYM_CPU_KERNEL", "1") != "0":
             from torch.utils.cpp_extension import load
 
+            if shutil.which("ninja") is None:  # the ninja wheel's binary, in a venv that is not activated
+                os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
             t0 = time.perf_counter()
             try:
                 _cpu_kernel = load(name="ssm_gym_ssd_cpu", sources=[str(CPU_KERNEL_SOURCE)],
