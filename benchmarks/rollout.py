@@ -223,7 +223,7 @@ def main(args: Args) -> dict:
         print(f"{model.config.variant} state per env: " + ", ".join(f"{k} {v:,} B ({v / sum(parts.values()):.0%})" for k, v in parts.items()))
     f = out["flops"]
     print(f"\nnum_envs={f['num_envs']}: {f['gflop_per_step']} GFLOP per step, {f['achieved_gflops']} GFLOP/s achieved; "
-          f"matmul {f['matmul_gflops_fp32']} GFLOP/s fp32 -> {f['achieved_gflops'] / f['matmul_gflops_fp32']:.0%}")
+          f"matmul {f['matmul_gflops_fp32']} GFLOP/s fp32 -> {f['achieved_gflops'] / f['matmul_gflops_fp32']:.1%}")
     if g:
         print(f"with the CUDA-graph step: {f['achieved_gflops_graph']} GFLOP/s -> "
               f"{f['achieved_gflops_graph'] / f['matmul_gflops_fp32']:.0%}")

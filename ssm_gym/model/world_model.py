@@ -54,7 +54,7 @@ class WorldModelConfig:
     ssm_headdim: int = 32
     d_conv: int = 4
     ssm_chunk_size: int = 64
-    backend: str = "auto"  # "auto" | "torch" | "mamba" | "sequential"
+    backend: str = "auto"  # "auto" | "torch" | "cpu" (fused C++ kernel) | "mamba" | "sequential"; see ssm.ssd
     # attention
     attn_window: int = 10  # k: own frame + k-1 previous ("attn_full" ignores it)
     attn_chunk_frames: int | None = None  # query frames per attention call (default: ceil(k/2))
