@@ -25,8 +25,10 @@ with ``A < 0`` a scalar per head and ``dt_t > 0`` a per-token, per-head step siz
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -200,7 +202,7 @@ def cpu_kernel():
                 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
             t0 = time.perf_counter()
             try:
-                _cpu_kernel = load(name="ssm_gym_ssd_cpu", sources=[str(CPU_KERNEL_SOURCE)],
+                _cpu_kernel = load(name=f"ssm_gym_ssd_cpu_{_cpu_tag()}", sources=[str(CPU_KERNEL_SOURCE)],
                                    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as e:  # noqa: BLE001 (no compiler, or a failed build: the torch path still works)
                 print(f"ssm-gym: could not build the fused CPU SSD kernel ({type(e).__name__}: {str(e)[:300]}); "
@@ -209,6 +211,17 @@ def cpu_kernel():
                 print(f"ssm-gym: built the fused CPU SSD kernel in {time.perf_counter() - t0:.0f} s (cached from now on)",
                       file=sys.stderr)
     return _cpu_kernel or None
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags: the kernel is built with -march=native, so
+    a cache shared between machines (a network home directory) keeps one build per kind of CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:8]
 
 
 class _FusedCpuScan(torch.autograd.Function):
