@@ -265,6 +265,19 @@ def test_fused_cpu_pieces_equal_whole_and_output_only_gradients():
 
 
 @needs_cpu_kernel
+def test_fused_cpu_edge_cases():
+    """An empty piece keeps the state; strided inputs; D per (head, headdim)."""
+    x, dt, A, B, C, D, s0 = make_inputs(2, 2, 9, 4, 1, 8, 5, torch.float64)
+    y, f = ssd_fused_cpu(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], D, s0)
+    assert y.shape == (2, 0, 4, 8) and torch.equal(f, s0)
+    x_strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other memory order
+    D_hp = torch.randn(4, 8, dtype=torch.float64)
+    y_ref, f_ref = ssd_sequential(x, dt, A, B, C, D_hp, s0)
+    y, f = ssd_fused_cpu(x_strided, dt, A, B, C, D_hp, s0)
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(f, f_ref) < 1e-12
+
+
+@needs_cpu_kernel
 def test_fused_cpu_dispatch_bf16_autocast_and_errors(monkeypatch):
     x, dt, A, B, C, D, s0 = make_inputs(1, 1, 33, 2, 1, 4, 3, torch.float32)
     y1, f1 = ssd(x, dt, A, B, C, D, s0, backend="cpu")
