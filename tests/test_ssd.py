@@ -1,6 +1,7 @@
 """SSD (Mamba-2) scan: chunked == sequential reference; state carry; block-wise layer."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,15 @@ def test_fused_cpu_dispatch_bf16_autocast_and_errors(monkeypatch):
     assert torch.allclose(ssd(x, dt, A, B, C, D, s0, chunk_size=8, backend="auto")[0], y2)
     with pytest.raises(RuntimeError, match="fused CPU SSD kernel is not available"):
         ssd(x, dt, A, B, C, D, s0, backend="cpu")
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_load_survives_a_stale_build_lock(monkeypatch):
+    """A build killed half-way leaves torch's lock file behind; the next load must not wait on it."""
+    from torch.utils import cpp_extension
+
+    build_dir = Path(cpp_extension._get_build_directory(f"ssm_gym_ssd_cpu_{ssm_module._cpu_tag()}", False))
+    (build_dir / "lock").touch()
+    monkeypatch.setattr(ssm_module, "_cpu_kernel", None)
+    assert ssm_module.cpu_kernel() is not None
+    assert not (build_dir / "lock").exists()

@@ -25,12 +25,14 @@ with ``A < 0`` a scalar per head and ``dt_t > 0`` a per-token, per-head step siz
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -184,7 +186,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
 # ---------------------------------------------------------------------------------------------
 CPU_KERNEL_SOURCE = Path(__file__).with_name("csrc") / "ssd_cpu.cpp"
 CPU_KERNEL_CKPT = 16  # the forward keeps the state every this many tokens for the backward
+CPU_KERNEL_BUILD_WAIT_S = 600  # how long a process waits for another one's build before giving up
 _cpu_kernel = None  # the loaded extension; False once building it failed or it is switched off
+_cpu_kernel_lock = threading.Lock()
 
 
 def cpu_kernel():
@@ -193,24 +197,68 @@ def cpu_kernel():
     cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes load
     it in well under a second."""
     global _cpu_kernel
-    if _cpu_kernel is None:
-        _cpu_kernel = False
-        if os.environ.get("SSM_GYM_CPU_KERNEL", "1") != "0":
-            from torch.utils.cpp_extension import load
-
-            if shutil.which("ninja") is None:  # the ninja wheel's binary, in a venv that is not activated
-                os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-            t0 = time.perf_counter()
-            try:
-                _cpu_kernel = load(name=f"ssm_gym_ssd_cpu_{_cpu_tag()}", sources=[str(CPU_KERNEL_SOURCE)],
-                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"], extra_ldflags=["-fopenmp"])
-            except Exception as e:  # noqa: BLE001 (no compiler, or a failed build: the torch path still works)
-                print(f"ssm-gym: could not build the fused CPU SSD kernel ({type(e).__name__}: {str(e)[:300]}); "
-                      "using the pure-PyTorch scan", file=sys.stderr)
-            if _cpu_kernel and time.perf_counter() - t0 > 5:
-                print(f"ssm-gym: built the fused CPU SSD kernel in {time.perf_counter() - t0:.0f} s (cached from now on)",
-                      file=sys.stderr)
+    with _cpu_kernel_lock:  # (threads asking during the build wait for it, not for None)
+        if _cpu_kernel is None:
+            _cpu_kernel = False
+            if os.environ.get("SSM_GYM_CPU_KERNEL", "1") != "0":
+                _cpu_kernel = _build_cpu_kernel() or False
     return _cpu_kernel or None
+
+
+def _build_cpu_kernel():
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the ninja wheel's binary, in a venv that is not activated
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    name = f"ssm_gym_ssd_cpu_{_cpu_tag()}"
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64"):  # (x86 options; elsewhere the compiler's defaults)
+        flags += ["-march=native", "-mprefer-vector-width=512"]
+    t0 = time.perf_counter()
+    try:
+        build_dir = Path(cpp_extension._get_build_directory(name, False))
+        built = any(build_dir.glob(f"{name}*.so"))
+        if not built:
+            print("ssm-gym: building the fused CPU SSD kernel (once per machine, about half a minute) ...",
+                  file=sys.stderr)
+        with _build_lock(build_dir):
+            return cpp_extension.load(name=name, sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=flags,
+                                      extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a wait that ran out: the torch path works)
+        print(f"ssm-gym: could not build the fused CPU SSD kernel ({type(e).__name__}: {str(e)[:300]}); "
+              "using the pure-PyTorch scan", file=sys.stderr)
+        return None
+    finally:
+        if time.perf_counter() - t0 > 5:
+            print(f"ssm-gym: fused CPU SSD kernel ready after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Serialise builds across processes with an OS lock, which dies with its process. torch's own
+    lock is a plain file: a build killed half-way leaves it behind and every later process would
+    wait on it forever. Holding this lock, any such file is stale, so it is removed."""
+    try:
+        import fcntl
+    except ImportError:  # (not POSIX: torch's lock alone)
+        yield
+        return
+    with open(build_dir.parent / f"{build_dir.name}.ssm_gym_lock", "w") as f:
+        deadline = time.monotonic() + CPU_KERNEL_BUILD_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building the kernel in {build_dir} for "
+                                       f"{CPU_KERNEL_BUILD_WAIT_S} s") from None
+                time.sleep(0.5)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cpu_tag() -> str:
@@ -227,12 +275,9 @@ def _cpu_tag() -> str:
 class _FusedCpuScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, initial_state):
-        kernel = cpu_kernel()
-        grad = any(ctx.needs_input_grad)
-        y, final, ckpt = kernel.forward(x, dt, A, B, C, initial_state, CPU_KERNEL_CKPT if grad else 0)
-        if grad:
-            ctx.save_for_backward(x, dt, A, B, C, ckpt)
-            ctx.has_initial_state = initial_state is not None
+        y, final, ckpt = cpu_kernel().forward(x, dt, A, B, C, initial_state, CPU_KERNEL_CKPT)
+        ctx.save_for_backward(x, dt, A, B, C, ckpt)
+        ctx.has_initial_state = initial_state is not None
         return y, final
 
     @staticmethod
@@ -250,13 +295,18 @@ class _FusedCpuScan(torch.autograd.Function):
 def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None):
     """The recurrence of :func:`ssd_sequential` as one fused C++ loop per (batch, head), with its
     backward; same inputs and outputs. CPU tensors of one floating dtype (fp32 or fp64)."""
-    if cpu_kernel() is None:
+    kernel = cpu_kernel()
+    if kernel is None:
         raise RuntimeError("the fused CPU SSD kernel is not available (it needs a C++ compiler; "
                            "SSM_GYM_CPU_KERNEL=0 switches it off): use backend='torch'")
     dtype = x.dtype
     init = None if initial_state is None else initial_state.to(dtype).contiguous()
-    y, final = _FusedCpuScan.apply(x.contiguous(), dt.to(dtype).contiguous(), A.to(dtype).contiguous(),
-                                   B.to(dtype).contiguous(), C.to(dtype).contiguous(), init)
+    args = (x.contiguous(), dt.to(dtype).contiguous(), A.to(dtype).contiguous(), B.to(dtype).contiguous(),
+            C.to(dtype).contiguous(), init)
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+        y, final = _FusedCpuScan.apply(*args)
+    else:  # inference: no autograd node, no checkpoints kept for a backward
+        y, final, _ = kernel.forward(*args, 0)
     if D is not None:
         y = y + (D[:, None] if D.dim() == 1 else D) * x
     return y, final

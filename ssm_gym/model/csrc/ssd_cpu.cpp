@@ -235,8 +235,9 @@ std::vector<at::Tensor> ssd_forward(const at::Tensor& x, const at::Tensor& dt, c
                                     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& init,
                                     int64_t ckpt_every) {
   const Dims d = check_inputs(x, dt, A, B, C);
-  if (init) TORCH_CHECK(init->sizes() == at::IntArrayRef({d.b, d.h, d.p, d.n}) && init->is_contiguous(),
-                        "initial_state must be contiguous (batch, heads, headdim, d_state)");
+  if (init) TORCH_CHECK(init->sizes() == at::IntArrayRef({d.b, d.h, d.p, d.n}) && init->is_contiguous() &&
+                            init->device().is_cpu() && init->scalar_type() == x.scalar_type(),
+                        "initial_state must be a contiguous CPU tensor (batch, heads, headdim, d_state) of x's dtype");
   auto y = at::empty_like(x);
   auto final_state = at::empty({d.b, d.h, d.p, d.n}, x.options());
   const int64_t nck = ckpt_every > 0 ? (d.l + ckpt_every - 1) / ckpt_every : 0;
@@ -260,9 +261,13 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, 
   const Dims d = check_inputs(x, dt, A, B, C);
   TORCH_CHECK(ckpt_every > 0 && ckpt.numel() == d.b * d.h * ((d.l + ckpt_every - 1) / ckpt_every) * d.n * d.p,
               "ssd_backward: checkpoints do not match the inputs");
-  TORCH_CHECK(gy.sizes() == x.sizes() && gy.is_contiguous(), "grad of y must be contiguous and shaped like x");
-  if (gfinal) TORCH_CHECK(gfinal->sizes() == at::IntArrayRef({d.b, d.h, d.p, d.n}) && gfinal->is_contiguous(),
-                          "grad of the final state must be contiguous (batch, heads, headdim, d_state)");
+  TORCH_CHECK(gy.sizes() == x.sizes() && gy.is_contiguous() && gy.device().is_cpu() &&
+                  gy.scalar_type() == x.scalar_type(),
+              "grad of y must be a contiguous CPU tensor shaped like x, of x's dtype");
+  TORCH_CHECK(ckpt.device().is_cpu() && ckpt.scalar_type() == x.scalar_type(), "checkpoints must match x");
+  if (gfinal) TORCH_CHECK(gfinal->sizes() == at::IntArrayRef({d.b, d.h, d.p, d.n}) && gfinal->is_contiguous() &&
+                              gfinal->device().is_cpu() && gfinal->scalar_type() == x.scalar_type(),
+                          "grad of the final state must be a contiguous CPU tensor (batch, heads, headdim, d_state)");
   auto gx = at::empty_like(x);
   auto gdt = at::empty_like(dt);
   auto gA = at::empty({d.b, d.h}, x.options());
