@@ -310,3 +310,21 @@ def test_cpu_kernel_load_survives_a_stale_build_lock(monkeypatch):
     monkeypatch.setattr(ssm_module, "_cpu_kernel", None)
     assert ssm_module.cpu_kernel() is not None
     assert not (build_dir / "lock").exists()
+
+
+@needs_cpu_kernel
+def test_fused_cpu_traces_whole_under_torch_compile():
+    """The kernel is a torch custom op: torch.compile traces through it (no graph break), values
+    and gradients as in eager mode."""
+    args = [a.float().requires_grad_(True) for a in make_inputs(4, 2, 20, 4, 2, 8, 5, torch.float64)]
+    x, dt, A, B, C, D, s0 = args
+
+    def loss(*a):
+        y, final = ssd_fused_cpu(*a)
+        return y.sin().sum() + final.square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    lc, le = compiled(*args), loss(*args)
+    assert torch.equal(lc, le)
+    for gc, ge in zip(torch.autograd.grad(lc, args), torch.autograd.grad(le, args)):
+        assert torch.equal(gc, ge)

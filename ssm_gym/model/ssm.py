@@ -205,6 +205,14 @@ def cpu_kernel():
     return _cpu_kernel or None
 
 
+def cpu_kernel_ready() -> bool:
+    """Whether the fused kernel can be used; loads it on first use. Once loaded, a plain read of
+    the module's global (which torch.compile can trace; the lock in ``cpu_kernel`` it cannot)."""
+    if _cpu_kernel is not None:
+        return bool(_cpu_kernel)
+    return cpu_kernel() is not None
+
+
 def _build_cpu_kernel():
     from torch.utils import cpp_extension
 
@@ -272,41 +280,70 @@ def _cpu_tag() -> str:
     return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:8]
 
 
-class _FusedCpuScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_state):
-        y, final, ckpt = cpu_kernel().forward(x, dt, A, B, C, initial_state, CPU_KERNEL_CKPT)
-        ctx.save_for_backward(x, dt, A, B, C, ckpt)
-        ctx.has_initial_state = initial_state is not None
-        return y, final
+# The kernel as torch custom ops (with shapes for tracing and an autograd formula), so that
+# torch.compile traces through the scan instead of breaking its graph there.
+@torch.library.custom_op("ssm_gym::ssd_cpu_forward", mutates_args=())
+def _ssd_cpu_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None,
+                     ckpt_every: int) -> tuple[Tensor, Tensor, Tensor]:
+    y, final, ckpt = cpu_kernel().forward(x, dt, A, B, C, initial_state, ckpt_every)
+    return y, final, ckpt
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, gfinal):
-        x, dt, A, B, C, ckpt = ctx.saved_tensors
-        gx, gdt, gA, gB, gC, ginit = cpu_kernel().backward(
-            x, dt, A, B, C, ckpt, gy.contiguous(), None if gfinal is None else gfinal.contiguous(), CPU_KERNEL_CKPT)
-        b, l, h, n = gB.shape
-        g = B.shape[2]  # heads of one group share B and C: their gradients add up
-        gB, gC = gB.view(b, l, g, h // g, n).sum(3), gC.view(b, l, g, h // g, n).sum(3)
-        return gx, gdt, gA.sum(0), gB, gC, ginit if ctx.has_initial_state else None
+
+@_ssd_cpu_forward.register_fake
+def _(x, dt, A, B, C, initial_state, ckpt_every):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    nck = -(-l // ckpt_every) if ckpt_every > 0 else 0
+    return x.new_empty(x.shape), x.new_empty(b, h, p, n), x.new_empty(b * h * nck * n * p if ckpt_every > 0 else 0)
+
+
+@torch.library.custom_op("ssm_gym::ssd_cpu_backward", mutates_args=())
+def _ssd_cpu_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, gy: Tensor,
+                      gfinal: Tensor | None, ckpt_every: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gx, gdt, gA, gB, gC, ginit = cpu_kernel().backward(x, dt, A, B, C, ckpt, gy, gfinal, ckpt_every)
+    return gx, gdt, gA, gB, gC, ginit
+
+
+@_ssd_cpu_backward.register_fake
+def _(x, dt, A, B, C, ckpt, gy, gfinal, ckpt_every):
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    return (x.new_empty(x.shape), dt.new_empty(dt.shape), x.new_empty(b, h), x.new_empty(b, l, h, n),
+            x.new_empty(b, l, h, n), x.new_empty(b, h, p, n))
+
+
+def _ssd_cpu_setup_context(ctx, inputs, output):
+    x, dt, A, B, C, initial_state, ckpt_every = inputs
+    ctx.save_for_backward(x, dt, A, B, C, output[2])
+    ctx.has_initial_state, ctx.ckpt_every = initial_state is not None, ckpt_every
+
+
+def _ssd_cpu_autograd(ctx, gy, gfinal, _gckpt):
+    x, dt, A, B, C, ckpt = ctx.saved_tensors
+    gx, gdt, gA, gB, gC, ginit = _ssd_cpu_backward(x, dt, A, B, C, ckpt, gy.contiguous(),
+                                                   None if gfinal is None else gfinal.contiguous(), ctx.ckpt_every)
+    b, l, h, n = gB.shape
+    g = B.shape[2]  # heads of one group share B and C: their gradients add up
+    gB, gC = gB.view(b, l, g, h // g, n).sum(3), gC.view(b, l, g, h // g, n).sum(3)
+    return gx, gdt, gA.sum(0), gB, gC, ginit if ctx.has_initial_state else None, None
+
+
+torch.library.register_autograd("ssm_gym::ssd_cpu_forward", _ssd_cpu_autograd, setup_context=_ssd_cpu_setup_context)
 
 
 def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None):
     """The recurrence of :func:`ssd_sequential` as one fused C++ loop per (batch, head), with its
     backward; same inputs and outputs. CPU tensors of one floating dtype (fp32 or fp64)."""
-    kernel = cpu_kernel()
-    if kernel is None:
+    if not cpu_kernel_ready():
         raise RuntimeError("the fused CPU SSD kernel is not available (it needs a C++ compiler; "
                            "SSM_GYM_CPU_KERNEL=0 switches it off): use backend='torch'")
     dtype = x.dtype
     init = None if initial_state is None else initial_state.to(dtype).contiguous()
     args = (x.contiguous(), dt.to(dtype).contiguous(), A.to(dtype).contiguous(), B.to(dtype).contiguous(),
             C.to(dtype).contiguous(), init)
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
-        y, final = _FusedCpuScan.apply(*args)
-    else:  # inference: no autograd node, no checkpoints kept for a backward
-        y, final, _ = kernel.forward(*args, 0)
+    grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
+    # (checkpoints for the backward only where there will be one)
+    y, final, _ = _ssd_cpu_forward(*args, CPU_KERNEL_CKPT if grad else 0)
     if D is not None:
         y = y + (D[:, None] if D.dim() == 1 else D) * x
     return y, final
@@ -327,7 +364,7 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
         if x.is_cuda:
             backend = "mamba" if (HAS_MAMBA_SSM and chunk_size >= MAMBA_MIN_CHUNK) else "torch"
         else:
-            backend = "cpu" if x.device.type == "cpu" and cpu_kernel() is not None else "torch"
+            backend = "cpu" if x.device.type == "cpu" and cpu_kernel_ready() else "torch"
     if backend in ("torch", "cpu"):
         # the scan runs in fp32 (or fp64) even under bf16 autocast: decays and states need the range
         dtype = torch.promote_types(x.dtype, torch.float32)

@@ -46,6 +46,7 @@ from ssm_gym.model.checkpoint import (
 from ssm_gym.model.compression import clip_compression, get_compression
 from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, sample_clip_sigmas
 from ssm_gym.model.world_model import WorldModel
+from ssm_gym.model.ssm import cpu_kernel
 from ssm_gym.train.config import TrainConfig, config_to_json
 
 
@@ -328,6 +329,7 @@ def train(cfg: TrainConfig) -> Path:
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
     if cfg.compile:
+        cpu_kernel()  # (loaded, or found missing, before tracing: a build cannot happen inside a trace)
         net = torch.compile(net)
 
     timed = cfg.time_budget_s is not None
