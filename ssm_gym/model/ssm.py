@@ -83,9 +83,14 @@ def ssd_sequential(x, dt, A, B, C, D=None, initial_state=None):
         state = decay[:, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p)
-    if D is not None:
-        y = y + D[:, None] * x if D.dim() == 1 else y + D * x
-    return y, state
+    return _add_skip(y, x, D), state
+
+
+def _add_skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
+    """y + D * x, with D per head (h,) or per (head, headdim) (h, p); None adds nothing."""
+    if D is None:
+        return y
+    return y + (D[:, None] if D.dim() == 1 else D) * x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +181,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
             y[:, s0 // q:s1 // q] = ys.permute(0, 1, 4, 2, 3, 5)
         y = y.reshape(b, lp, h, p)
     y = y[:, :l]
-    if D is not None and Dd is None:  # D given per (head, headdim)
-        y = y + D * x[:, :l]
+    if Dd is None:  # D given per (head, headdim), or none
+        y = _add_skip(y, x[:, :l], D)
     return y, state.reshape(b, h, p, n)
 
 
@@ -225,20 +230,19 @@ def _build_cpu_kernel():
     t0 = time.perf_counter()
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, False))
-        built = any(build_dir.glob(f"{name}*.so"))
-        if not built:
+        if not any(build_dir.glob(f"{name}*.so")):
             print("ssm-gym: building the fused CPU SSD kernel (once per machine, about half a minute) ...",
                   file=sys.stderr)
         with _build_lock(build_dir):
-            return cpp_extension.load(name=name, sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=flags,
-                                      extra_ldflags=["-fopenmp"])
+            kernel = cpp_extension.load(name=name, sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=flags,
+                                        extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a wait that ran out: the torch path works)
         print(f"ssm-gym: could not build the fused CPU SSD kernel ({type(e).__name__}: {str(e)[:300]}); "
               "using the pure-PyTorch scan", file=sys.stderr)
         return None
-    finally:
-        if time.perf_counter() - t0 > 5:
-            print(f"ssm-gym: fused CPU SSD kernel ready after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if time.perf_counter() - t0 > 5:
+        print(f"ssm-gym: fused CPU SSD kernel ready after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return kernel
 
 
 @contextlib.contextmanager
@@ -344,9 +348,7 @@ def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None):
     grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     # (checkpoints for the backward only where there will be one)
     y, final, _ = _ssd_cpu_forward(*args, CPU_KERNEL_CKPT if grad else 0)
-    if D is not None:
-        y = y + (D[:, None] if D.dim() == 1 else D) * x
-    return y, final
+    return _add_skip(y, x, D), final
 
 
 # ---------------------------------------------------------------------------------------------

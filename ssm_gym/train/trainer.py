@@ -45,8 +45,8 @@ from ssm_gym.model.checkpoint import (
 )
 from ssm_gym.model.compression import clip_compression, get_compression
 from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, sample_clip_sigmas
-from ssm_gym.model.world_model import WorldModel
 from ssm_gym.model.ssm import cpu_kernel
+from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import TrainConfig, config_to_json
 
 

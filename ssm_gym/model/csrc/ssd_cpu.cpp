@@ -41,7 +41,21 @@ struct Seq {
         bc_step(d.g * d.n) {}
 };
 
-// One token of the recurrence: S = a S + B u^T, row by row. Returns nothing; S updated in place.
+// The Python layout keeps a state as (headdim, d_state); the kernels keep it as d_state rows of
+// headdim values. These convert one state (src null: a zero state).
+template <typename T>
+inline void to_rows(const T* src, T* rows, int64_t n, int64_t p) {
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t k = 0; k < n; ++k) rows[k * p + i] = src ? src[i * n + k] : T(0);
+}
+
+template <typename T>
+inline void from_rows(const T* rows, T* dst, int64_t n, int64_t p) {
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t k = 0; k < n; ++k) dst[i * n + k] = rows[k * p + i];
+}
+
+// One token of the recurrence, in place: S = a S + B u^T, row by row.
 template <typename T, int64_t PP>
 inline void advance(T* S, const T* u, const T* Bt, T a, int64_t n, int64_t p_) {
   const int64_t p = PP > 0 ? PP : p_;
@@ -63,9 +77,7 @@ void forward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C,
     std::vector<T> states(d.h * np), u(p), acc(p), acc2(p);
     for (int64_t bi = begin; bi < end; ++bi) {
       for (int64_t hi = 0; hi < d.h; ++hi)
-        for (int64_t i = 0; i < p; ++i)
-          for (int64_t k = 0; k < n; ++k)
-            states[hi * np + k * p + i] = init ? init[(bi * d.h + hi) * np + i * n + k] : T(0);
+        to_rows(init ? init + (bi * d.h + hi) * np : nullptr, states.data() + hi * np, n, p);
       for (int64_t t = 0; t < d.l; ++t) {
         for (int64_t hi = 0; hi < d.h; ++hi) {
           const Seq s(d, bi, hi);
@@ -113,10 +125,7 @@ void forward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C,
           for (int64_t i = 0; i < p; ++i) yt[i] = acc[i] + acc2[i];
         }
       }
-      for (int64_t hi = 0; hi < d.h; ++hi)
-        for (int64_t i = 0; i < p; ++i)
-          for (int64_t k = 0; k < n; ++k)
-            final_state[(bi * d.h + hi) * np + i * n + k] = states[hi * np + k * p + i];
+      for (int64_t hi = 0; hi < d.h; ++hi) from_rows(states.data() + hi * np, final_state + (bi * d.h + hi) * np, n, p);
     }
   });
 }
@@ -136,8 +145,7 @@ void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C
       const int64_t st = bh * p * n;
       // per-head gradients of B and C: (b, l, h, n), summed over a group's heads in Python
       const int64_t gbc = bi * d.l * d.h * n + hi * n, gbc_step = d.h * n;
-      for (int64_t i = 0; i < p; ++i)
-        for (int64_t k = 0; k < n; ++k) G[k * p + i] = gfinal ? gfinal[st + i * n + k] : T(0);
+      to_rows(gfinal ? gfinal + st : nullptr, G.data(), n, p);
       T gA_acc = 0;
       for (int64_t seg = nck - 1; seg >= 0; --seg) {
         const int64_t t0 = seg * K, t1 = std::min(d.l, t0 + K);
@@ -196,8 +204,7 @@ void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C
         }
       }
       gA[bh] = gA_acc;
-      for (int64_t i = 0; i < p; ++i)
-        for (int64_t k = 0; k < n; ++k) ginit[st + i * n + k] = G[k * p + i];
+      from_rows(G.data(), ginit + st, n, p);
     }
   });
 }
