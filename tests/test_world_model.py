@@ -14,7 +14,7 @@ from ssm_gym.model import (
     incoming_actions,
     karras_sigmas,
 )
-from ssm_gym.model.diffusion import drop_actions, float_to_frames, long_context_prefix, sample_clip_sigmas
+from ssm_gym.model.diffusion import drop_actions, edm_scalings, float_to_frames, long_context_prefix, sample_clip_sigmas
 
 
 
@@ -97,6 +97,100 @@ def test_pieces_with_state_equal_whole(variant):
             outs.append(out)
     assert max_err(torch.cat([o.denoised for o in outs], 1), whole.denoised) < 1e-4
     assert max_err(torch.cat([o.reward for o in outs], 1), whole.reward) < 1e-4
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "full+prev_frame", "full+pixel_head", "full+action_tokens",
+                                     "full+null_action"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_paired_copies_equal_one_frame_steps(variant, with_state):
+    """forward_paired: the noised copy of frame t == a one-frame forward of it from the state after
+    the clean frames < t; the clean frames' heads and the state after them == forward's."""
+    variant, m = variant_model(variant)
+    frames, actions = clip(t=8)
+    if m.action_null is not None:
+        actions[:, 3] = m.NULL
+    g = torch.Generator().manual_seed(2)
+    sigma = torch.rand(2, 8, generator=g) * 3 + 0.01
+    noisy = frames.float() / 127.5 - 1 + sigma[..., None, None, None] * torch.randn(2, 8, 16, 16, 3, generator=g)
+    with torch.no_grad():
+        start = m.init_state(2)
+        if with_state:  # a piece that follows earlier frames (truncated BPTT)
+            before, before_actions = clip(t=5, seed=3)
+            start = m(before, torch.zeros(2, 5), before_actions, state=start, update="copy").state
+        copies, clean_out = m.forward_paired(noisy, sigma, actions, frames, state=start)
+        whole = m(frames, torch.zeros(2, 8), actions, state=start, update="copy", refine=False)
+        state, singles = start, []
+        for t in range(8):
+            singles.append(m(noisy[:, t:t + 1], sigma[:, t:t + 1], actions[:, t:t + 1], state=state, update="none"))
+            state = m(frames[:, t:t + 1], torch.zeros(2, 1), actions[:, t:t + 1], state=state, update="copy").state
+    assert max_err(torch.cat([o.denoised for o in singles], 1), copies.denoised) < 1e-4
+    assert max_err(torch.cat([o.reward for o in singles], 1), copies.reward) < 1e-4
+    assert max_err(clean_out.reward, whole.reward) < 1e-4 and max_err(clean_out.term_logit, whole.term_logit) < 1e-4
+    for a, b in zip(copies.state.ssm, whole.state.ssm):
+        for x, y in zip(a or (), b or ()):
+            if x is not None and x.numel():
+                assert max_err(x, y) < 1e-4
+    for a, b in zip(copies.state.kv, whole.state.kv):
+        assert max_err(a.k, b.k) < 1e-4 and max_err(a.v, b.v) < 1e-4 and torch.equal(a.pos, b.pos)
+    assert copies.state.t.tolist() == whole.state.t.tolist()
+
+
+def test_paired_gradients_reach_history():
+    """The copies' loss trains the clean history's path too (SSM state and attention keys): the
+    gradient of a late copy's output with respect to an early clean frame is non-zero, and with
+    respect to the other copies zero (a copy changes no state)."""
+    _, m = variant_model("full")
+    frames, actions = clip(t=6)
+    x0 = (frames.float() / 127.5 - 1).requires_grad_()
+    sigma = torch.full((2, 6), 1.0)
+    noisy = (x0.detach() + torch.randn_like(x0)).requires_grad_()
+    copies, _ = m.forward_paired(noisy, sigma, actions, x0)
+    copies.raw[:, 5].sum().backward()
+    assert x0.grad[:, 0].abs().sum() > 0  # beyond the window of 3: reached through the SSM
+    assert noisy.grad[:, :5].abs().sum() == 0 and noisy.grad[:, 5].abs().sum() > 0
+
+
+def test_paired_rejects_mismatched_clean_frames():
+    _, m = variant_model("full")
+    frames, actions = clip(t=4)
+    with pytest.raises(ValueError, match="do not match"):
+        m.forward_paired(frames[:, :3].float(), torch.ones(2, 3), actions[:, :3], frames)
+
+
+def test_noised_copies_loss_in_pieces_equals_whole():
+    """Truncated BPTT with noised copies: the loss over pieces (state carried) equals the loss over
+    the whole clip, and every frame carries loss."""
+    _, m = variant_model("full+prev_frame")
+    frames, actions = clip(t=8)
+    sigma = torch.rand(2, 8, generator=torch.Generator().manual_seed(4)) * 2 + 0.05
+    rewards = torch.rand(2, 8)
+
+    def loss(a, b, state):
+        return diffusion_forcing_loss(m, frames[:, a:b], actions[:, a:b], rewards=rewards[:, a:b], sigma=sigma[:, a:b],
+                                      state=state, generator=torch.Generator().manual_seed(a), return_state=True,
+                                      noised_copies=True)
+
+    with torch.no_grad():
+        whole, stats, _ = loss(0, 8, m.init_state(2))
+        first, _, state = loss(0, 3, m.init_state(2))
+        second, _, _ = loss(3, 8, state)
+    assert stats["noised_frac"] == 1.0
+    # (the noise is drawn per call: compare with the whole clip's loss on the same draws)
+    noise = torch.cat([torch.randn(frames[:, a:b].shape, generator=torch.Generator().manual_seed(a))
+                       for a, b in ((0, 3), (3, 8))], 1)
+    x0 = frames.float() / 127.5 - 1
+    with torch.no_grad():
+        copies, clean_out = m.forward_paired(x0 + sigma[..., None, None, None] * noise, sigma, actions, frames)
+    c_skip, c_out, _, _ = edm_scalings(sigma, m.config.sigma_data)
+    xn = x0 + sigma[..., None, None, None] * noise
+    target = (x0 - c_skip[..., None, None, None] * xn) / c_out[..., None, None, None]
+    per_frame = (copies.raw - target).pow(2).flatten(2).mean(-1)
+    r = 0.5 * ((copies.reward - rewards).pow(2) + (clean_out.reward - rewards).pow(2))
+    expected = per_frame[:, :3].mean() * 3 / 8 + per_frame[:, 3:].mean() * 5 / 8 + r.mean()
+    assert abs((first * 3 + second * 5).item() / 8 - expected.item()) < 1e-4
+    assert whole.item() > 0
+    with pytest.raises(ValueError, match="noise level > 0"):
+        diffusion_forcing_loss(m, frames, actions, sigma=torch.zeros(2, 8), noised_copies=True)
 
 
 def test_observe_clip_equals_observe():

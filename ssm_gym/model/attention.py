@@ -290,11 +290,8 @@ class FrameLocalAttention(nn.Module):
         (write into ``cache``). keep (B, T, N) bool: which of these tokens later frames may see
         (state compression; None = all); a frame always sees all of its own tokens.
         Returns ``(y (B, T, N, D), cache)``."""
-        b, t, n, d = x.shape
-        h, hd = self.n_heads, self.head_dim
-        q, k, v = self.qkv(x).reshape(b, t, n, 3, h, hd).unbind(3)
-        cos, sin = rope_tables(pos, hd, self.rope_base, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        t = x.shape[1]
+        q, k, v = self._qkv(x, pos)
         one_frame = t == 1 and update in ("none", "inplace") and not torch.is_grad_enabled()
         if isinstance(cache, TokenPool):
             if not one_frame:
@@ -304,7 +301,43 @@ class FrameLocalAttention(nn.Module):
             return self.proj(self._pool_step(q, k, v, pos[:, 0], cache, update, keep)), cache
         if one_frame and cache is not None and self.window is not None:
             return self.proj(self._step(q, k, v, pos[:, 0], cache, update, keep)), cache
+        y = self._clip(q, k, v, pos, cache, keep)
+        return self.proj(y), self._update(cache, k, v, pos, keep, update)
 
+    def forward_paired(self, x: Tensor, x_noisy: Tensor, pos: Tensor, cache: KVCache | None = None,
+                       update: str = "none"):
+        """Clean frames ``x`` and a noised copy of each, ``x_noisy`` (B, T, N, D). The clean frames
+        attend as in :meth:`forward`; the copy of frame t attends to the clean frames before t that
+        the window shows (the cache's included) and to its own tokens, which is what a one-frame
+        :meth:`forward` of it after the clean frames < t sees. Copies are never cached.
+        Returns ``(y, y_noisy, cache)``."""
+        if isinstance(cache, TokenPool):
+            raise ValueError("forward_paired takes a ring cache (KVCache), not a TokenPool")
+        q, k, v = self._qkv(x, pos)
+        y, yn = self._clip(q, k, v, pos, cache, None, self._qkv(x_noisy, pos))
+        return self.proj(y), self.proj(yn), self._update(cache, k, v, pos, None, update)
+
+    def _qkv(self, x: Tensor, pos: Tensor):
+        b, t, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, n, 3, self.n_heads, self.head_dim).unbind(3)
+        cos, sin = rope_tables(pos, self.head_dim, self.rope_base, q.dtype)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _update(self, cache, k, v, pos, keep, update: str):
+        if update == "none":
+            return cache
+        b, t, n = k.shape[:3]
+        if cache is None:
+            cache = self.init_cache(b, k.device, k.dtype)
+        keep = torch.ones(b, t, n, dtype=torch.bool, device=k.device) if keep is None else keep
+        return self._write(cache, k, v, pos, keep, inplace=(update == "inplace"))
+
+    def _clip(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: KVCache | None, keep: Tensor | None,
+              noisy: tuple[Tensor, Tensor, Tensor] | None = None):
+        """Attention of a clip's frames (q, k, v: (B, T, N, heads, hd)) over the window, in chunks of
+        query frames; noisy: (q, k, v) of noised copies (see forward_paired), answered alongside.
+        Returns y (B, T, N, D) before the out-projection, or (y, y_noisy) with copies."""
+        b, t, n, h, hd = q.shape
         past = cache is not None and cache.pos.shape[1] > 0
         if past:
             ck, cv, cpos, ckeep = cache.k.to(k.dtype), cache.v.to(v.dtype), cache.pos, cache.keep
@@ -312,17 +345,18 @@ class FrameLocalAttention(nn.Module):
                 used = int(cpos.max()) + 1
                 ck, cv, cpos, ckeep = ck[:, :used], cv[:, :used], cpos[:, :used], ckeep[:, :used]
             past = cpos.shape[1] > 0
-        # (B, heads, frames*N, hd) layouts
-        qh = q.permute(0, 3, 1, 2, 4).reshape(b, h, t * n, hd)
-        kh = k.permute(0, 3, 1, 2, 4).reshape(b, h, t * n, hd)
-        vh = v.permute(0, 3, 1, 2, 4).reshape(b, h, t * n, hd)
+
+        def heads(z):  # (B, T, N, h, hd) -> (B, heads, frames*N, hd)
+            return z.permute(0, 3, 1, 2, 4).reshape(b, h, -1, hd)
+
+        qh, kh, vh = heads(q), heads(k), heads(v)
+        if noisy is not None:
+            qn, kn, vn = (heads(z) for z in noisy)
         if past:
-            s = cpos.shape[1]
-            pkh = ck.permute(0, 3, 1, 2, 4).reshape(b, h, s * n, hd)
-            pvh = cv.permute(0, 3, 1, 2, 4).reshape(b, h, s * n, hd)
+            pkh, pvh = heads(ck), heads(cv)
 
         w = self.window
-        outs = []
+        outs, outs_n = [], []
         c = self.chunk_frames
         for s0 in range(0, t, c):
             s1 = min(t, s0 + c)
@@ -343,17 +377,19 @@ class FrameLocalAttention(nn.Module):
             elif allowed.all():  # e.g. a step with a full ring: no mask, SDPA's fastest path
                 mask = None
             else:
-                mask = allowed[:, None, :, None, :, None].expand(b, 1, nq, n, nk, n).reshape(b, 1, nq * n, nk * n)
+                mask = _frame_mask(allowed, n)
             outs.append(F.scaled_dot_product_attention(qh[:, :, s0 * n:s1 * n], kk, vv, attn_mask=mask))
-        y = torch.cat(outs, dim=2).reshape(b, h, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, d)
-        y = self.proj(y)
+            if noisy is not None:  # copies: the clean frames strictly before their own, then themselves
+                before = allowed & (kp[:, None, :] < qp[:, :, None])
+                itself = torch.eye(nq, dtype=torch.bool, device=q.device).expand(b, nq, nq)
+                outs_n.append(F.scaled_dot_product_attention(
+                    qn[:, :, s0 * n:s1 * n], torch.cat([kk, kn[:, :, s0 * n:s1 * n]], 2),
+                    torch.cat([vv, vn[:, :, s0 * n:s1 * n]], 2), attn_mask=_frame_mask(torch.cat([before, itself], -1), n)))
 
-        if update != "none":
-            if cache is None:
-                cache = self.init_cache(b, x.device, k.dtype)
-            keep = torch.ones(b, t, n, dtype=torch.bool, device=x.device) if keep is None else keep
-            cache = self._write(cache, k, v, pos, keep, inplace=(update == "inplace"))
-        return y, cache
+        def tokens(parts):  # (B, heads, T*N, hd) chunks -> (B, T, N, D)
+            return torch.cat(parts, dim=2).reshape(b, h, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, h * hd)
+
+        return tokens(outs) if noisy is None else (tokens(outs), tokens(outs_n))
 
     # -- step: one frame against the ring, in place --------------------------------------------
     def _step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, cache: KVCache, update: str,
@@ -457,6 +493,12 @@ def _visible_frames(kpos: Tensor, qpos: Tensor, window: int | None) -> Tensor:
     if window is not None:
         allowed = allowed & (kpos[:, None, :] > qpos[:, :, None] - window)
     return allowed
+
+
+def _frame_mask(allowed: Tensor, n: int) -> Tensor:
+    """(B, Q, K) frame visibility -> (B, 1, Q*n, K*n) token mask for SDPA (n tokens per frame)."""
+    b, nq, nk = allowed.shape
+    return allowed[:, None, :, None, :, None].expand(b, 1, nq, n, nk, n).reshape(b, 1, nq * n, nk * n)
 
 
 def _free_next_slot(cache: KVCache, last: Tensor) -> None:

@@ -13,6 +13,12 @@ Diffusion forcing (Chen et al. 2024): every frame of a clip gets its own indepen
 level; the causal network denoises all frames at once. Long-context training (Po et al. 2025):
 with probability 0.5 a clean prefix longer than half of the clip is kept noise-free and the
 frame loss covers the noised frames only, which forces use of distant context.
+
+Noised copies (``noised_copies=True``, our addition): the clip runs clean, and a noised copy of
+every frame is denoised from the clean history before it (``WorldModel.forward_paired``), as
+DIAMOND conditions its denoiser on clean past frames. Every frame then carries a loss, from the
+history it has at inference, for about twice the compute of one pass; with diffusion forcing and
+a clean history (``clean_history_prob``) three quarters of the frames are clean context with no loss.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ def diffusion_forcing_loss(
     return_state: bool = False,
     compress=None,
     reward_weight: float = 1.0,
+    noised_copies: bool = False,
 ):
     """Training loss for a batch of clips.
 
@@ -85,6 +92,10 @@ def diffusion_forcing_loss(
     terminals (B, T) bool/float for the transition into frame t (optional); valid (B, T) bool
     masks padding. compress: state-compression masks of these frames (``ClipCompression``).
     reward_weight scales the reward head's loss (``stats`` report it unscaled).
+    noised_copies: denoise a noised copy of every frame from the clean frames before it (see the
+    module docstring); sigma (drawn if None) must then be > 0 for every frame, and the clean-prefix
+    options do not apply (every copy already has a clean history). The reward and termination
+    heads are trained on the copies and on the clean frames, half each.
     Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
     cfg = getattr(model, "module", model).config  # (model may be wrapped in DDP)
@@ -92,11 +103,22 @@ def diffusion_forcing_loss(
     b, t = x0.shape[:2]
     dev = x0.device
     if sigma is None:
-        sigma = sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev)
+        sigma = (sample_train_sigmas((b, t), cfg.p_mean, cfg.p_std, generator, dev) if noised_copies
+                 else sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev))
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     xn = x0 + sigma[:, :, None, None, None] * noise
-    out = model(xn, sigma, actions, state=state, update="copy" if state is not None else "none", compress=compress,
-                clean=x0)
+    update = "copy" if state is not None else "none"
+    heads = []
+    if noised_copies:
+        if compress is not None:
+            raise ValueError("noised copies do not support state compression masks")
+        if not bool((sigma > 0).all()):
+            raise ValueError("with noised copies every frame needs a noise level > 0 (its clean self is the history)")
+        out, clean_out = model(xn, sigma, actions, state=state, update=update, clean=x0, paired=True)
+        heads.append(clean_out)
+    else:
+        out = model(xn, sigma, actions, state=state, update=update, compress=compress, clean=x0)
+    heads.append(out)
 
     c_skip, c_out, _, _ = edm_scalings(sigma, cfg.sigma_data)
     noised = sigma > 0
@@ -111,12 +133,13 @@ def diffusion_forcing_loss(
     stats = {"frame_loss": frame_loss.detach().item(), "noised_frac": w.mean().item()}
     m = torch.ones(b, t, device=dev) if valid is None else valid.float()
     if rewards is not None:
-        r_loss = ((out.reward.float() - rewards.float()).pow(2) * m).sum() / m.sum().clamp(min=1.0)
+        r_loss = sum(((o.reward.float() - rewards.float()).pow(2) * m).sum() for o in heads) / (
+            len(heads) * m.sum().clamp(min=1.0))
         loss = loss + reward_weight * r_loss
         stats["reward_loss"] = r_loss.detach().item()
     if terminals is not None:
-        bce = F.binary_cross_entropy_with_logits(out.term_logit.float(), terminals.float(), reduction="none")
-        t_loss = (bce * m).sum() / m.sum().clamp(min=1.0)
+        t_loss = sum((F.binary_cross_entropy_with_logits(o.term_logit.float(), terminals.float(), reduction="none")
+                      * m).sum() for o in heads) / (len(heads) * m.sum().clamp(min=1.0))
         loss = loss + t_loss
         stats["term_loss"] = t_loss.detach().item()
     stats["loss"] = loss.detach().item()

@@ -86,6 +86,20 @@ def ssd_sequential(x, dt, A, B, C, D=None, initial_state=None):
     return _add_skip(y, x, D), state
 
 
+def _sequential_with_states(x, dt, A, B, C, D, initial_state, every: int):
+    """The reference for ``ssd(..., state_every=every)``: the recurrence piece by piece."""
+    state, ys, states = initial_state, [], []
+    for s0 in range(0, x.shape[1], every):
+        s1 = s0 + every
+        states.append(x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1]) if state is None else state)
+        y, state = ssd_sequential(x[:, s0:s1], dt[:, s0:s1], A, B[:, s0:s1], C[:, s0:s1], D, state)
+        ys.append(y)
+    if not ys:
+        y, state = ssd_sequential(x, dt, A, B, C, D, initial_state)
+        return y, state, x.new_zeros(x.shape[0], 0, x.shape[2], x.shape[3], B.shape[-1])
+    return torch.cat(ys, 1), state, torch.stack(states, 1)
+
+
 def _add_skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
     """y + D * x, with D per head (h,) or per (head, headdim) (h, p); None adds nothing."""
     if D is None:
@@ -112,7 +126,8 @@ def segsum_exp(a: Tensor, col_scale: Tensor | None = None) -> Tensor:
 
 def _ssd_chunked_segment(x, dt, A, B, C, D, q: int, state: Tensor):
     """Chunked SSD over one segment whose length is a multiple of ``q``; state (b, g, hg, p, n).
-    Returns y in layout (b, c, g, hg, q, p) and the final state."""
+    Returns y in layout (b, c, g, hg, q, p), the final state and the states entering each chunk
+    (b, c, g, hg, p, n)."""
     b, l, g, hg, p = x.shape
     n = B.shape[-1]
     c = l // q
@@ -141,10 +156,11 @@ def _ssd_chunked_segment(x, dt, A, B, C, D, q: int, state: Tensor):
     # 4. carried-in state seen by token i: exp(a_0 + ... + a_i) C_i . S_chunk
     Cw = Cg * torch.exp(acum)[..., None]  # (b, c, g, hg, q, n)
     y = (Cw @ prev.transpose(-1, -2)) + y_t.transpose(-1, -2)  # (b, c, g, hg, q, p)
-    return y, s
+    return y, s, prev
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, segment: int = 256):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, segment: int = 256,
+                chunk_states: bool = False):
     """Chunked SSD: same inputs and outputs as :func:`ssd_sequential`.
 
     The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the output is a
@@ -152,7 +168,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     also emits the state it would leave behind from a zero start; a short recurrence over chunks
     carries the state in, and its contribution ``exp(cumsum a) C . S`` is added to every token.
     Work O(L * chunk_size) per head. Long sequences are processed ``segment`` tokens at a time
-    (state carried), which keeps the working set in cache on CPUs.
+    (state carried), which keeps the working set in cache on CPUs. chunk_states: also return the
+    state entering each chunk, (b, chunks, h, p, n).
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -170,19 +187,25 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     state = x.new_zeros(b, g, hg, p, n) if initial_state is None else initial_state.to(x.dtype).reshape(b, g, hg, p, n)
     seg = max(q, (segment // q) * q)
     Dd = None if D is None or D.dim() != 1 else D.to(x.dtype)
+    starts = []
     if lp <= seg:
-        y, state = _ssd_chunked_segment(xg, dtg, A, B, C, Dd, q, state)
+        y, state, prev = _ssd_chunked_segment(xg, dtg, A, B, C, Dd, q, state)
         y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, lp, h, p)
+        starts.append(prev)
     else:  # segments written straight into the output (one copy instead of permute + cat)
         y = x.new_empty(b, lp // q, q, g, hg, p)
         for s0 in range(0, lp, seg):
             s1 = min(lp, s0 + seg)
-            ys, state = _ssd_chunked_segment(xg[:, s0:s1], dtg[:, s0:s1], A, B[:, s0:s1], C[:, s0:s1], Dd, q, state)
+            ys, state, prev = _ssd_chunked_segment(xg[:, s0:s1], dtg[:, s0:s1], A, B[:, s0:s1], C[:, s0:s1], Dd, q,
+                                                   state)
             y[:, s0 // q:s1 // q] = ys.permute(0, 1, 4, 2, 3, 5)
+            starts.append(prev)
         y = y.reshape(b, lp, h, p)
     y = y[:, :l]
     if Dd is None:  # D given per (head, headdim), or none
         y = _add_skip(y, x[:, :l], D)
+    if chunk_states:
+        return y, state.reshape(b, h, p, n), torch.cat(starts, 1).reshape(b, lp // q, h, p, n)
     return y, state.reshape(b, h, p, n)
 
 
@@ -303,13 +326,14 @@ def _(x, dt, A, B, C, initial_state, ckpt_every):
 
 @torch.library.custom_op("ssm_gym::ssd_cpu_backward", mutates_args=())
 def _ssd_cpu_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, gy: Tensor,
-                      gfinal: Tensor | None, ckpt_every: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gx, gdt, gA, gB, gC, ginit = cpu_kernel().backward(x, dt, A, B, C, ckpt, gy, gfinal, ckpt_every)
+                      gfinal: Tensor | None, gckpt: Tensor | None,
+                      ckpt_every: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gx, gdt, gA, gB, gC, ginit = cpu_kernel().backward(x, dt, A, B, C, ckpt, gy, gfinal, gckpt, ckpt_every)
     return gx, gdt, gA, gB, gC, ginit
 
 
 @_ssd_cpu_backward.register_fake
-def _(x, dt, A, B, C, ckpt, gy, gfinal, ckpt_every):
+def _(x, dt, A, B, C, ckpt, gy, gfinal, gckpt, ckpt_every):
     b, l, h, p = x.shape
     n = B.shape[-1]
     return (x.new_empty(x.shape), dt.new_empty(dt.shape), x.new_empty(b, h), x.new_empty(b, l, h, n),
@@ -322,10 +346,11 @@ def _ssd_cpu_setup_context(ctx, inputs, output):
     ctx.has_initial_state, ctx.ckpt_every = initial_state is not None, ckpt_every
 
 
-def _ssd_cpu_autograd(ctx, gy, gfinal, _gckpt):
+def _ssd_cpu_autograd(ctx, gy, gfinal, gckpt):
     x, dt, A, B, C, ckpt = ctx.saved_tensors
     gx, gdt, gA, gB, gC, ginit = _ssd_cpu_backward(x, dt, A, B, C, ckpt, gy.contiguous(),
-                                                   None if gfinal is None else gfinal.contiguous(), ctx.ckpt_every)
+                                                   None if gfinal is None else gfinal.contiguous(),
+                                                   None if gckpt is None else gckpt.contiguous(), ctx.ckpt_every)
     b, l, h, n = gB.shape
     g = B.shape[2]  # heads of one group share B and C: their gradients add up
     gB, gC = gB.view(b, l, g, h // g, n).sum(3), gC.view(b, l, g, h // g, n).sum(3)
@@ -335,9 +360,11 @@ def _ssd_cpu_autograd(ctx, gy, gfinal, _gckpt):
 torch.library.register_autograd("ssm_gym::ssd_cpu_forward", _ssd_cpu_autograd, setup_context=_ssd_cpu_setup_context)
 
 
-def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None, state_every: int | None = None):
     """The recurrence of :func:`ssd_sequential` as one fused C++ loop per (batch, head), with its
-    backward; same inputs and outputs. CPU tensors of one floating dtype (fp32 or fp64)."""
+    backward; same inputs and outputs. CPU tensors of one floating dtype (fp32 or fp64).
+    state_every: also return the state entering every ``state_every``-th token (see :func:`ssd`):
+    the kernel's checkpoints, taken at that spacing, with their gradient."""
     if not cpu_kernel_ready():
         raise RuntimeError("the fused CPU SSD kernel is not available (it needs a C++ compiler; "
                            "SSM_GYM_CPU_KERNEL=0 switches it off): use backend='torch'")
@@ -345,6 +372,12 @@ def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None):
     init = None if initial_state is None else initial_state.to(dtype).contiguous()
     args = (x.contiguous(), dt.to(dtype).contiguous(), A.to(dtype).contiguous(), B.to(dtype).contiguous(),
             C.to(dtype).contiguous(), init)
+    if state_every is not None:
+        b, l, h, p = x.shape
+        y, final, ckpt = _ssd_cpu_forward(*args, state_every)
+        # the kernel keeps a state as d_state rows of headdim values: (b, h, k, n, p) -> (b, k, h, p, n)
+        states = ckpt.view(b, h, l // state_every, B.shape[-1], p).permute(0, 2, 1, 4, 3)
+        return _add_skip(y, x, D), final, states
     grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args)
     # (checkpoints for the backward only where there will be one)
     y, final, _ = _ssd_cpu_forward(*args, CPU_KERNEL_CKPT if grad else 0)
@@ -354,14 +387,27 @@ def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None):
 # ---------------------------------------------------------------------------------------------
 # 4. backend dispatch
 # ---------------------------------------------------------------------------------------------
-def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backend: str = "auto"):
+def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backend: str = "auto",
+        state_every: int | None = None):
     """SSD scan with one state layout for every backend.
 
     backend: "torch" (chunked, pure PyTorch), "cpu" (the fused C++ kernel, error if it cannot be
     built), "mamba" (mamba-ssm CUDA kernel, error if missing), "sequential" (the reference), or
     "auto": on CPU tensors the fused kernel when it builds, else torch; on CUDA tensors mamba when
     importable and the chunk is at least MAMBA_MIN_CHUNK, else torch.
+
+    state_every: also return ``states`` (b, l // state_every, h, p, n), the state entering every
+    ``state_every``-th token (``states[:, 0]`` is the initial state), differentiable; the length
+    must be a multiple. Training with noised copies reads it (``BlockwiseSSM.forward_paired``).
+    mamba-ssm's kernel does not hand out these states: on CUDA the torch path computes them.
     """
+    if state_every is not None:
+        if state_every < 1 or x.shape[1] % state_every:
+            raise ValueError(f"state_every must be >= 1 and divide the length {x.shape[1]}, got {state_every}")
+        if backend == "sequential":
+            return _sequential_with_states(x, dt, A, B, C, D, initial_state, state_every)
+        if backend == "mamba" or (backend == "auto" and x.is_cuda):
+            backend = "torch"
     if backend == "auto":
         if x.is_cuda:
             backend = "mamba" if (HAS_MAMBA_SSM and chunk_size >= MAMBA_MIN_CHUNK) else "torch"
@@ -373,6 +419,11 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
         args = (x.to(dtype), dt.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype))
         Dd = None if D is None else D.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
+            if state_every is not None:  # (chunks of one state spacing: the chunk starts are the states)
+                out = (ssd_chunked(*args, chunk_size=state_every, D=Dd, initial_state=initial_state, chunk_states=True)
+                       if backend == "torch" else
+                       ssd_fused_cpu(*args, D=Dd, initial_state=initial_state, state_every=state_every))
+                return (out[0].to(x.dtype),) + tuple(out[1:])
             if backend == "torch":
                 y, final = ssd_chunked(*args, chunk_size=chunk_size, D=Dd, initial_state=initial_state)
             else:
@@ -505,40 +556,91 @@ class BlockwiseSSM(nn.Module):
     def forward(self, x: Tensor, state=None, sizes: Tensor | None = None):
         """sizes (B, T, nblocks) int: state compression, each block's state uses only its first
         ``sizes`` d_state dimensions at that frame (B and C zero past it); None = all."""
-        b, t, hh, ww, _ = x.shape
-        assert (hh, ww) == self.grid, f"expected a {self.grid} token grid, got {(hh, ww)}"
-        seq = to_blocks(x, self.block)  # (B, nb, L, D)
-        nb, L = seq.shape[1], seq.shape[2]
-        zxbcdt = self.in_proj(seq).reshape(b * nb, L, -1)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-
+        b, t = x.shape[:2]
+        z, xBC, dt = self._project(x)
         conv_state, ssm_state = state if state is not None else (None, None)
-        new_conv = None
-        if self.d_conv > 0:
-            k = self.d_conv - 1
-            xBC = xBC.transpose(1, 2)  # (b*nb, conv_dim, L)
-            prev = (xBC.new_zeros(b * nb, self.conv_dim, k) if conv_state is None
-                    else conv_state.reshape(b * nb, self.conv_dim, k).to(xBC.dtype))
-            xBC = torch.cat([prev, xBC], dim=-1)
-            new_conv = xBC[..., -k:].reshape(b, nb, self.conv_dim, k) if k > 0 else xBC[..., :0].reshape(b, nb, self.conv_dim, 0)
-            xBC = causal_depthwise_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2)
-        elif conv_state is not None:
-            new_conv = conv_state
-        xBC = F.silu(xBC)
-        xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        xs = xs.reshape(b * nb, L, self.nheads, self.headdim)
-        Bm = Bm.reshape(b * nb, L, self.ngroups, self.d_state)
-        Cm = Cm.reshape(b * nb, L, self.ngroups, self.d_state)
+        xBC, new_conv, _ = self._conv(xBC, conv_state, b)
+        xs, Bm, Cm, dt = self._scan_inputs(xBC, dt)
         if sizes is not None:  # (B, T, nb) -> per token of each block sequence (frame-major)
-            per_tok = sizes.transpose(1, 2).reshape(b * nb, t).repeat_interleave(L // t, dim=1)
+            L = xs.shape[1]
+            per_tok = sizes.transpose(1, 2).reshape(-1, t).repeat_interleave(L // t, dim=1)
             dims = (torch.arange(self.d_state, device=x.device) < per_tok[..., None])[:, :, None, :].to(Bm.dtype)
             Bm, Cm = Bm * dims, Cm * dims
-        dt = F.softplus(dt + self.dt_bias)
-        A = -torch.exp(self.A_log.float())
-        init = None if ssm_state is None else ssm_state.reshape(b * nb, self.nheads, self.headdim, self.d_state)
-        y, final = ssd(xs, dt, A, Bm, Cm, D=self.D, initial_state=init,
+        init = None if ssm_state is None else ssm_state.reshape(-1, self.nheads, self.headdim, self.d_state)
+        y, final = ssd(xs, dt, self._A(), Bm, Cm, D=self.D, initial_state=init,
                        chunk_size=self.chunk_size, backend=self.backend)
-        y = self.norm(y.reshape(b * nb, L, self.d_inner), z)
-        y = self.out_proj(y).reshape(b, nb, L, self.d_model)
-        new_ssm = final.reshape(b, nb, self.nheads, self.headdim, self.d_state)
-        return from_blocks(y, self.grid, self.block), (new_conv, new_ssm)
+        new_ssm = final.reshape(b, self.nblocks, self.nheads, self.headdim, self.d_state)
+        return self._output(y, z, b, t), (new_conv, new_ssm)
+
+    def forward_paired(self, x: Tensor, x_noisy: Tensor, state=None):
+        """Clean frames and a noised copy of each: ``x``, ``x_noisy`` (B, T, H, W, d_model).
+
+        The clean frames run as in :meth:`forward`. The copy of frame t continues from the clean
+        history: its scan starts from the state the clean frames leave before frame t, its
+        convolution reads the clean tokens before it, and it changes no state. So its output equals
+        a one-frame :meth:`forward` of the noised frame from the state after clean frames < t, for
+        every t at once. Returns ``(y, y_noisy, new_state)``, the state after the clean frames."""
+        b, t = x.shape[:2]
+        f = self.block[0] * self.block[1]  # tokens of one frame in a block sequence
+        z, xBC, dt = self._project(x)
+        zn, xBCn, dtn = self._project(x_noisy)
+        conv_state, ssm_state = state if state is not None else (None, None)
+        xBC, new_conv, padded = self._conv(xBC, conv_state, b)
+        k = self.d_conv - 1
+        if k > 0:  # each copy's convolution window: the k clean tokens before its frame, then itself
+            bnb, cd = padded.shape[:2]
+            before = padded.unfold(-1, k, f)[:, :, :t].permute(0, 2, 1, 3)  # (bnb, T, conv_dim, k)
+            own = xBCn.reshape(bnb, t, f, cd).transpose(2, 3)  # (bnb, T, conv_dim, f)
+            win = torch.cat([before, own], -1).reshape(bnb * t, cd, k + f)
+            xBCn = causal_depthwise_conv(win, self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2)
+        elif self.d_conv > 0:
+            xBCn = causal_depthwise_conv(xBCn.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2)
+        xs, Bm, Cm, dt = self._scan_inputs(xBC, dt)
+        A = self._A()
+        init = None if ssm_state is None else ssm_state.reshape(-1, self.nheads, self.headdim, self.d_state)
+        y, final, states = ssd(xs, dt, A, Bm, Cm, D=self.D, initial_state=init, chunk_size=self.chunk_size,
+                               backend=self.backend, state_every=f)
+        # every copy is a sequence of one frame's tokens, starting from its clean state
+        xsn, Bn, Cn, dtn = self._scan_inputs(xBCn.reshape(-1, f, self.conv_dim), dtn.reshape(-1, f, self.nheads))
+        yn, _ = ssd(xsn, dtn, A, Bn, Cn, D=self.D, initial_state=states.reshape(-1, *states.shape[2:]),
+                    chunk_size=self.chunk_size, backend=self.backend)
+        new_ssm = final.reshape(b, self.nblocks, self.nheads, self.headdim, self.d_state)
+        return (self._output(y, z, b, t), self._output(yn.reshape(y.shape), zn, b, t), (new_conv, new_ssm))
+
+    def _A(self) -> Tensor:
+        return -torch.exp(self.A_log.float())
+
+    def _project(self, x: Tensor):
+        """Tokens (B, T, H, W, D) -> block sequences (B*nb, L, .) of z, xBC (before the conv), dt."""
+        assert tuple(x.shape[2:4]) == self.grid, f"expected a {self.grid} token grid, got {tuple(x.shape[2:4])}"
+        seq = to_blocks(x, self.block)  # (B, nb, L, D)
+        zxbcdt = self.in_proj(seq).reshape(seq.shape[0] * seq.shape[1], seq.shape[2], -1)
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _conv(self, xBC: Tensor, conv_state: Tensor | None, b: int):
+        """Short causal convolution over the block sequences, continuing from ``conv_state``.
+        Returns (xBC after the conv, the new conv state, the padded input (B*nb, conv_dim, k + L))."""
+        if self.d_conv == 0:
+            return xBC, conv_state, None
+        k = self.d_conv - 1
+        bnb = xBC.shape[0]
+        xBC = xBC.transpose(1, 2)  # (b*nb, conv_dim, L)
+        prev = (xBC.new_zeros(bnb, self.conv_dim, k) if conv_state is None
+                else conv_state.reshape(bnb, self.conv_dim, k).to(xBC.dtype))
+        padded = torch.cat([prev, xBC], dim=-1)
+        new_conv = padded[..., padded.shape[-1] - k:].reshape(b, self.nblocks, self.conv_dim, k)
+        return causal_depthwise_conv(padded, self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2), new_conv, padded
+
+    def _scan_inputs(self, xBC: Tensor, dt: Tensor):
+        """(x, B, C, dt) of the scan from the convolved xBC (n, L, conv_dim) and raw dt (n, L, heads)."""
+        n, L = xBC.shape[:2]
+        xs, Bm, Cm = torch.split(F.silu(xBC), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
+                                 dim=-1)
+        return (xs.reshape(n, L, self.nheads, self.headdim), Bm.reshape(n, L, self.ngroups, self.d_state),
+                Cm.reshape(n, L, self.ngroups, self.d_state), F.softplus(dt + self.dt_bias))
+
+    def _output(self, y: Tensor, z: Tensor, b: int, t: int) -> Tensor:
+        """Scan output (B*nb, L, heads, headdim) -> gated norm, out-projection, back to (B, T, H, W, D)."""
+        y = self.norm(y.reshape(*z.shape[:2], self.d_inner), z)
+        y = self.out_proj(y).reshape(b, self.nblocks, -1, self.d_model)
+        return from_blocks(y, self.grid, self.block)

@@ -322,8 +322,32 @@ class Layer(nn.Module):
         keep = None if compress is None else compress.kv_keep
         h, kv = self.attn(modulate(self._norm(x), mods[i], mods[i + 1]), pos, kv, update=update, keep=keep)
         x = torch.addcmul(x, mods[i + 2], h)
-        x = torch.addcmul(x, mods[i + 5], self.mlp(modulate(self._norm(x), mods[i + 3], mods[i + 4])))
-        return x, new_ssm, kv
+        return self._mlp(x, mods[i + 3:]), new_ssm, kv
+
+    def forward_paired(self, x, xn, cond, cond_n, pos, ssm_state, kv, update):
+        """Clean tokens ``x`` and their noised copies ``xn`` (B, T, N, D) (see WorldModel.forward_paired)."""
+        b, t, n, d = x.shape
+        mods = self.ada(cond)[:, :, None].chunk(3 * self.n_sub, dim=-1)
+        mods_n = self.ada(cond_n)[:, :, None].chunk(3 * self.n_sub, dim=-1)
+        new_ssm = None
+        i = 0
+        if self.ssm is not None:
+            grid = (b, t, *self.ssm.grid, d)
+            h, hn, new_ssm = self.ssm.forward_paired(modulate(self._norm(x), mods[0], mods[1]).reshape(grid),
+                                                     modulate(self._norm(xn), mods_n[0], mods_n[1]).reshape(grid),
+                                                     ssm_state)
+            x = torch.addcmul(x, mods[2], h.reshape(b, t, n, d))
+            xn = torch.addcmul(xn, mods_n[2], hn.reshape(b, t, n, d))
+            i = 3
+        h, hn, kv = self.attn.forward_paired(modulate(self._norm(x), mods[i], mods[i + 1]),
+                                             modulate(self._norm(xn), mods_n[i], mods_n[i + 1]), pos, kv, update)
+        x = torch.addcmul(x, mods[i + 2], h)
+        xn = torch.addcmul(xn, mods_n[i + 2], hn)
+        return self._mlp(x, mods[i + 3:]), self._mlp(xn, mods_n[i + 3:]), new_ssm, kv
+
+    def _mlp(self, x, mods):
+        """x + gate * MLP(modulated norm of x); mods = (shift, scale, gate)."""
+        return torch.addcmul(x, mods[2], self.mlp(modulate(self._norm(x), mods[0], mods[1])))
 
 
 class WorldModel(nn.Module):
@@ -437,7 +461,7 @@ class WorldModel(nn.Module):
     # -- network -------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, actions: Tensor, state: WorldModelState | None = None,
                 update: str = "copy", compress: ClipCompression | None = None,
-                clean: Tensor | None = None, refine: bool = True) -> WorldModelOutput:
+                clean: Tensor | None = None, refine: bool = True, paired: bool = False) -> WorldModelOutput:
         """Denoise a clip (or a piece following ``state``) in parallel.
 
         x (B, T, H, W, C) noisy frames in [-1, 1] scale (uint8 accepted: clean frames); sigma (B, T)
@@ -449,37 +473,22 @@ class WorldModel(nn.Module):
         frame after each (training); may be left out when ``x`` is clean or T = 1.
         refine: run the pixel refiner (``pixel_head``); False skips it where only the state matters
         (clean frames: c_out = 0, so ``denoised`` is ``x`` either way; ``raw`` then lacks its part).
+        paired: ``x`` are noised copies of ``clean``: returns :meth:`forward_paired`'s pair.
         """
-        cfg = self.config
+        if paired:  # (through forward, so that a DDP wrapper sees the call)
+            if compress is not None or clean is None:
+                raise ValueError("paired=True takes the clean frames (clean=...) and no compression masks")
+            return self.forward_paired(x, sigma, actions, clean, state=state, update=update, refine=refine)
         x = frames_to_float(x)
         b, t = x.shape[:2]
         sigma = sigma.to(x.dtype).expand(b, t)
-        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, cfg.sigma_data)
-        x_in = x * c_in[:, :, None, None, None]
-        tok = self.patch_in(self.patchify(x_in)) + self.pos_emb
-        actions, null = self._split_null(actions)
-        if self.action_tok is not None:
-            emb = self.action_tok(actions).view(b, t, self.n_tok, cfg.d_model)
-            tok = tok + (emb if null is None else emb * ~null[:, :, None, None])
-        if state is None:
-            pos = torch.arange(t, device=x.device)[None].expand(b, t)
-        else:
-            pos = state.t[:, None] + torch.arange(t, device=x.device)
-        new_prev = None
+        pos = self._positions(state, b, t, x.device)
+        prev = None
         if self.prev_in is not None:
             clean = self._clean_frames(x, sigma, clean)
-            before = self._state_prev(state, x)
-            before = torch.zeros_like(clean[:, 0]) if before is None else before.to(x.dtype)
-            prev = torch.cat([before[:, None], clean[:, :-1]], 1)
-            # a first frame (of a clip without state, or after a reset) has no previous frame
-            tok = tok + self.prev_in(self.patchify(prev)) * (pos > 0)[:, :, None, None].to(tok.dtype)
-            new_prev = clean[:, -1]
-        ang = c_noise[..., None] * self.noise_freqs
-        act = self.action_emb(actions)
-        if null is not None:
-            act = torch.where(null[..., None], self.action_null.to(act.dtype), act)
-        cond = self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + act
-        cond = F.silu(cond)
+            prev = self._previous_frames(clean, state)
+        actions, null = self._split_null(actions)
+        tok, cond, scalings = self._embed(x, sigma, actions, null, pos, prev)
 
         attn_update = "none" if (state is None or update == "none") else update
         new_ssm, new_kv = [], []
@@ -488,7 +497,87 @@ class WorldModel(nn.Module):
             kv = state.kv[i] if state is not None else None
             tok, s_new, kv_new = layer(tok, cond, pos, ssm_s, kv, attn_update, compress)
             new_ssm.append(s_new), new_kv.append(kv_new)
+        new_state = self._next_state(state, update, t, new_ssm, new_kv, None if prev is None else clean[:, -1])
+        return self._readout(tok, cond, x, scalings, refine, new_state)
 
+    def forward_paired(self, x: Tensor, sigma: Tensor, actions: Tensor, clean: Tensor,
+                       state: WorldModelState | None = None, update: str = "copy",
+                       refine: bool = True) -> tuple[WorldModelOutput, WorldModelOutput]:
+        """Denoise a noised copy of every frame of a clip, each from the clean history before it.
+
+        clean (B, T, H, W, C) the clip's clean frames; x the noised copies (sigma (B, T) > 0 each).
+        The clean frames run as in :meth:`forward` with sigma = 0; the copy of frame t reads the clean
+        frames before t (SSM state, attention window, previous-frame input) and its own tokens, and
+        nothing reads it. So its output equals ``forward(x[:, t:t+1], ...)`` from the state after the
+        clean frames < t, for all t in one pass of about twice the cost of one clip: every frame
+        carries a denoising loss from a clean history, as at inference (training with
+        ``noised_copies``). state/update: as in :meth:`forward`, for the clean frames.
+        Returns ``(noised, clean_out)``: the copies' outputs (state: the state after the clean
+        frames), and the clean frames' reward and termination heads (``raw`` None).
+        """
+        x = frames_to_float(x)
+        x0 = frames_to_float(clean).to(x.dtype)
+        if x0.shape != x.shape:
+            raise ValueError(f"clean frames {tuple(x0.shape)} do not match the noised copies {tuple(x.shape)}")
+        b, t = x.shape[:2]
+        sigma = sigma.to(x.dtype).expand(b, t)
+        pos = self._positions(state, b, t, x.device)
+        prev = self._previous_frames(x0, state) if self.prev_in is not None else None
+        actions, null = self._split_null(actions)
+        tok, cond, _ = self._embed(x0, torch.zeros_like(sigma), actions, null, pos, prev)
+        tok_n, cond_n, scalings = self._embed(x, sigma, actions, null, pos, prev)
+
+        attn_update = "none" if (state is None or update == "none") else update
+        new_ssm, new_kv = [], []
+        for i, layer in enumerate(self.layers):
+            ssm_s = state.ssm[i] if state is not None else None
+            kv = state.kv[i] if state is not None else None
+            tok, tok_n, s_new, kv_new = layer.forward_paired(tok, tok_n, cond, cond_n, pos, ssm_s, kv, attn_update)
+            new_ssm.append(s_new), new_kv.append(kv_new)
+        new_state = self._next_state(state, update, t, new_ssm, new_kv, None if prev is None else x0[:, -1])
+        hfin = F.layer_norm(tok, tok.shape[-1:], eps=1e-6)
+        rt = self.head(hfin.mean(dim=2))
+        return (self._readout(tok_n, cond_n, x, scalings, refine, new_state),
+                WorldModelOutput(x0, None, rt[..., 0], rt[..., 1], new_state))
+
+    def _positions(self, state: WorldModelState | None, b: int, t: int, device) -> Tensor:
+        """(B, T) frame indices of a piece: from 0, or following ``state``."""
+        if state is None:
+            return torch.arange(t, device=device)[None].expand(b, t)
+        return state.t[:, None] + torch.arange(t, device=device)
+
+    def _previous_frames(self, clean: Tensor, state: WorldModelState | None) -> Tensor:
+        """(B, T, H, W, C) the clean frame before each frame of a piece (zeros before a first one)."""
+        before = self._state_prev(state, clean)
+        before = torch.zeros_like(clean[:, 0]) if before is None else before.to(clean.dtype)
+        return torch.cat([before[:, None], clean[:, :-1]], 1)
+
+    def _embed(self, x: Tensor, sigma: Tensor, actions: Tensor, null: Tensor | None, pos: Tensor,
+               prev: Tensor | None):
+        """Frame tokens (B, T, N, D), the per-frame conditioning (SiLU'd) and the EDM scalings."""
+        cfg = self.config
+        b, t = x.shape[:2]
+        scalings = edm_scalings(sigma, cfg.sigma_data)
+        c_in, c_noise = scalings[2], scalings[3]
+        x_in = x * c_in[:, :, None, None, None]
+        tok = self.patch_in(self.patchify(x_in)) + self.pos_emb
+        if self.action_tok is not None:
+            emb = self.action_tok(actions).view(b, t, self.n_tok, cfg.d_model)
+            tok = tok + (emb if null is None else emb * ~null[:, :, None, None])
+        if prev is not None:
+            # a first frame (of a clip without state, or after a reset) has no previous frame
+            tok = tok + self.prev_in(self.patchify(prev)) * (pos > 0)[:, :, None, None].to(tok.dtype)
+        ang = c_noise[..., None] * self.noise_freqs
+        act = self.action_emb(actions)
+        if null is not None:
+            act = torch.where(null[..., None], self.action_null.to(act.dtype), act)
+        cond = F.silu(self.noise_mlp(torch.cat([ang.cos(), ang.sin()], -1)) + act)
+        return tok, cond, (*scalings, x_in)
+
+    def _readout(self, tok: Tensor, cond: Tensor, x: Tensor, scalings, refine: bool,
+                 new_state: WorldModelState | None) -> WorldModelOutput:
+        """Final modulated norm -> patches (and the pixel refiner) -> EDM denoiser; the heads."""
+        c_skip, c_out, _, c_noise, x_in = scalings
         shift, scale = self.final_ada(cond)[:, :, None].chunk(2, dim=-1)
         hfin = F.layer_norm(tok, tok.shape[-1:], eps=1e-6)
         raw = self.unpatchify(self.patch_out(modulate(hfin, shift, scale)))
@@ -496,18 +585,18 @@ class WorldModel(nn.Module):
             raw = raw + self._refine(raw, x_in, c_noise)
         rt = self.head(hfin.mean(dim=2))
         denoised = c_skip[:, :, None, None, None] * x + c_out[:, :, None, None, None] * raw
-
-        new_state = None
-        if state is not None and update != "none":
-            ssm_out = [None if s is None else tuple(z.to(state.ssm[i][j].dtype) for j, z in enumerate(s))
-                       for i, s in enumerate(new_ssm)]
-            prev_out = None if state.prev is None or new_prev is None else new_prev.to(state.prev.dtype)
-            new_state = WorldModelState(state.t + t, ssm_out, new_kv, state.comp, prev_out)
-            if update == "inplace":
-                new_state = state.copy_(new_state)
-        elif state is not None:
-            new_state = state
         return WorldModelOutput(denoised, raw, rt[..., 0], rt[..., 1], new_state)
+
+    def _next_state(self, state: WorldModelState | None, update: str, t: int, new_ssm, new_kv,
+                    last_clean: Tensor | None) -> WorldModelState | None:
+        """The state after a piece of t frames ("copy", "inplace"), or ``state`` itself ("none")."""
+        if state is None or update == "none":
+            return state
+        ssm_out = [None if s is None else tuple(z.to(state.ssm[i][j].dtype) for j, z in enumerate(s))
+                   for i, s in enumerate(new_ssm)]
+        prev_out = None if state.prev is None or last_clean is None else last_clean.to(state.prev.dtype)
+        new_state = WorldModelState(state.t + t, ssm_out, new_kv, state.comp, prev_out)
+        return state.copy_(new_state) if update == "inplace" else new_state
 
     def _refine(self, raw: Tensor, x_in: Tensor, c_noise: Tensor) -> Tensor:
         """The pixel refiner's correction to ``raw`` (B, T, H, W, C), from ``raw``, the scaled

@@ -45,6 +45,10 @@ class TrainConfig:
     """Share of clips in which only `clean_history_noised_frac` of the frames are noised, the rest
     clean: trains prediction from a clean history, as at inference (see sample_clip_sigmas)."""
     clean_history_noised_frac: float = 0.25
+    noised_copies: bool = False
+    """Every frame carries loss: the clip runs clean and a noised copy of each frame is denoised from
+    the clean frames before it (WorldModel.forward_paired), about twice the compute per clip frame.
+    The clean-prefix options (long_context, clean_history_prob) then do not apply."""
     action_dropout: float = 0.0
     """Share of frames whose action is replaced by the model's null action (needs
     --model.null-action): trains the action-free prediction that action guidance
@@ -139,6 +143,10 @@ class TrainConfig:
             raise ValueError(f"clean_history_prob must be in [0, 1], got {self.clean_history_prob}")
         if not 0.0 < self.clean_history_noised_frac <= 1.0:
             raise ValueError(f"clean_history_noised_frac must be in (0, 1], got {self.clean_history_noised_frac}")
+        if self.noised_copies and self.clean_history_prob > 0:
+            raise ValueError("noised_copies gives every frame a clean history already: set clean_history_prob to 0")
+        if self.noised_copies and self.compression != "off" and get_compression(self.compression).dynamic:
+            raise ValueError("noised_copies does not support training with state compression (compression='off')")
         if not 0.0 <= self.action_dropout <= 1.0:
             raise ValueError(f"action_dropout must be in [0, 1], got {self.action_dropout}")
         if self.action_dropout > 0 and not self.model.null_action:

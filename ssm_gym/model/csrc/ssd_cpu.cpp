@@ -15,6 +15,8 @@
 // Backward: the adjoint G_t = dLoss/dS_t runs backwards, G_t = C_t gy_t^T + exp(dt_{t+1} A) G_{t+1}.
 // The forward pass stores the state every `ckpt_every` tokens; the backward recomputes the
 // states of one such segment at a time from its checkpoint (memory L / ckpt_every states).
+// The checkpoints double as an output (the state entering every ckpt_every-th token, which
+// training with noised copies of frames reads); their gradient, if given, joins the adjoint.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -132,7 +134,7 @@ void forward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C,
 
 template <typename T, int64_t PP>
 void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C, const T* ckpt, const T* gy,
-                     const T* gfinal, T* gx, T* gdt, T* gA, T* gB, T* gC, T* ginit, const Dims d,
+                     const T* gfinal, const T* gckpt, T* gx, T* gdt, T* gA, T* gB, T* gC, T* ginit, const Dims d,
                      int64_t ckpt_every) {
   const int64_t n = d.n, p = PP > 0 ? PP : d.p, K = ckpt_every, nck = (d.l + K - 1) / K;
   at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
@@ -202,6 +204,11 @@ void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C
           gdt[s.dt + t * s.dt_step] = gdt_acc;
           gA_acc += ga * a * dtt;
         }
+        if (gckpt) {  // the checkpoint is the state entering token t0: its gradient adds to G there
+          const T* gc = gckpt + (bh * nck + seg) * n * p;
+#pragma omp simd
+          for (int64_t j = 0; j < n * p; ++j) G[j] += gc[j];
+        }
       }
       gA[bh] = gA_acc;
       from_rows(G.data(), ginit + st, n, p);
@@ -264,7 +271,7 @@ std::vector<at::Tensor> ssd_forward(const at::Tensor& x, const at::Tensor& dt, c
 std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const at::Tensor& ckpt,
                                      const at::Tensor& gy, const c10::optional<at::Tensor>& gfinal,
-                                     int64_t ckpt_every) {
+                                     const c10::optional<at::Tensor>& gckpt, int64_t ckpt_every) {
   const Dims d = check_inputs(x, dt, A, B, C);
   TORCH_CHECK(ckpt_every > 0 && ckpt.numel() == d.b * d.h * ((d.l + ckpt_every - 1) / ckpt_every) * d.n * d.p,
               "ssd_backward: checkpoints do not match the inputs");
@@ -275,6 +282,9 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, 
   if (gfinal) TORCH_CHECK(gfinal->sizes() == at::IntArrayRef({d.b, d.h, d.p, d.n}) && gfinal->is_contiguous() &&
                               gfinal->device().is_cpu() && gfinal->scalar_type() == x.scalar_type(),
                           "grad of the final state must be a contiguous CPU tensor (batch, heads, headdim, d_state)");
+  if (gckpt) TORCH_CHECK(gckpt->sizes() == ckpt.sizes() && gckpt->is_contiguous() && gckpt->device().is_cpu() &&
+                             gckpt->scalar_type() == x.scalar_type(),
+                         "grad of the checkpoints must be a contiguous CPU tensor shaped like them");
   auto gx = at::empty_like(x);
   auto gdt = at::empty_like(dt);
   auto gA = at::empty({d.b, d.h}, x.options());
@@ -286,7 +296,7 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, 
     backward_kernel<scalar_t, decltype(PP)::value>(x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
                               B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), ckpt.data_ptr<scalar_t>(),
                               gy.data_ptr<scalar_t>(), gfinal ? gfinal->data_ptr<scalar_t>() : nullptr,
-                              gx.data_ptr<scalar_t>(), gdt.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
+                              gckpt ? gckpt->data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), gdt.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
                               gB.data_ptr<scalar_t>(), gC.data_ptr<scalar_t>(), ginit.data_ptr<scalar_t>(), d,
                               ckpt_every);
     });
