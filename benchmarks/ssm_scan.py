@@ -17,10 +17,14 @@ JSON keys
   Shape: batch ``scan_batch`` sequences, 8 heads x 32 headdim, d_state 16 (the default layer).
 - ``matmul_gflops``: {"fp32": ..., "bf16": ...}: measured square matmul (``matmul_n``) GFLOP/s.
 - ``train``: list, one entry per precision ("fp32", "bf16" = bf16 autocast) and SSD backend
-  ("torch"; "cpu", the fused kernel, too on the CPU; "mamba" too on CUDA with mamba-ssm):
-  ``precision``, ``backend``,
+  ("torch"; "cpu", the fused kernel, too on the CPU; "mamba" too on CUDA with mamba-ssm), with
+  the diffusion-forcing objective, then both precisions with noised copies (every frame
+  denoised from its clean history, the trainer's ``--noised-copies``) on the last backend:
+  ``objective`` ("diffusion forcing" or "noised copies"), ``precision``, ``backend``,
   ``batch``, ``frames_per_clip``, ``step_s`` (mean seconds per optimizer step, after warm-up),
-  ``frames_per_s``, ``gflop_per_step`` (FlopCounterMode count of one train step, forward +
+  ``frames_per_s`` (clip frames), ``loss_frames_per_s`` (frames that carry a denoising loss: the
+  noised ones of diffusion forcing, with its default long-context clean prefix; every frame with
+  copies), ``gflop_per_step`` (FlopCounterMode count of one train step, forward +
   backward; the CPU flash-attention op counted as dense attention over the keys it is given;
   counted once and used for every row: with the fused kernel where it builds, whose scan (about
   2% of the step's arithmetic) the counter does not see, so the figure is conservative; else
@@ -159,28 +163,38 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
     actions = torch.randint(0, cfg.n_actions + 1, (b, t), generator=g, device=dev)
     rewards = torch.zeros(b, t, device=dev)
 
-    def step(bf16: bool):
+    noised = []  # share of frames with a loss, per step
+
+    def step(bf16: bool, copies: bool):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = diffusion_forcing_loss(model, frames, actions, rewards, rewards, generator=g)
+            loss, stats = diffusion_forcing_loss(model, frames, actions, rewards, rewards, generator=g,
+                                                 noised_copies=copies)
+        noised.append(stats["noised_frac"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    with flop_counter() as fc:
-        step(False)
-    flops = fc.get_total_flops()  # the same model and clip for every backend
+    flops = {}
+    for copies in (False, True):  # the same model and clip for every backend
+        with flop_counter() as fc:
+            step(False, copies)
+        flops[copies] = fc.get_total_flops()
     rows = []
     backends = ("torch",) + (("mamba",) if has_mamba(args.device) else ()) + (("cpu",) if has_fused_cpu(args.device) else ())
-    for backend in backends:
+    runs = [(backend, False) for backend in backends] + [(backends[-1], True)]
+    for backend, copies in runs:
         for layer in model.layers:
             if layer.ssm is not None:
                 layer.ssm.backend = backend
         for name, bf16 in (("fp32", False), ("bf16", True)):
-            step(bf16)  # warm-up (one step, as the timed steps follow it)
-            dt = timed_once(lambda: [step(bf16) for _ in range(args.steps)], args.device) / args.steps  # noqa: B023
-            achieved = flops / dt / 1e9
-            rows.append({"precision": name, "backend": backend, "batch": b, "frames_per_clip": t, "step_s": dt,
-                         "frames_per_s": b * t / dt, "gflop_per_step": flops / 1e9, "achieved_gflops": achieved,
+            step(bf16, copies)  # warm-up (one step, as the timed steps follow it)
+            noised.clear()
+            dt = timed_once(lambda: [step(bf16, copies) for _ in range(args.steps)], args.device) / args.steps  # noqa: B023
+            achieved = flops[copies] / dt / 1e9
+            rows.append({"objective": "noised copies" if copies else "diffusion forcing", "precision": name,
+                         "backend": backend, "batch": b, "frames_per_clip": t, "step_s": dt,
+                         "frames_per_s": b * t / dt, "loss_frames_per_s": b * t * sum(noised) / len(noised) / dt,
+                         "gflop_per_step": flops[copies] / 1e9, "achieved_gflops": achieved,
                          "frac_of_matmul": achieved / matmul[name]})
     model_info = {"params": model.num_params(), "config": dataclasses.asdict(cfg)}
     return rows, model_info
@@ -208,10 +222,12 @@ def main(args: Args):
               + (f" {r[extra + '_ms']:>9.3f} {r[extra + '_speedup']:>7.1f}x {r[extra + '_max_rel_err']:>9.1e}" if extra else ""))
     print(f"\nmatmul {args.matmul_n}^3: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
     print(f"\ntrain step, default config ({model_info['params'] / 1e6:.2f}M params), {args.batch} clips x {args.frames} frames")
-    print(f"{'precision':>9} {'backend':>7} {'s/step':>7} {'frames/s':>9} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")
+    print(f"{'objective':>17} {'precision':>9} {'backend':>7} {'s/step':>7} {'frames/s':>9} {'loss frames/s':>14} "
+          f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")
     for r in train:
-        print(f"{r['precision']:>9} {r['backend']:>7} {r['step_s']:>7.3f} {r['frames_per_s']:>9.1f} {r['gflop_per_step']:>11.1f} "
-              f"{r['achieved_gflops']:>8.1f} {100 * r['frac_of_matmul']:>9.1f}%")
+        print(f"{r['objective']:>17} {r['precision']:>9} {r['backend']:>7} {r['step_s']:>7.3f} {r['frames_per_s']:>9.1f} "
+              f"{r['loss_frames_per_s']:>14.1f} {r['gflop_per_step']:>11.1f} {r['achieved_gflops']:>8.1f} "
+              f"{100 * r['frac_of_matmul']:>9.1f}%")
 
 
 if __name__ == "__main__":

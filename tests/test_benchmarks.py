@@ -64,8 +64,12 @@ def test_ssm_scan_benchmark(as_json, capsys):
         if fused:
             assert row["fused_max_rel_err"] < 1e-5
         assert {r["backend"] for r in result["train"]} == ({"torch", "cpu"} if fused else {"torch"})
+        copies = [r for r in result["train"] if r["objective"] == "noised copies"]
+        assert len(copies) == 2 and all(r["loss_frames_per_s"] == r["frames_per_s"] for r in copies)
+        plain = [r for r in result["train"] if r["objective"] == "diffusion forcing"]
+        assert copies[0]["gflop_per_step"] > plain[0]["gflop_per_step"]
     else:
-        assert "chunked ms" in out and ("fused ms" in out) == fused
+        assert "chunked ms" in out and ("fused ms" in out) == fused and "noised copies" in out
 
 
 def test_maze_sim_benchmark():

@@ -147,6 +147,79 @@ def test_blockwise_ssm_pieces_and_steps_equal_whole(block, d_conv):
     assert rel_err(torch.cat(ys, 1), y) < 1e-10
 
 
+# ---------------------------------------------------------------------------------------------
+# states at a spacing (training with noised copies reads the state entering every frame)
+# ---------------------------------------------------------------------------------------------
+spaced_shapes = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**31 - 1),
+    "b": st.integers(1, 2),
+    "every": st.integers(1, 20),
+    "pieces": st.integers(1, 6),
+    "hg": st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    "p": st.sampled_from([1, 3, 32]),
+    "n": st.integers(1, 9),
+    "with_init": st.booleans(),
+    "with_D": st.booleans(),
+    "dt_scale": st.sampled_from([0.01, 1.0, 3.0]),
+})
+
+
+@settings(max_examples=30, deadline=None)
+@given(spaced_shapes)
+def test_states_at_spacing_equal_reference_values_and_gradients(s):
+    """ssd(..., state_every=k) on the torch path and the fused kernel == the recurrence piece by
+    piece: outputs, final state, the states entering every k-th token, and every gradient with a
+    loss on all three (float64)."""
+    h, g = s["hg"]
+    k = s["every"]
+    args = make_inputs(s["seed"], s["b"], k * s["pieces"], h, g, s["p"], s["n"], torch.float64, s["with_init"],
+                       s["with_D"], s["dt_scale"])
+    args = [None if a is None else a.clone().requires_grad_(True) for a in args]
+    leaves = [a for a in args if a is not None]
+    x, dt, A, B, C, D, s0 = args
+    ref = ssd(x, dt, A, B, C, D, s0, backend="sequential", state_every=k)
+    assert ref[2].shape == (s["b"], s["pieces"], h, s["p"], s["n"])
+    gen = torch.Generator().manual_seed(s["seed"])
+    w = [torch.randn(r.shape, generator=gen, dtype=r.dtype) for r in ref]
+    g_ref = torch.autograd.grad(sum((r * wi).sum() for r, wi in zip(ref, w)), leaves)
+    for backend in ["torch"] + (["cpu"] if cpu_kernel() is not None else []):
+        out = ssd(x, dt, A, B, C, D, s0, backend=backend, state_every=k)
+        for o, r in zip(out, ref):
+            assert o.shape == r.shape and rel_err(o, r) < 1e-10, backend
+        grads = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(out, w)), leaves)
+        for a, b in zip(grads, g_ref):
+            assert rel_err(a, b) < 1e-9, backend
+        if s0 is not None:
+            assert torch.equal(out[2][:, 0], s0.detach())
+
+
+def test_states_at_spacing_reject_a_length_it_does_not_divide():
+    x, dt, A, B, C, D, s0 = make_inputs(0, 1, 10, 2, 1, 3, 4, torch.float64)
+    with pytest.raises(ValueError, match="state_every"):
+        ssd(x, dt, A, B, C, D, s0, state_every=4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "sequential"])
+@pytest.mark.parametrize("block,d_conv", [((2, 2), 4), ((1, 2), 4), (None, 4), ((2, 4), 1), ((2, 2), 0)])
+def test_blockwise_ssm_paired_copies_equal_one_frame_steps(block, d_conv, backend):
+    """forward_paired: the copy of frame t == a one-frame forward of it from the state after clean
+    frames < t (conv window and scan); the clean output and state == forward."""
+    if backend == "cpu" and cpu_kernel() is None:
+        pytest.skip("the fused CPU kernel could not be built")
+    torch.manual_seed(0)
+    m = BlockwiseSSM(16, (4, 4), block, d_state=8, headdim=8, d_conv=d_conv, chunk_size=8, backend=backend).double()
+    x, xn = torch.randn(2, 5, 4, 4, 16, dtype=torch.float64), torch.randn(2, 5, 4, 4, 16, dtype=torch.float64)
+    start = tuple(z + torch.randn_like(z) for z in m.init_state(2, dtype=torch.float64))
+    y, yn, (conv, state) = m.forward_paired(x, xn, start)
+    y_ref, (conv_ref, state_ref) = m(x, start)
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(state, state_ref) < 1e-12 and torch.equal(conv, conv_ref)
+    st_ = start
+    for t in range(5):
+        yt, _ = m(xn[:, t:t + 1], st_)
+        assert rel_err(yn[:, t], yt[:, 0]) < 1e-12
+        _, st_ = m(x[:, t:t + 1], st_)
+
+
 def test_blockwise_ssm_blocks_are_independent_and_causal():
     torch.manual_seed(0)
     m = BlockwiseSSM(8, (4, 4), (2, 2), d_state=4, headdim=8, chunk_size=4)
