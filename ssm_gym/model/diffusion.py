@@ -103,8 +103,8 @@ def diffusion_forcing_loss(
     b, t = x0.shape[:2]
     dev = x0.device
     if sigma is None:
-        sigma = (sample_train_sigmas((b, t), cfg.p_mean, cfg.p_std, generator, dev) if noised_copies
-                 else sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev))
+        sigma = sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev,
+                                   noised_copies=noised_copies)
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     xn = x0 + sigma[:, :, None, None, None] * noise
     update = "copy" if state is not None else "none"
@@ -148,7 +148,7 @@ def diffusion_forcing_loss(
 
 def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, long_context_prob: float = 0.5,
                        generator: torch.Generator | None = None, device=None, clean_history_prob: float = 0.0,
-                       clean_history_noised_frac: float = 0.25) -> Tensor:
+                       clean_history_noised_frac: float = 0.25, noised_copies: bool = False) -> Tensor:
     """(batch, length) training noise levels for whole clips: independent per frame (diffusion
     forcing), with the long-context clean prefix applied. Drawn for the whole clip up front so a
     clip trained in temporal chunks (truncated BPTT) gets the same noise pattern as in one piece.
@@ -157,12 +157,17 @@ def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, 
     frames is noised and the rest stay clean. Why: with every frame noised, a predicted frame
     almost never follows a clean one, yet at inference the history is always clean (real or
     generated frames); the step from a clean previous frame through the action is what an agent
-    needs, and plain diffusion forcing rarely trains it."""
+    needs, and plain diffusion forcing rarely trains it.
+
+    noised_copies: every frame noised (its clean self is the copy's history), the clean-prefix
+    options unused."""
     if not 0.0 <= clean_history_prob <= 1.0:
         raise ValueError(f"clean_history_prob must be in [0, 1], got {clean_history_prob}")
     if not 0.0 < clean_history_noised_frac <= 1.0:
         raise ValueError(f"clean_history_noised_frac must be in (0, 1], got {clean_history_noised_frac}")
     sigma = sample_train_sigmas((batch, length), cfg.p_mean, cfg.p_std, generator, device)
+    if noised_copies:
+        return sigma
     if clean_history_prob > 0:
         sparse = torch.rand(batch, generator=generator, device=device) < clean_history_prob
         kept = torch.rand((batch, length), generator=generator, device=device) < clean_history_noised_frac

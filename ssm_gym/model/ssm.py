@@ -586,15 +586,14 @@ class BlockwiseSSM(nn.Module):
         zn, xBCn, dtn = self._project(x_noisy)
         conv_state, ssm_state = state if state is not None else (None, None)
         xBC, new_conv, padded = self._conv(xBC, conv_state, b)
-        k = self.d_conv - 1
-        if k > 0:  # each copy's convolution window: the k clean tokens before its frame, then itself
-            bnb, cd = padded.shape[:2]
-            before = padded.unfold(-1, k, f)[:, :, :t].permute(0, 2, 1, 3)  # (bnb, T, conv_dim, k)
-            own = xBCn.reshape(bnb, t, f, cd).transpose(2, 3)  # (bnb, T, conv_dim, f)
-            win = torch.cat([before, own], -1).reshape(bnb * t, cd, k + f)
-            xBCn = causal_depthwise_conv(win, self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2)
-        elif self.d_conv > 0:
-            xBCn = causal_depthwise_conv(xBCn.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2)
+        if self.d_conv > 0:  # each copy's convolution window: the k clean tokens before its frame, then itself
+            k, bnb = self.d_conv - 1, xBCn.shape[0]
+            win = xBCn.reshape(bnb, t, f, self.conv_dim).transpose(2, 3)  # (bnb, T, conv_dim, f)
+            if k > 0:
+                before = padded.unfold(-1, k, f)[:, :, :t].permute(0, 2, 1, 3)  # (bnb, T, conv_dim, k)
+                win = torch.cat([before, win], -1)
+            xBCn = causal_depthwise_conv(win.reshape(bnb * t, self.conv_dim, k + f), self.conv1d.weight[:, 0],
+                                         self.conv1d.bias).transpose(1, 2)
         xs, Bm, Cm, dt = self._scan_inputs(xBC, dt)
         A = self._A()
         init = None if ssm_state is None else ssm_state.reshape(-1, self.nheads, self.headdim, self.d_state)

@@ -44,7 +44,7 @@ from ssm_gym.model.checkpoint import (
     write_folder_atomically,
 )
 from ssm_gym.model.compression import clip_compression, get_compression
-from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, sample_clip_sigmas, sample_train_sigmas
+from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, sample_clip_sigmas
 from ssm_gym.model.ssm import cpu_kernel
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import TrainConfig, config_to_json
@@ -378,13 +378,10 @@ def train(cfg: TrainConfig) -> Path:
                                noise_gen)
         rewards = batch["rewards"].to(env.device)
         terminals = batch["terminals"].to(env.device)
-        if cfg.noised_copies:  # every frame noised; its clean self is in the history
-            sigma = sample_train_sigmas((batch_size, clip_len), cfg.model.p_mean, cfg.model.p_std, noise_gen, env.device)
-        else:
-            sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
-                                       generator=noise_gen, device=env.device,
-                                       clean_history_prob=cfg.clean_history_prob,
-                                       clean_history_noised_frac=cfg.clean_history_noised_frac)
+        sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
+                                   generator=noise_gen, device=env.device, clean_history_prob=cfg.clean_history_prob,
+                                   clean_history_noised_frac=cfg.clean_history_noised_frac,
+                                   noised_copies=cfg.noised_copies)
         compress = None
         if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
             compress = clip_compression(comp_cfg, frames, cfg.model.patch_size, cfg.compression_prob, noise_gen)
