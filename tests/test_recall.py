@@ -13,6 +13,7 @@ from ssm_gym.eval.metrics import psnr, ssim
 from ssm_gym.eval.recall import Args, reasoning_episode, retrieval_episode, run
 from ssm_gym.maze.render import BORDER
 from ssm_gym.model.checkpoint import save_model
+from ssm_gym.model.diffusion import float_to_frames, frames_to_float
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import PRESETS
 
@@ -141,6 +142,7 @@ class _ActionPainter(torch.nn.Module):
     def __init__(self, uses_actions: bool):
         super().__init__()
         self.uses_actions, self.w = uses_actions, torch.nn.Parameter(torch.zeros(1))
+        self.config = types.SimpleNamespace(space_shape=(8, 8, 3))  # (pixel space: the noise's shape)
 
     def init_state(self, n, device=None):
         return _Rows(n)
@@ -204,6 +206,12 @@ class _Denoiser(torch.nn.Module):
 
     def observe_clip(self, state, frames, actions):
         self.seen += range(frames.shape[1])
+
+    def to_space(self, frames):  # a pixel-space model
+        return frames_to_float(frames)
+
+    def to_frames(self, x):
+        return float_to_frames(x)
 
     def observe(self, state, frame, action):
         self.seen.append(len(self.seen))

@@ -31,6 +31,9 @@ def variant_model(spec):
     """"full+prev_frame" -> ("full", a randomized tiny model of that variant with that option on)."""
     variant, _, extra = spec.partition("+")
     value = 4 if extra == "pixel_head" else True  # (pixel_head: the refiner's channels)
+    if extra == "latent":  # a latent-space model: 16x16x3 frames -> 8x8x4 latents, 2x2 latent patches
+        return variant, randomized(tiny_config(variant, latent_channels=4, latent_downsample=2, latent_width=4,
+                                               patch_size=2))
     return variant, randomized(tiny_config(variant, **({extra: value} if extra else {})))
 
 
@@ -59,7 +62,7 @@ def max_err(a, b):
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, "full+action_tokens", "full+prev_frame", "attn_full+prev_frame",
-                                     "full+pixel_head"])
+                                     "full+pixel_head", "full+latent"])
 def test_parallel_equals_step(variant):
     variant, m = variant_model(variant)
     frames, actions = clip()
@@ -100,7 +103,7 @@ def test_pieces_with_state_equal_whole(variant):
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, "full+prev_frame", "full+pixel_head", "full+action_tokens",
-                                     "full+null_action"])
+                                     "full+null_action", "full+latent"])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_paired_copies_equal_one_frame_steps(variant, with_state):
     """forward_paired: the noised copy of frame t == a one-frame forward of it from the state after

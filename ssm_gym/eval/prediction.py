@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from ssm_gym.eval.metrics import psnr
-from ssm_gym.model.diffusion import float_to_frames, frames_to_float
 from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
 from ssm_gym.maze.sim import N_ACTIONS
 
@@ -130,7 +129,7 @@ def action_sensitivity(model, frames: torch.Tensor, prev_actions: torch.Tensor, 
     true_p, other_p, best, between, rewards = [], [], [], [], []
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     for h in range(context, context + positions):
-        noise = torch.randn((n, 1, *frames.shape[2:]), generator=gen, device=dev).repeat_interleave(k, 0)
+        noise = torch.randn((n, 1, *model.config.space_shape), generator=gen, device=dev).repeat_interleave(k, 0)
         pred, reward, _ = model.generate(state.index_select(rows), acts, steps=steps, noise=noise,
                                          action_guidance=action_guidance, reward_from="denoiser")
         rewards.append(reward.reshape(n, k).float().cpu().numpy())
@@ -168,13 +167,13 @@ def denoising_curve(model, frames: torch.Tensor, prev_actions: torch.Tensor, con
     frames, prev_actions, dev, gen, state = _warmed_up(model, frames, prev_actions, context, positions, seed)
     scores = {s: ([], []) for s in sigmas}
     for h in range(context, context + positions):
-        clean = frames_to_float(frames[:, h:h + 1])
+        clean = model.to_space(frames[:, h:h + 1])  # (a latent-space model: noised and judged decoded)
         real = frames[:, h:h + 1].cpu().numpy()
         for s in sigmas:
             noisy = clean + s * torch.randn(clean.shape, generator=gen, device=dev)
             out = model(noisy, torch.full((n, 1), s, device=dev), prev_actions[:, h:h + 1], state=state, update="none")
-            scores[s][0].append(psnr(float_to_frames(noisy).cpu().numpy(), real))
-            scores[s][1].append(psnr(float_to_frames(out.denoised).cpu().numpy(), real))
+            scores[s][0].append(psnr(model.to_frames(noisy).cpu().numpy(), real))
+            scores[s][1].append(psnr(model.to_frames(out.denoised).cpu().numpy(), real))
         model.observe(state, frames[:, h], prev_actions[:, h])
     return {str(s): {"input": float(np.mean(a)), "denoised": float(np.mean(b))} for s, (a, b) in scores.items()}
 

@@ -1,6 +1,7 @@
 """World model core: block-wise Mamba-2 (SSD) scan, frame-local attention, diffusion forcing."""
 
 from .attention import FrameLocalAttention, KVCache, TokenPool
+from .autoencoder import FrameAutoencoder
 from .diffusion import (
     diffusion_forcing_loss,
     float_to_frames,
@@ -22,6 +23,7 @@ __all__ = [
     "HAS_MAMBA_SSM",
     "VARIANTS",
     "BlockwiseSSM",
+    "FrameAutoencoder",
     "FrameLocalAttention",
     "KVCache",
     "TokenPool",

@@ -41,7 +41,8 @@ def config_to_dict(config: WorldModelConfig) -> dict[str, Any]:
 # Fields added to WorldModelConfig after format_version 1, with the value that reproduces what
 # checkpoints written before them compute. Only these may be absent from a checkpoint.
 ADDED_FIELDS: dict[str, Any] = {"action_tokens": False, "prev_frame": False, "null_action": False,
-                                "action_guidance": 1.0, "pixel_head": 0}
+                                "action_guidance": 1.0, "pixel_head": 0, "latent_channels": 0, "latent_downsample": 4,
+                                "latent_width": 16}
 
 
 def config_from_dict(d: dict[str, Any], where: str = "config") -> WorldModelConfig:
@@ -88,12 +89,9 @@ def write_folder_atomically(path: Path, write) -> None:
         raise
 
 
-def save_model(path: str | Path, model: WorldModel, meta: dict | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save `model`'s config and weights (or `state_dict`, e.g. EMA weights) to folder `path`."""
-    path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or model.state_dict()).items()}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config_to_dict(model.config), "meta": meta or {}}
+def _write(path: Path, doc: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """A checkpoint folder: the weights and the JSON document, written atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / WEIGHTS_FILE))
@@ -103,23 +101,36 @@ def save_model(path: str | Path, model: WorldModel, meta: dict | None = None,
     return path
 
 
-def read_config(path: str | Path) -> tuple[WorldModelConfig, dict]:
-    """(model config, meta) of the checkpoint folder `path`."""
-    path = Path(path)
+def _read_doc(path: Path, fmt: str, what: str) -> dict:
+    """The checked JSON document of a checkpoint folder of format ``fmt``."""
     cfg_path = path / CONFIG_FILE
     if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint folder not found")
+        raise CheckpointError(f"{path}: {what} folder not found")
     if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path}: missing (a checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise CheckpointError(f"{cfg_path}: missing (a {what} folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         doc = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: not an ssm-gym world-model checkpoint (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise CheckpointError(f"{cfg_path}: not an ssm-gym {what} (format {doc.get('format') if isinstance(doc, dict) else None!r})")
     if doc.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path}: format_version {doc.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    return config_from_dict(doc.get("model"), str(cfg_path)), doc.get("meta", {})
+    return doc
+
+
+def save_model(path: str | Path, model: WorldModel, meta: dict | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save `model`'s config and weights (or `state_dict`, e.g. EMA weights) to folder `path`."""
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config_to_dict(model.config), "meta": meta or {}}
+    return _write(Path(path), doc, state_dict or model.state_dict())
+
+
+def read_config(path: str | Path) -> tuple[WorldModelConfig, dict]:
+    """(model config, meta) of the checkpoint folder `path`."""
+    path = Path(path)
+    doc = _read_doc(path, FORMAT, "world-model checkpoint")
+    return config_from_dict(doc.get("model"), str(path / CONFIG_FILE)), doc.get("meta", {})
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -156,3 +167,37 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> WorldMod
     check_state_dict(model, tensors, str(Path(path) / WEIGHTS_FILE))
     model.load_state_dict(tensors)
     return model.to(device).eval()
+
+
+# -- the frame autoencoder (a world model's latent space; see autoencoder.py) -------------------
+AE_FORMAT = "ssm-gym-autoencoder"
+AE_FIELDS = ("channels", "latent_channels", "downsample", "width")
+
+
+def save_autoencoder(path: str | Path, ae, meta: dict | None = None) -> Path:
+    """Save a FrameAutoencoder (config + weights, its latent scale included) to folder `path`."""
+    doc = {"format": AE_FORMAT, "format_version": FORMAT_VERSION,
+           "model": {"channels": ae.channels, "latent_channels": ae.latent_channels, "downsample": ae.downsample,
+                     "width": ae.encoder[0].out_channels},
+           "meta": meta or {}}
+    return _write(Path(path), doc, ae.state_dict())
+
+
+def load_autoencoder(path: str | Path):
+    """The FrameAutoencoder saved in folder `path` (eval mode), with the same checks as load_model."""
+    from .autoencoder import FrameAutoencoder
+
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE
+    fields = _read_doc(path, AE_FORMAT, "autoencoder").get("model")
+    if not isinstance(fields, dict) or sorted(fields) != sorted(AE_FIELDS):
+        raise CheckpointError(f"{cfg_path}: autoencoder config must have exactly the fields {list(AE_FIELDS)}, "
+                              f"got {fields!r}")
+    try:
+        ae = FrameAutoencoder(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid autoencoder config ({e})") from None
+    tensors = read_weights(path)
+    check_state_dict(ae, tensors, str(path / WEIGHTS_FILE))
+    ae.load_state_dict(tensors)
+    return ae.eval()

@@ -98,8 +98,9 @@ def diffusion_forcing_loss(
     heads are trained on the copies and on the clean frames, half each.
     Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
-    cfg = getattr(model, "module", model).config  # (model may be wrapped in DDP)
-    x0 = frames_to_float(frames)
+    net = getattr(model, "module", model)  # (model may be wrapped in DDP)
+    cfg = net.config
+    x0 = net.to_space(frames)  # the frames, or their latents
     b, t = x0.shape[:2]
     dev = x0.device
     if sigma is None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .autoencoder import FrameAutoencoder
 from .attention import FrameLocalAttention, KVCache, TokenPool, tensor_bytes
 from .compression import ClipCompression, CompressionState, NOVEL, get_compression, truncate_ssm_
 from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
@@ -64,6 +65,11 @@ class WorldModelConfig:
     prev_frame: bool = False  # also feed each frame's tokens the patches of the previous clean frame
     null_action: bool = False  # a learned "no action given" embedding (action NULL = n_actions + 1), for guidance
     pixel_head: int = 0  # channels of a small convolutional refiner on the output pixels (0 = none)
+    # latent space (autoencoder.py): 0 = denoise pixels; > 0 = denoise the latents of a frozen
+    # frame autoencoder with this many channels (patch_size then cuts the latent grid)
+    latent_channels: int = 0
+    latent_downsample: int = 4  # latent grid = image_size / latent_downsample
+    latent_width: int = 16  # the autoencoder's channels at full resolution
     # diffusion (EDM)
     sigma_data: float = 0.5
     sigma_min: float = 2e-3
@@ -79,10 +85,26 @@ class WorldModelConfig:
         if isinstance(self.pixel_head, bool) or not isinstance(self.pixel_head, int) or self.pixel_head < 0:
             raise ValueError(f"pixel_head is the refiner's channels, an int >= 0 (0 = none), got {self.pixel_head!r}")
         self.block_sizes = tuple(tuple(b) if b is not None else None for b in self.block_sizes)
+        if self.latent_channels < 0:
+            raise ValueError(f"latent_channels must be >= 0 (0 = pixel space), got {self.latent_channels}")
+        if self.latent_channels and (self.latent_downsample < 1 or self.image_size % self.latent_downsample):
+            raise ValueError(f"latent_downsample {self.latent_downsample} must divide image_size {self.image_size}")
+        if self.space_shape[0] % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide the {'latent' if self.latent_channels else 'frame'} "
+                             f"size {self.space_shape[0]}" + (" (set --model.patch-size for the latent grid, e.g. 2)"
+                                                              if self.latent_channels else ""))
+
+    @property
+    def space_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of what the network denoises: the frame, or its latent."""
+        if self.latent_channels:
+            s = self.image_size // self.latent_downsample
+            return (s, s, self.latent_channels)
+        return (self.image_size, self.image_size, self.channels)
 
     @property
     def grid(self) -> tuple[int, int]:
-        g = self.image_size // self.patch_size
+        g = self.space_shape[0] // self.patch_size
         return (g, g)
 
     @property
@@ -354,7 +376,7 @@ class WorldModel(nn.Module):
     def __init__(self, config: WorldModelConfig):
         super().__init__()
         self.config = cfg = config
-        d, p, c = cfg.d_model, cfg.patch_size, cfg.channels
+        d, p, c = cfg.d_model, cfg.patch_size, cfg.space_shape[2]
         self.grid = cfg.grid
         self.n_tok = self.grid[0] * self.grid[1]
         self.patch_dim = p * p * c
@@ -403,12 +425,19 @@ class WorldModel(nn.Module):
         # The last one is zero-initialised: a fine-tune starts from the model it loads.
         self.pixel_refine = None
         if cfg.pixel_head:
-            ph, c_img = cfg.pixel_head, cfg.channels
+            ph, c_img = cfg.pixel_head, c
             self.pixel_refine = nn.Sequential(
                 nn.Conv2d(2 * c_img + 1, ph, 3, padding=1), nn.SiLU(),
                 nn.Conv2d(ph, ph, 3, padding=1), nn.SiLU(),
                 nn.Conv2d(ph, c_img, 3, padding=1))
             nn.init.zeros_(self.pixel_refine[-1].weight), nn.init.zeros_(self.pixel_refine[-1].bias)
+        # Latent space: a frozen frame autoencoder (trained first, training.train_autoencoder; the
+        # trainer's --autoencoder loads it). Frames go in and out as pixels; the network, the state
+        # and the diffusion work on latents. Its weights are part of the checkpoint.
+        self.codec = None
+        if cfg.latent_channels:
+            self.codec = FrameAutoencoder(cfg.channels, cfg.latent_channels, cfg.latent_downsample, cfg.latent_width)
+            self.codec.requires_grad_(False)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -434,14 +463,42 @@ class WorldModel(nn.Module):
         comp = None
         if comp_cfg is not None and comp_cfg.dynamic:  # ("bf16" only changes the cache's dtype)
             cfg = self.config
+            if self.codec is not None:
+                raise ValueError("dynamic state compression scores pixel tokens: not supported for a latent-space "
+                                 "model (latent_channels > 0)")
             comp = CompressionState(comp_cfg, torch.full((batch_size, *self.grid), NOVEL, device=device),
                                     torch.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.channels),
                                                 dtype=torch.uint8, device=device))
         prev = None
         if self.prev_in is not None and comp is None:
-            cfg = self.config
-            prev = torch.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.channels), dtype=dtype, device=device)
+            prev = torch.zeros((batch_size, *self.config.space_shape), dtype=dtype, device=device)
         return WorldModelState(torch.zeros(batch_size, dtype=torch.long, device=device), ssm, kv, comp, prev)
+
+    # -- frames <-> what the network denoises ---------------------------------------------------
+    def to_space(self, frames: Tensor) -> Tensor:
+        """Frames (..., H, W, C) (uint8, or floats in [-1, 1]) -> floats in the network's space:
+        the frames themselves, or their (scaled) latents. Tensors already in that space (floats of
+        ``config.space_shape``) pass through."""
+        cfg = self.config
+        frame_shape = (cfg.image_size, cfg.image_size, cfg.channels)
+        if frames.dtype != torch.uint8 and tuple(frames.shape[-3:]) == cfg.space_shape:
+            return frames
+        if tuple(frames.shape[-3:]) != frame_shape:
+            raise ValueError(f"expected frames (..., {', '.join(map(str, frame_shape))})"
+                             + (f" or latents (..., {', '.join(map(str, cfg.space_shape))})" if self.codec else "")
+                             + f", got {tuple(frames.shape)}")
+        x = frames_to_float(frames)
+        if self.codec is None:
+            return x
+        with torch.no_grad():
+            return self.codec.encode(x.to(self.pos_emb.dtype))
+
+    def to_frames(self, x: Tensor) -> Tensor:
+        """The network's space -> uint8 frames (decoded for a latent-space model)."""
+        if self.codec is None:
+            return float_to_frames(x)
+        with torch.no_grad():
+            return float_to_frames(self.codec.decode(x))
 
     # -- tokens --------------------------------------------------------------------------------
     def patchify(self, x: Tensor) -> Tensor:
@@ -453,7 +510,7 @@ class WorldModel(nn.Module):
 
     def unpatchify(self, x: Tensor) -> Tensor:
         b, t = x.shape[:2]
-        p, c = self.config.patch_size, self.config.channels
+        p, c = self.config.patch_size, self.config.space_shape[2]
         gh, gw = self.grid
         x = x.reshape(b, t, gh, gw, p, p, c).permute(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(b, t, gh * p, gw * p, c)
@@ -479,7 +536,7 @@ class WorldModel(nn.Module):
             if compress is not None or clean is None:
                 raise ValueError("paired=True takes the clean frames (clean=...) and no compression masks")
             return self.forward_paired(x, sigma, actions, clean, state=state, update=update, refine=refine)
-        x = frames_to_float(x)
+        x = self.to_space(x)
         b, t = x.shape[:2]
         sigma = sigma.to(x.dtype).expand(b, t)
         pos = self._positions(state, b, t, x.device)
@@ -515,8 +572,8 @@ class WorldModel(nn.Module):
         Returns ``(noised, clean_out)``: the copies' outputs (state: the state after the clean
         frames), and the clean frames' reward and termination heads (``raw`` None).
         """
-        x = frames_to_float(x)
-        x0 = frames_to_float(clean).to(x.dtype)
+        x = self.to_space(x)
+        x0 = self.to_space(clean).to(x.dtype)
         if x0.shape != x.shape:
             raise ValueError(f"clean frames {tuple(x0.shape)} do not match the noised copies {tuple(x.shape)}")
         b, t = x.shape[:2]
@@ -618,7 +675,7 @@ class WorldModel(nn.Module):
         if clean is not None:
             if clean.shape[:2] != x.shape[:2]:
                 raise ValueError(f"clean frames {tuple(clean.shape)} do not match the clip {tuple(x.shape)}")
-            return frames_to_float(clean).to(x.dtype)
+            return self.to_space(clean).to(x.dtype)
         if x.shape[1] > 1 and bool((sigma > 0).any()):
             raise ValueError("a prev_frame model needs the clean frames (clean=...) of a noised clip longer "
                              "than one frame: each frame's previous-frame input is the clean frame")
@@ -632,7 +689,7 @@ class WorldModel(nn.Module):
         if state.prev is not None:
             return state.prev
         if state.comp is not None:
-            return frames_to_float(state.comp.last).to(x.dtype)
+            return frames_to_float(state.comp.last).to(x.dtype)  # (compression: pixel models only)
         raise ValueError("this state has no previous frame: it was made for a model without prev_frame")
 
     # -- step API (inference on a batch of N envs) ---------------------------------------------
@@ -679,8 +736,11 @@ class WorldModel(nn.Module):
 
         action_guidance: see ``predict``."""
         check_reward_from(reward_from)
-        frame, expected = self.predict(state, action, steps, generator, noise, action_guidance)
-        out = self.observe(state, frame, action)
+        x, expected = self._sample(state, action, steps, generator, noise, action_guidance)
+        frame = self.to_frames(x)[:, 0]
+        # a pixel model advances on the uint8 frame it returns; a latent one on the latent itself
+        # (decoding and encoding again would only add the autoencoder's error)
+        out = self.observe(state, frame if self.codec is None else x[:, 0], action)
         reward = expected if reward_from == "denoiser" else out.reward[:, 0]
         return frame, reward, out.term_logit[:, 0] > 0
 
@@ -698,12 +758,17 @@ class WorldModel(nn.Module):
         twice, with the action and with the null action, and uses ``D(null) + w (D(a) - D(null))``
         (classifier-free guidance; needs a model trained with the null action). The reward is
         read from the pass with the action."""
+        x, expected = self._sample(state, action, steps, generator, noise, action_guidance)
+        return self.to_frames(x)[:, 0], expected
+
+    def _sample(self, state, action, steps, generator, noise, action_guidance) -> tuple[Tensor, Tensor]:
+        """``predict`` in the network's space: (x (N, 1, *space_shape), expected reward (N,))."""
         cfg = self.config
         n = state.batch_size
         a = self._actions(action, n)[:, None]
         w = check_action_guidance(self, cfg.action_guidance if action_guidance is None else action_guidance)
         null = None if w == 1.0 else torch.full_like(a, self.NULL)
-        shape = (n, 1, cfg.image_size, cfg.image_size, cfg.channels)
+        shape = (n, 1, *cfg.space_shape)
         dev = self.pos_emb.device
 
         current = None if state.comp is None else state.comp.current()
@@ -720,7 +785,7 @@ class WorldModel(nn.Module):
 
         x = sample(denoise, shape, steps or cfg.sample_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                    generator=generator, device=dev, dtype=self.pos_emb.dtype, noise=noise)
-        return float_to_frames(x)[:, 0], first_pass[0]
+        return x, first_pass[0]
 
     def _actions(self, action, n: int) -> Tensor:
         a = torch.as_tensor(action, dtype=torch.long, device=self.pos_emb.device)

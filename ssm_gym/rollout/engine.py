@@ -141,7 +141,7 @@ class RolloutEngine:
         """Take one action in every env: returns (frames (N, H, W, C) uint8, rewards (N,) float,
         terminated (N,) bool), all on the engine's device."""
         a = self.check_actions(actions, (self.num_envs,), "actions")
-        noise = torch.stack([torch.randn((1, *self.frame_shape), generator=g, device=self.device)
+        noise = torch.stack([torch.randn((1, *self.model.config.space_shape), generator=g, device=self.device)
                              for g in self.generators])
         if self.cuda_graph:
             return self._graph_step(a, noise)
@@ -284,7 +284,7 @@ class _StepGraph:
         self.key, self.graph = key, None
         n = engine.num_envs
         self.actions = torch.zeros(n, dtype=torch.long, device=engine.device)
-        self.noise = torch.zeros((n, 1, *engine.frame_shape), device=engine.device)
+        self.noise = torch.zeros((n, 1, *engine.model.config.space_shape), device=engine.device)
         self.rewards = torch.zeros(n, device=engine.device)
         self.terminated = torch.zeros(n, dtype=torch.bool, device=engine.device)
 

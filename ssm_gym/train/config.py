@@ -97,6 +97,10 @@ class TrainConfig:
     init_from: Optional[Path] = None
     """Start from the weights of this model folder (fine-tuning; e.g. a run's model/): the model
     config must match; optimizer, schedule and data order start fresh."""
+    autoencoder: Optional[Path] = None
+    """A trained frame autoencoder (python -m training.train_autoencoder; its model/ folder) for a
+    new latent-space model (--model.latent-channels > 0); frozen. A fine-tune (--init-from) of a
+    latent model takes its autoencoder from the loaded model instead."""
     time_budget_s: Optional[float] = None
     """Train for this many seconds of wall time instead of a number of steps (for a lent machine
     with a fixed time): curriculum stages and the learning-rate schedule then follow the elapsed
@@ -151,6 +155,11 @@ class TrainConfig:
             raise ValueError(f"action_dropout must be in [0, 1], got {self.action_dropout}")
         if self.action_dropout > 0 and not self.model.null_action:
             raise ValueError("action_dropout needs a model with the null action (--model.null-action)")
+        if self.model.latent_channels and (self.autoencoder is None) == (self.init_from is None):
+            raise ValueError("a latent-space model (--model.latent-channels > 0) needs exactly one of --autoencoder "
+                             "(a new model) or --init-from (a fine-tune: its autoencoder comes with it)")
+        if self.autoencoder is not None and not self.model.latent_channels:
+            raise ValueError("--autoencoder is for a latent-space model: set --model.latent-channels")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
 

@@ -39,6 +39,7 @@ from ssm_gym.model.checkpoint import (
     CheckpointError,
     check_state_dict,
     config_from_dict,
+    load_autoencoder,
     load_model,
     save_model,
     write_folder_atomically,
@@ -84,8 +85,9 @@ def lr_at(cfg: TrainConfig, step: int, elapsed_s: float = 0.0) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]  # (a latent model's autoencoder is frozen)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
 
@@ -100,6 +102,23 @@ INIT_FROM_FREE_FIELDS = ("p_mean", "p_std", "sample_steps", "sigma_min", "sigma_
 # model's output is unchanged at the start) and are the only tensors the start model may lack.
 INIT_FROM_GROW_FIELDS = {"action_tokens": "action_tok.", "prev_frame": "prev_in.", "null_action": "action_null",
                          "pixel_head": "pixel_refine."}
+
+
+def load_codec(model: WorldModel, path: Path) -> None:
+    """Put the trained autoencoder in folder ``path`` into a new latent-space model (frozen)."""
+    ae = load_autoencoder(path)
+    cfg = model.config
+    want = {"channels": cfg.channels, "latent_channels": cfg.latent_channels, "downsample": cfg.latent_downsample,
+            "width": cfg.latent_width}
+    got = {"channels": ae.channels, "latent_channels": ae.latent_channels, "downsample": ae.downsample,
+           "width": ae.encoder[0].out_channels}
+    if model.codec is None:
+        raise ValueError(f"--autoencoder {path}: the model is in pixel space; set --model.latent-channels "
+                         f"{ae.latent_channels} (and --model.latent-downsample / --model.latent-width to match)")
+    if want != got:
+        raise ValueError(f"--autoencoder {path}: it does not match the model config: "
+                         + ", ".join(f"{k} {got[k]} vs {want[k]}" for k in want if want[k] != got[k]))
+    model.codec.load_state_dict(ae.state_dict())
 
 
 def mismatch(a, b) -> str:
@@ -311,6 +330,8 @@ def train(cfg: TrainConfig) -> Path:
         if unexpected or set(missing) - grown:
             raise ValueError(f"--init-from {cfg.init_from}: weights do not fit this run's model "
                              f"(missing {sorted(set(missing) - grown)[:3]}, unexpected {unexpected[:3]})")
+    if cfg.autoencoder is not None:
+        load_codec(model, cfg.autoencoder)
     model = model.to(env.device)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
