@@ -1,6 +1,8 @@
 """The video world model: block-wise SSM + frame-local attention, diffusion-forcing denoiser.
 
-Frames (64 x 64 x 3 uint8) enter as 8 x 8 pixel patches -> an 8 x 8 grid of tokens per frame.
+Frames (64 x 64 x 3 uint8) enter as 8 x 8 pixel patches -> an 8 x 8 grid of tokens per frame
+(or, with ``latent_channels``, as 2 x 2 patches of a frozen autoencoder's 16 x 16 latent grid: the
+network then denoises latents, see autoencoder.py; frames still go in and out as pixels).
 Each layer = adaLN-modulated [block-wise Mamba-2 scan] -> [frame-local attention] -> [MLP],
 conditioned per frame on (noise level embedding + embedding of the action that led to the frame).
 Heads: the denoised frame (EDM preconditioning, see diffusion.py), a reward and a termination
