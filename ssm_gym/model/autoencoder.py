@@ -47,7 +47,7 @@ class FrameAutoencoder(nn.Module):
 
     def __init__(self, channels: int = 3, latent_channels: int = 8, downsample: int = 4, width: int = 16):
         super().__init__()
-        self.channels, self.latent_channels, self.downsample = channels, latent_channels, downsample
+        self.channels, self.latent_channels, self.downsample, self.width = channels, latent_channels, downsample, width
         w = stage_widths(width, downsample)
         enc: list[nn.Module] = [nn.Conv2d(channels, w[0], 3, padding=1)]
         for a, b in zip(w[:-1], w[1:]):
@@ -61,6 +61,12 @@ class FrameAutoencoder(nn.Module):
         self.decoder = nn.Sequential(*dec)
         # multiplies the encoder's output so that latents have std sigma_data (set after training)
         self.register_buffer("latent_scale", torch.ones(()), persistent=True)
+
+    @property
+    def fields(self) -> dict[str, int]:
+        """The constructor's arguments (what a checkpoint stores, and a world model's config must match)."""
+        return {"channels": self.channels, "latent_channels": self.latent_channels, "downsample": self.downsample,
+                "width": self.width}
 
     def _check(self, x: Tensor, c: int, what: str) -> None:
         if x.dim() < 4 or x.shape[-1] != c or x.shape[-2] != x.shape[-3] or x.shape[-2] % (

@@ -177,8 +177,7 @@ AE_FIELDS = ("channels", "latent_channels", "downsample", "width")
 def save_autoencoder(path: str | Path, ae, meta: dict | None = None) -> Path:
     """Save a FrameAutoencoder (config + weights, its latent scale included) to folder `path`."""
     doc = {"format": AE_FORMAT, "format_version": FORMAT_VERSION,
-           "model": {"channels": ae.channels, "latent_channels": ae.latent_channels, "downsample": ae.downsample,
-                     "width": ae.encoder[0].out_channels},
+           "model": ae.fields,
            "meta": meta or {}}
     return _write(Path(path), doc, ae.state_dict())
 

@@ -107,14 +107,10 @@ INIT_FROM_GROW_FIELDS = {"action_tokens": "action_tok.", "prev_frame": "prev_in.
 def load_codec(model: WorldModel, path: Path) -> None:
     """Put the trained autoencoder in folder ``path`` into a new latent-space model (frozen)."""
     ae = load_autoencoder(path)
-    cfg = model.config
-    want = {"channels": cfg.channels, "latent_channels": cfg.latent_channels, "downsample": cfg.latent_downsample,
-            "width": cfg.latent_width}
-    got = {"channels": ae.channels, "latent_channels": ae.latent_channels, "downsample": ae.downsample,
-           "width": ae.encoder[0].out_channels}
     if model.codec is None:
         raise ValueError(f"--autoencoder {path}: the model is in pixel space; set --model.latent-channels "
                          f"{ae.latent_channels} (and --model.latent-downsample / --model.latent-width to match)")
+    want, got = model.codec.fields, ae.fields  # (the model's codec is built from its config)
     if want != got:
         raise ValueError(f"--autoencoder {path}: it does not match the model config: "
                          + ", ".join(f"{k} {got[k]} vs {want[k]}" for k in want if want[k] != got[k]))
