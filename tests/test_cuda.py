@@ -8,7 +8,7 @@ import torch
 
 from ssm_gym.model import VARIANTS, diffusion_forcing_loss
 from ssm_gym.rollout.engine import RolloutEngine
-from tests.test_world_model import clip, max_err, randomized, tiny_config
+from tests.test_world_model import clip, max_err, randomized, tiny_config, variant_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -22,9 +22,9 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "full+latent"])
 def test_gpu_forward_and_step_equal_cpu(variant):
-    m = randomized(tiny_config(variant))
+    _, m = variant_model(variant)
     frames, actions = clip()
     with torch.no_grad():
         cpu = m(frames, torch.zeros(2, frames.shape[1]), actions)
@@ -106,6 +106,30 @@ def test_tiny_training_run_on_gpu(tmp_path):
     assert next(model.parameters()).device.type == "cpu"
 
 
+def test_latent_training_on_gpu(tmp_path):
+    """The autoencoder's trainer and a latent-space world model's training run on the GPU; the
+    checkpoint loads on the CPU with the autoencoder inside."""
+    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.record import record_episodes
+    from ssm_gym.model.checkpoint import load_model
+    from ssm_gym.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+    from ssm_gym.train.config import PRESETS
+    from ssm_gym.train.trainer import train
+
+    for folder, seeds in (("train", range(3)), ("val", range(100, 102))):
+        for s, ep in zip(seeds, record_episodes(list(seeds), ["explore"] * len(seeds), steps=30)):
+            save_episode(tmp_path / folder / f"ep_{s:06d}.npz", ep)
+    ae = train_autoencoder(AutoencoderTrainConfig(
+        data_dir=tmp_path / "train", val_dir=tmp_path / "val", out_dir=tmp_path / "ae", latent_channels=4, width=4,
+        batch_size=8, steps=20, warmup_steps=2, log_every=10, ckpt_every=10, val_frames=16, device="cuda"))
+    base = PRESETS["tiny"][1]
+    cfg = dataclasses.replace(base, data_dir=tmp_path / "train", val_dir=tmp_path / "val", out_dir=tmp_path / "run",
+                              device="cuda", autoencoder=ae,
+                              model=dataclasses.replace(base.model, latent_channels=4, latent_width=4, patch_size=2))
+    model = load_model(train(cfg))
+    assert next(model.parameters()).device.type == "cpu" and model.codec is not None
+
+
 def test_context_reset_and_vector_env_on_gpu():
     import gymnasium as gym
     import numpy as np
@@ -127,11 +151,12 @@ def test_context_reset_and_vector_env_on_gpu():
     assert eng.step(torch.tensor([0, 1]))[0].device.type == "cuda"
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_cuda_graph_step_equals_eager(steps):
+@pytest.mark.parametrize("steps,spec", [(1, "full"), (2, "full"), (2, "full+latent")])
+def test_cuda_graph_step_equals_eager(steps, spec):
     """The CUDA-graph step gives the eager step's frames, rewards and terminations, across resets
-    (in place: the graph is kept) and a replaced state (the graph is captured again)."""
-    m = randomized(tiny_config("full"))
+    (in place: the graph is kept) and a replaced state (the graph is captured again); for a latent
+    model the decoder runs inside the graph."""
+    _, m = variant_model(spec)
     frames, actions = clip(b=3, t=4)
     outs = []
     for graph in (False, True):

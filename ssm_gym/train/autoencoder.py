@@ -55,6 +55,8 @@ class AutoencoderTrainConfig:
     amp: bool = True
     """bf16 autocast (several times faster on CPUs with AVX-512 BF16)."""
     threads: Optional[int] = None
+    device: str = "cpu"
+    """Where to train ("cpu", "cuda", "cuda:1"); checkpoints are device-free."""
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -78,7 +80,8 @@ def _to_json(cfg: AutoencoderTrainConfig) -> dict:
 def set_latent_scale(ae: FrameAutoencoder, frames: torch.Tensor, sigma_data: float) -> float:
     """Scale latents to std ``sigma_data`` over ``frames`` (N, H, W, C) uint8; returns the scale."""
     ae.latent_scale.fill_(1.0)
-    z = torch.cat([ae.encode(frames_to_float(f)) for f in frames.split(256)])
+    dev = ae.latent_scale.device
+    z = torch.cat([ae.encode(frames_to_float(f.to(dev))) for f in frames.split(256)])
     ae.latent_scale.fill_(sigma_data / z.float().std().clamp(min=1e-8).item())
     return float(ae.latent_scale)
 
@@ -88,7 +91,8 @@ def reconstruction_psnr(ae: FrameAutoencoder, frames: torch.Tensor) -> float:
     """Mean PSNR (dB) of the autoencoder's uint8 reconstructions of ``frames`` (N, H, W, C) uint8."""
     from ssm_gym.eval.metrics import psnr
 
-    rec = torch.cat([float_to_frames(ae(frames_to_float(f))) for f in frames.split(256)])
+    dev = ae.latent_scale.device
+    rec = torch.cat([float_to_frames(ae(frames_to_float(f.to(dev)))).cpu() for f in frames.split(256)])
     return float(psnr(rec, frames).mean())
 
 
@@ -110,7 +114,8 @@ def _save_checkpoint(cfg: AutoencoderTrainConfig, ae, opt, rng, step: int, elaps
     path = cfg.out_dir / "checkpoints" / "latest"
     save_autoencoder(path, ae, meta={"step": step})
     state = {"step": step, "elapsed_s": elapsed, "optimizer": opt.state_dict(), "data_rng": rng.bit_generator.state,
-             "torch_rng": torch.get_rng_state()}
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(ae.latent_scale.device) if ae.latent_scale.is_cuda else None}
     tmp = cfg.out_dir / "checkpoints" / "train_state.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, cfg.out_dir / "checkpoints" / "train_state.pt")
@@ -126,7 +131,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"--resume: {cfg_file} not found; nothing to resume in {cfg.out_dir}")
         before, now = json.loads(cfg_file.read_text()), json.loads(json.dumps(_to_json(cfg)))
-        diff = sorted(k for k in set(before) | set(now) if k not in ("resume", "threads") and before.get(k) != now.get(k))
+        diff = sorted(k for k in set(before) | set(now) if k not in ("resume", "threads", "device") and before.get(k) != now.get(k))
         if diff:
             raise ValueError(f"--resume: config differs from the run in {cfg.out_dir} in {diff}")
     elif cfg_file.exists():
@@ -137,7 +142,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
     data = ClipDataset(cfg.data_dir, 1, seed=cfg.seed)
     data.preload()
     rng = np.random.default_rng(cfg.seed)
-    ae = FrameAutoencoder(latent_channels=cfg.latent_channels, downsample=cfg.downsample, width=cfg.width)
+    device = torch.device(cfg.device)
+    ae = FrameAutoencoder(latent_channels=cfg.latent_channels, downsample=cfg.downsample, width=cfg.width).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     scale_frames = data.sample_batch(1024, np.random.default_rng(cfg.seed + 1))["frames"][:, 0]
     val = validation_frames(cfg.val_dir, cfg.val_frames) if cfg.val_dir is not None else None
@@ -147,12 +153,14 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
         saved = load_autoencoder(cfg.out_dir / "checkpoints" / "latest")
         ae.load_state_dict(saved.state_dict())
         try:
-            state = torch.load(cfg.out_dir / "checkpoints" / "train_state.pt", weights_only=False)
+            state = torch.load(cfg.out_dir / "checkpoints" / "train_state.pt", weights_only=False, map_location=device)
         except Exception as e:  # a damaged file: say so, keep the run folder as it is
             raise CheckpointError(f"{cfg.out_dir / 'checkpoints' / 'train_state.pt'}: corrupt ({e})") from None
         opt.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["data_rng"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         step, elapsed = int(state["step"]), float(state["elapsed_s"])
         print(f"resumed at step {step} ({elapsed:.0f} s trained)")
     ae.latent_scale.fill_(1.0)  # training sees unscaled latents; the scale is set at each save
@@ -166,8 +174,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> Path:
     while progress() < 1.0:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, progress())
-        x = frames_to_float(data.sample_batch(cfg.batch_size, rng)["frames"][:, 0])
-        with torch.autocast("cpu", torch.bfloat16, enabled=cfg.amp):
+        x = frames_to_float(data.sample_batch(cfg.batch_size, rng)["frames"][:, 0].to(device))
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
             z = ae.encode(x)
             z = z + torch.randn_like(z) * (cfg.latent_noise * z.detach().float().std())
             y = ae.decode(z).float()
