@@ -67,8 +67,10 @@ def load_agent(path: Path):
     """Load a saved SB3 agent (PPO or RecurrentPPO) with SB3's own `load`."""
     from stable_baselines3 import PPO
 
+    if Path(path).is_dir() and (Path(path) / "agent.zip").is_file():  # an `agents.ppo --out-dir` folder
+        path = Path(path) / "agent.zip"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no saved agent (expected an SB3 .zip)")
+        raise FileNotFoundError(f"{path}: no saved agent (expected an SB3 .zip, or a folder holding agent.zip)")
     try:
         return PPO.load(path, device="cpu")
     except Exception as first:  # a recurrent agent saved by sb3-contrib

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import ssm_gym  # noqa: F401
 from agents.evaluate import scripted_returns, summary
-from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.checkpoints import resolve_checkpoint
 from ssm_gym.maze.sim import N_ACTIONS
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.rollout.engine import RolloutEngine
@@ -60,7 +60,7 @@ def cem_plan(engine, env: int, horizon: int, population: int, elites: int, itera
 @dataclass
 class Args:
     checkpoint: Optional[Path] = None
-    """World model (default: the shipped model)."""
+    """World model: a folder or a shipped model's name (default: the shipped maze-cpu)."""
     episodes: int = 4
     max_steps: int = 200
     first_seed: int = 3_000_000
@@ -105,7 +105,7 @@ def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> flo
 def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint or shipped_checkpoint())
+    model = load_model(resolve_checkpoint(args.checkpoint))
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
     with tqdm(total=len(seeds) * args.max_steps, desc="real steps (planning)", unit="step") as bar:
         returns = [run_planner(model, s, args, bar) for s in seeds]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import tyro
 
-from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.checkpoints import resolve_checkpoint
 from ssm_gym.eval.recall import reasoning_episode
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.compression import SETTINGS
@@ -45,7 +45,7 @@ TARGETS = {"state_memory_reduction": 2.0}
 @dataclass
 class Args:
     checkpoint: Optional[Path] = None
-    """Checkpoint folder (default: the shipped model)."""
+    """Checkpoint folder or a shipped model's name (default: the shipped maze-cpu)."""
     settings: tuple[str, ...] = tuple(SETTINGS)
     num_envs: int = 16
     context: int = 200
@@ -102,7 +102,7 @@ def measure_all(model, episodes, args: Args) -> list[dict]:
 def main(args: Args) -> dict:
     if args.steps < 3:
         raise ValueError(f"--steps must be >= 3 (the first two are warm-up), got {args.steps}")
-    model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
+    model = load_model(resolve_checkpoint(args.checkpoint), args.device)
     episodes = [reasoning_episode(args.first_seed + i, args.context, args.steps) for i in range(args.num_envs)]
     rows = measure_all(model, episodes, args)
     base = next((r for r in rows if r["setting"] == "off"), rows[0])

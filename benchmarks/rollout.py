@@ -41,7 +41,7 @@ import torch
 import tyro
 
 import ssm_gym  # noqa: F401
-from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.checkpoints import resolve_checkpoint
 from ssm_gym.model.attention import KVCache
 from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.flops import flop_counter
@@ -54,7 +54,7 @@ TARGETS = {"env_steps_per_s_at_64": 1000, "flat_within": 0.10, "matmul_fraction"
 @dataclass
 class Args:
     checkpoint: Optional[Path] = None
-    """Checkpoint folder (default: the shipped model)."""
+    """Checkpoint folder or a shipped model's name (default: the shipped maze-cpu)."""
     num_envs: tuple[int, ...] = (1, 16, 64, 256)
     episode_steps: tuple[int, ...] = (64, 1024, 8192)
     sampling_steps: Optional[int] = None
@@ -131,7 +131,7 @@ def matmul_gflops(seconds: float = 1.0, n: int = 1024, device: str = "cpu") -> f
 def main(args: Args) -> dict:
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise SystemExit("--cuda-graph needs --device cuda")
-    model = load_model(args.checkpoint or shipped_checkpoint(), args.device)
+    model = load_model(resolve_checkpoint(args.checkpoint), args.device)
     steps = args.sampling_steps or model.config.sample_steps
     frames = first_frames(max(args.num_envs)).to(args.device)
     out: dict = {"sampling_steps": steps, "threads": torch.get_num_threads(), "device": args.device, "targets": TARGETS}

@@ -79,6 +79,7 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     for row in stepped:  # fresh mazes from seeds: the real maze follows every env
         assert 0 <= float(row["real_per_step"]) <= 1
     agent = load_agent(path)
+    assert type(load_agent(tmp_path / "ppo")) is type(agent)  # the run folder names its agent.zip
     returns = real_returns(sb3_act_fn(agent), [3_000_000, 3_000_001], 20)
     assert returns.shape == (2,) and np.isfinite(returns).all()
     with pytest.raises(FileNotFoundError, match="no saved agent"):
@@ -115,6 +116,12 @@ def test_ppo_time_budget_stops_training_early_with_starts_from_real_data(tmp_pat
     assert train_ppo(real).is_file()
     with pytest.raises(ValueError, match="--env real pays the real maze's"):
         make_env(dataclasses.replace(real, reward_mode="expected"))
+    with pytest.raises(ValueError, match="--env real pays the real maze's"):
+        make_env(dataclasses.replace(real, reward_threshold=0.2))
+    with pytest.raises(ValueError, match="--reward-threshold applies to --reward-mode threshold, not 'expected'"):
+        make_env(dataclasses.replace(args, reward_threshold=0.2))
+    low = make_env(dataclasses.replace(args, reward_mode="threshold", reward_baseline="none", reward_threshold=0.2))
+    assert low.venv.unwrapped.reward_threshold == 0.2
     # in imagination from recorded starts the real maze follows every env: the true reward is logged
     stepped = [r for r in csv.DictReader((tmp_path / "ppo" / "curve.csv").read_text().splitlines())
                if r["paid_per_step"] != "nan"]

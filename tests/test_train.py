@@ -137,10 +137,11 @@ def test_tiny_run_end_to_end(data, tmp_path):
     # Export for shipping: the EMA model plus its validation numbers; optional never-terminate head.
     from training.export import Args as ExportArgs, export
 
-    shipped = export(ExportArgs(run=out, name="tiny", never_terminates=True, dest_root=tmp_path / "pkg"))
+    shipped = export(ExportArgs(run=out, name="tiny", never_terminates=True, dest_root=tmp_path / "pkg", note="lineage"))
     exported = load_model(shipped)
     assert exported.head[2].bias[1] == -10.0 and (exported.head[2].weight[1] == 0).all()
     assert json.loads((shipped / "config.json").read_text())["meta"]["validation"]["step"] == "12"
+    assert json.loads((shipped / "config.json").read_text())["meta"]["note"] == "lineage"
     # A new run never overwrites an old one.
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny(data, out))

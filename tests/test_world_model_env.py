@@ -5,6 +5,7 @@ which do not depend on how well the model is trained."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -308,6 +309,31 @@ def test_shipped_model_loads_and_runs_by_default():
     obs, _ = env.reset(seed=0)
     obs, reward, terminated, truncated, _ = env.step(1)
     assert obs.shape == (64, 64, 3) and not terminated and reward in (0.0, 1.0)
+
+
+def test_shipped_models_by_name_and_clear_errors(tmp_path, monkeypatch):
+    from ssm_gym.checkpoints import DEFAULT, resolve_checkpoint, shipped_names
+
+    assert {"maze-cpu", "maze-latent"} <= set(shipped_names()) and resolve_checkpoint(None).name == DEFAULT
+    env = gym.make("SSMWorld-Maze-v0", checkpoint="maze-latent", max_episode_steps=20)
+    model = env.unwrapped.engine.model
+    assert model.codec is not None and model.config.sample_steps == 1
+    obs, _ = env.reset(seed=0)
+    real = gym.make("SSMWorld-MazeReal-v0")
+    real_obs, _ = real.reset(seed=0)
+    assert np.array_equal(obs, real_obs)  # starts from the real maze's first frame
+    for _ in range(20):
+        obs, reward, terminated, truncated, _ = env.step(int(env.action_space.sample()))
+        assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and not terminated
+    assert truncated
+    # a folder of the same name in the working directory wins over the shipped model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "maze-latent").mkdir()
+    assert resolve_checkpoint("maze-latent") == Path("maze-latent")
+    with pytest.raises(CheckpointError, match="nor a shipped model of that name .*maze-latent"):
+        gym.make("SSMWorld-Maze-v0", checkpoint="maze-lattent")
+    with pytest.raises(CheckpointError, match="not found"):
+        gym.make("SSMWorld-Maze-v0", checkpoint="runs/none/model")
 
 
 def test_expected_reward_mode_pays_the_head_on_the_first_denoising_pass(model, checkpoint):

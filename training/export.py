@@ -35,6 +35,8 @@ class Args:
     never_terminates: bool = False
     sample_steps: Optional[int] = None
     """Set the model's default number of denoising steps (e.g. the one that validated best)."""
+    note: Optional[str] = None
+    """A line recorded in the config's meta["note"] (e.g. the runs this model descends from)."""
     dest_root: Path = HERE
     """Where the checkpoint folders of the package live."""
 
@@ -52,6 +54,8 @@ def export(args: Args) -> Path:
             model.head[2].weight[1].zero_()
             model.head[2].bias[1] = -10.0
         meta["termination_head"] = "set to never terminate at export (the maze never terminates)"
+    if args.note:
+        meta["note"] = args.note
     val = args.run / "val.csv"
     if val.is_file():
         rows = list(csv.DictReader(val.open()))

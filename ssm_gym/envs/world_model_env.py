@@ -17,7 +17,7 @@ import torch
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from ssm_gym.checkpoints import shipped_checkpoint
+from ssm_gym.checkpoints import resolve_checkpoint
 from ssm_gym.envs.maze_real import (
     ACTION_SPACE,
     OBSERVATION_SPACE,
@@ -36,7 +36,7 @@ from ssm_gym.rollout.engine import RolloutEngine
 def _load(checkpoint: str | Path | None, model: Optional[WorldModel], device: str) -> WorldModel:
     if model is not None:
         return model.to(device).eval()
-    return load_model(shipped_checkpoint() if checkpoint is None else checkpoint, device)
+    return load_model(resolve_checkpoint(checkpoint), device)
 
 
 # reward_mode -> where the engine reads the head ("real" pays the ground-truth maze, the head is only logged)
@@ -189,7 +189,8 @@ class WorldModelEnv(gym.Env):
     after `max_episode_steps`.
 
     ## Arguments
-    - `checkpoint`: folder with config.json + model.safetensors (default: the shipped model).
+    - `checkpoint`: folder with config.json + model.safetensors, or a shipped model's name
+      (`"maze-cpu"`, the default, or `"maze-latent"`; see ssm_gym/checkpoints/).
     - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
     - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
     - `reward_baseline` (None): per-action numbers subtracted from the expected reward (above).
