@@ -44,6 +44,13 @@ def prev_frame_model():
 
 
 @pytest.fixture(scope="module")
+def latent_model():
+    """As ``model``, in a latent space: 64x64x3 frames -> 16x16x4 latents (an untrained
+    autoencoder), 2x2 latent patches, so the same 8x8 token grid (each token covers 8x8 pixels)."""
+    return _tiny_random_model(3, latent_channels=4, latent_width=4, patch_size=2)
+
+
+@pytest.fixture(scope="module")
 def null_action_model():
     """As ``model``, with the null action (for action guidance), its embedding non-zero."""
     return _tiny_random_model(2, null_action=True)

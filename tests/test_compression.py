@@ -54,7 +54,7 @@ def rollout(model, compression, frames, actions, steps, num_envs=2, seed=0):
     return torch.stack(out), eng
 
 
-@pytest.mark.parametrize("which", ["model", "prev_frame_model"])
+@pytest.mark.parametrize("which", ["model", "prev_frame_model", "latent_model"])
 def test_off_and_keep_all_reproduce_the_exact_model(request, which, episode):
     model = request.getfixturevalue(which)  # (a prev_frame model reads its last frame from compression's)
     frames, actions = episode
@@ -68,7 +68,7 @@ def test_off_and_keep_all_reproduce_the_exact_model(request, which, episode):
 
 
 @pytest.mark.parametrize("setting, which", [("strong", "model"), ("strong-compact", "model"),
-                                            ("strong", "prev_frame_model")])
+                                            ("strong", "prev_frame_model"), ("strong", "latent_model")])
 def test_packed_engine_equals_dense_compressed_model(request, which, episode, setting):
     """Packing between steps is lossless (both storages: token pools stepped in place, compact
     tokens rebuilt into a ring): the engine and the model stepped on a dense compressed state give
@@ -82,7 +82,7 @@ def test_packed_engine_equals_dense_compressed_model(request, which, episode, se
     gen = torch.Generator().manual_seed(0)  # the engine's env 0 draws from seed 0 + 0
     dense = []
     for t in range(8):
-        noise = torch.randn((1, 1, 64, 64, 3), generator=gen)
+        noise = torch.randn((1, 1, *model.config.space_shape), generator=gen)
         dense.append(model.generate(state, actions[7 + t].view(1), steps=eng.sampling_steps, noise=noise)[0])
     assert torch.equal(packed[:, 0], torch.cat(dense))
     # and the state itself round-trips
@@ -91,11 +91,15 @@ def test_packed_engine_equals_dense_compressed_model(request, which, episode, se
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     for a, b in zip(state.kv, again.kv):
         stored = a.keep & (a.pos >= 0)[..., None]  # (the free slot of the next frame holds scratch)
-        assert torch.equal(a.pos, b.pos) and torch.equal(a.k[stored], b.k[stored]) and torch.equal(a.v[stored], b.v[stored])
+        has = stored.any(-1)  # a frame none of whose tokens was kept leaves nothing to restore
+        assert torch.equal(a.pos[has], b.pos[has]) and ((b.pos[~has] == -1) | (b.pos[~has] == a.pos[~has])).all()
+        assert torch.equal(a.k[stored], b.k[stored]) and torch.equal(a.v[stored], b.v[stored])
 
 
-def test_sizes_follow_content(model, episode):
+@pytest.mark.parametrize("which", ["model", "latent_model"])
+def test_sizes_follow_content(request, which, episode):
     """A static scene ends with smaller SSM states and fewer cached tokens than a changing one."""
+    model = request.getfixturevalue(which)
     frames, actions = episode
     cfg = SETTINGS["strong"]
     static = frames[:1].expand(40, -1, -1, -1)
@@ -187,6 +191,41 @@ def test_compressed_training_run(tmp_path):
     model = load_model(train(cfg))
     f, *_ = RolloutEngine(model, 1, compression="strong").step(torch.tensor([0]))
     assert f.shape == (1, 64, 64, 3)
+
+
+def test_latent_model_compression_scores_pixels(latent_model, episode, tmp_path):
+    """A latent model's compressed state advances on latents with the decoded pixels scored (a
+    clear error without them), and such a model trains with compression (masks on its token grid)."""
+    from ssm_gym.model.autoencoder import FrameAutoencoder
+    from ssm_gym.model.checkpoint import save_autoencoder
+    from ssm_gym.model.checkpoint import load_model
+    from ssm_gym.train.trainer import train
+
+    frames, actions = episode
+    latents = latent_model.to_space(frames[None, :4])
+    a = torch.cat([torch.tensor([latent_model.START]), actions[:3]])[None]
+    by_pixels, by_latents = (latent_model.init_state(1, compression="strong") for _ in range(2))
+    latent_model.observe_clip(by_pixels, frames[None, :4], a)
+    latent_model.observe_clip(by_latents, latents, a, pixels=frames[None, :4])
+    assert torch.equal(by_pixels.comp.act, by_latents.comp.act) and torch.equal(by_pixels.comp.last, frames[3:4])
+    with pytest.raises(ValueError, match="pass the decoded frames too"):
+        latent_model.observe_clip(latent_model.init_state(1, compression="strong"), latents, a)
+
+    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.record import record_episodes
+
+    for s, ep in zip(range(2), record_episodes([0, 1], ["explore"] * 2, steps=20)):
+        save_episode(tmp_path / "train" / f"ep_{s:06d}.npz", ep)
+    save_autoencoder(tmp_path / "ae", FrameAutoencoder(latent_channels=4, width=4))
+    base = PRESETS["tiny"][1]
+    cfg = dataclasses.replace(base, data_dir=tmp_path / "train", val_dir=None, out_dir=tmp_path / "run",
+                              autoencoder=tmp_path / "ae", compression="strong", compression_prob=1.0,
+                              stage_steps=(1, 1), model=dataclasses.replace(base.model, latent_channels=4,
+                                                                            latent_width=4, patch_size=2))
+    model = load_model(train(cfg))  # (masks scored per 8x8 pixels: the wrong size would not fit its 8x8 grid)
+    eng = RolloutEngine(model, 1, compression="strong")
+    f, *_ = eng.step(torch.tensor([0]))
+    assert f.shape == (1, 64, 64, 3) and eng.state.comp is not None
 
 
 def test_bad_settings_fail_clearly(model):

@@ -464,10 +464,7 @@ class WorldModel(nn.Module):
         kv = [l.attn.init_cache(batch_size, device, kv_dtype) for l in self.layers]
         comp = None
         if comp_cfg is not None and comp_cfg.dynamic:  # ("bf16" only changes the cache's dtype)
-            cfg = self.config
-            if self.codec is not None:
-                raise ValueError("dynamic state compression scores pixel tokens: not supported for a latent-space "
-                                 "model (latent_channels > 0)")
+            cfg = self.config  # (the rule scores the pixels each token covers, for a latent model too)
             comp = CompressionState(comp_cfg, torch.full((batch_size, *self.grid), NOVEL, device=device),
                                     torch.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.channels),
                                                 dtype=torch.uint8, device=device))
@@ -683,42 +680,52 @@ class WorldModel(nn.Module):
                              "than one frame: each frame's previous-frame input is the clean frame")
         return x
 
-    @staticmethod
-    def _state_prev(state: WorldModelState | None, x: Tensor) -> Tensor | None:
+    def _state_prev(self, state: WorldModelState | None, x: Tensor) -> Tensor | None:
         """(N, H, W, C) the frame before this piece: the state's, or compression's stored last frame."""
         if state is None:
             return None
         if state.prev is not None:
             return state.prev
         if state.comp is not None:
-            return frames_to_float(state.comp.last).to(x.dtype)  # (compression: pixel models only)
+            return self.to_space(state.comp.last).to(x.dtype)
         raise ValueError("this state has no previous frame: it was made for a model without prev_frame")
 
     # -- step API (inference on a batch of N envs) ---------------------------------------------
     @torch.no_grad()
-    def observe(self, state: WorldModelState, frame: Tensor, action) -> WorldModelOutput:
+    def observe(self, state: WorldModelState, frame: Tensor, action, pixels: Tensor | None = None) -> WorldModelOutput:
         """Advance ``state`` (in place) on real clean frames. frame (N, H, W, C) uint8 (or float in
-        [-1, 1]); action (N,) long: the action that led to this frame (``START`` after a reset).
-        Returns the outputs for this frame (reward/termination predictions included)."""
-        frame = frame[:, None]
-        return self.observe_clip(state, frame, self._actions(action, frame.shape[0])[:, None])
+        [-1, 1]; for a latent model also its latents); action (N,) long: the action that led to this
+        frame (``START`` after a reset). pixels: the frame as uint8 when ``frame`` holds latents and
+        the state is compressed (its rule scores pixels). Returns the outputs for this frame
+        (reward/termination predictions included)."""
+        return self.observe_clip(state, frame[:, None], self._actions(action, frame.shape[0])[:, None],
+                                 None if pixels is None else pixels[:, None])
 
     @torch.no_grad()
-    def observe_clip(self, state: WorldModelState, frames: Tensor, actions: Tensor) -> WorldModelOutput:
-        """Warm up on T real frames at once (parallel form): frames (N, T, H, W, C), actions (N, T)."""
+    def observe_clip(self, state: WorldModelState, frames: Tensor, actions: Tensor,
+                     pixels: Tensor | None = None) -> WorldModelOutput:
+        """Warm up on T real frames at once (parallel form): frames (N, T, H, W, C), actions (N, T);
+        pixels as in ``observe``."""
         sigma = torch.zeros(frames.shape[:2], device=frames.device)
         if state.comp is None:
             return self(frames, sigma, actions.to(frames.device), state=state, update="inplace", refine=False)
-        return self._advance_compressed(state, frames, sigma, actions.to(frames.device))
+        return self._advance_compressed(state, frames, sigma, actions.to(frames.device), pixels)
 
-    def _advance_compressed(self, state: WorldModelState, frames: Tensor, sigma: Tensor, actions: Tensor):
-        """Advance on clean uint8 frames with state compression: masks from the running scores,
-        then the scores move on and every SSM block is cut to its next prefix."""
+    def _advance_compressed(self, state: WorldModelState, frames: Tensor, sigma: Tensor, actions: Tensor,
+                            pixels: Tensor | None = None):
+        """Advance on clean frames with state compression: masks from the running scores (of the
+        uint8 pixels), then the scores move on and every SSM block is cut to its next prefix."""
         comp = state.comp
-        frames = frames if frames.dtype == torch.uint8 else float_to_frames(frames)
-        masks, act_after = comp.observe(frames, state.t)
+        if pixels is None:
+            cfg = self.config
+            if tuple(frames.shape[-3:]) != (cfg.image_size, cfg.image_size, cfg.channels):
+                raise ValueError(f"state compression scores pixel frames: with latents {tuple(frames.shape)} "
+                                 "pass the decoded frames too (pixels=...)")
+            frames = pixels = frames if frames.dtype == torch.uint8 else float_to_frames(frames)
+        pixels = pixels if pixels.dtype == torch.uint8 else float_to_frames(pixels)
+        masks, act_after = comp.observe(pixels, state.t)
         out = self(frames, sigma, actions, state=state, update="inplace", compress=masks, refine=False)
-        comp.commit(frames, act_after)
+        comp.commit(pixels, act_after)
         truncate_ssm_(state, self.layers, comp)
         return out
 
@@ -741,8 +748,8 @@ class WorldModel(nn.Module):
         x, expected = self._sample(state, action, steps, generator, noise, action_guidance)
         frame = self.to_frames(x)[:, 0]
         # a pixel model advances on the uint8 frame it returns; a latent one on the latent itself
-        # (decoding and encoding again would only add the autoencoder's error)
-        out = self.observe(state, frame if self.codec is None else x[:, 0], action)
+        # (decoding and encoding again would only add the autoencoder's error; compression scores the pixels)
+        out = self.observe(state, frame if self.codec is None else x[:, 0], action, pixels=frame)
         reward = expected if reward_from == "denoiser" else out.reward[:, 0]
         return frame, reward, out.term_logit[:, 0] > 0
 

@@ -401,7 +401,8 @@ def train(cfg: TrainConfig) -> Path:
                                    noised_copies=cfg.noised_copies)
         compress = None
         if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
-            compress = clip_compression(comp_cfg, frames, cfg.model.patch_size, cfg.compression_prob, noise_gen)
+            pixels_per_token = frames.shape[2] // cfg.model.grid[0]  # (a latent model's tokens cover more pixels)
+            compress = clip_compression(comp_cfg, frames, pixels_per_token, cfg.compression_prob, noise_gen)
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
         state = model.init_state(batch_size, env.device) if len(chunks) > 1 else None
         stats_sum: dict[str, float] = {}
