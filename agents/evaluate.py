@@ -91,7 +91,8 @@ def summary(returns: np.ndarray) -> dict:
 @dataclass
 class Args:
     agent: Optional[Path] = None
-    """Saved SB3 agent (.zip); omit to evaluate only the references."""
+    """Saved SB3 agent (.zip, or an `agents.ppo` run folder holding agent.zip); omit to evaluate
+    only the references."""
     episodes: int = 16
     max_steps: int = 500
     first_seed: int = 3_000_000

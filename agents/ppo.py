@@ -49,9 +49,10 @@ class Args:
     reward from history and action (see SSMWorld-Maze-v0's reward_mode); "real" pays what the
     ground-truth maze stepped beside the imagined one pays (a control: imagined observations,
     true rewards; not training in imagination alone)."""
-    reward_threshold: float = 0.5
-    """With --reward-mode threshold: the head's value above which a step pays 1 (a model whose head
-    ranks touches well but reads them low on generated frames pays more of them at a lower one)."""
+    reward_threshold: Optional[float] = None
+    """With --reward-mode threshold: the head's value above which a step pays 1 (default: the env's,
+    0.5; a model whose head ranks touches well but reads them low on generated frames pays more of
+    them at a lower one)."""
     reward_baseline: Literal["none", "model"] = "none"
     """With --reward-mode expected: "model" subtracts from each action's expected reward the model's
     own mean expected reward for that action over real states of --context-data (measured at the
@@ -109,12 +110,12 @@ def model_reward_baseline(args: Args, model) -> list[float]:
 def make_env(args: Args) -> SB3VecEnv:
     common = dict(num_envs=args.num_envs, max_episode_steps=args.max_episode_steps, autoreset_mode="SameStep")
     if args.env == "real":
-        if args.reward_mode != "threshold" or args.reward_baseline != "none" or args.reward_threshold != 0.5:
+        if args.reward_mode != "threshold" or args.reward_baseline != "none" or args.reward_threshold is not None:
             raise ValueError("--reward-mode, --reward-threshold and --reward-baseline choose imagined rewards; "
                              "--env real pays the real maze's")
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", context_data=args.context_data,
                                       context_len=args.context_len, **common))
-    if args.reward_threshold != 0.5 and args.reward_mode != "threshold":
+    if args.reward_threshold is not None and args.reward_mode != "threshold":
         raise ValueError(f"--reward-threshold applies to --reward-mode threshold, not {args.reward_mode!r}")
     from ssm_gym.checkpoints import resolve_checkpoint
     from ssm_gym.model.checkpoint import load_model
@@ -123,7 +124,7 @@ def make_env(args: Args) -> SB3VecEnv:
     baseline = model_reward_baseline(args, model) if args.reward_baseline == "model" else None
     return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", model=model, device=args.device,
                                   sampling_steps=args.sampling_steps, reward_mode=args.reward_mode,
-                                  reward_threshold=args.reward_threshold,
+                                  **({} if args.reward_threshold is None else {"reward_threshold": args.reward_threshold}),
                                   context_data=args.context_data, context_len=args.context_len,
                                   cuda_graph=args.cuda_graph, action_guidance=args.action_guidance,
                                   reward_baseline=baseline, **common))

@@ -205,9 +205,16 @@ def test_latent_model_compression_scores_pixels(latent_model, episode, tmp_path)
     latents = latent_model.to_space(frames[None, :4])
     a = torch.cat([torch.tensor([latent_model.START]), actions[:3]])[None]
     by_pixels, by_latents = (latent_model.init_state(1, compression="strong") for _ in range(2))
-    latent_model.observe_clip(by_pixels, frames[None, :4], a)
-    latent_model.observe_clip(by_latents, latents, a, pixels=frames[None, :4])
+    out_p = latent_model.observe_clip(by_pixels, frames[None, :4], a)
+    out_l = latent_model.observe_clip(by_latents, latents, a, pixels=frames[None, :4])
     assert torch.equal(by_pixels.comp.act, by_latents.comp.act) and torch.equal(by_pixels.comp.last, frames[3:4])
+    assert torch.equal(out_p.raw, out_l.raw)  # the network saw the same latents and the same masks
+    for (_, sp), (_, sl) in zip(by_pixels.ssm, by_latents.ssm):
+        assert torch.equal(sp, sl)
+    frame, *_ = latent_model.generate(by_latents, torch.tensor([1]), steps=1)
+    assert torch.equal(by_latents.comp.last, frame)  # generate scores its own decoded frame
+    with pytest.raises(ValueError, match="previous-frame input"):
+        WorldModel(dataclasses.replace(latent_model.config, prev_frame=True)).init_state(1, compression="strong")
     with pytest.raises(ValueError, match="pass the decoded frames too"):
         latent_model.observe_clip(latent_model.init_state(1, compression="strong"), latents, a)
 

@@ -122,6 +122,8 @@ def test_latent_training_on_gpu(tmp_path):
     ae = train_autoencoder(AutoencoderTrainConfig(
         data_dir=tmp_path / "train", val_dir=tmp_path / "val", out_dir=tmp_path / "ae", latent_channels=4, width=4,
         batch_size=8, steps=20, warmup_steps=2, log_every=10, ckpt_every=10, val_frames=16, device="cuda"))
+    state = torch.load(tmp_path / "ae" / "checkpoints" / "train_state.pt", weights_only=False)
+    assert state["cuda_rng"] is not None  # it trained on the GPU
     base = PRESETS["tiny"][1]
     cfg = dataclasses.replace(base, data_dir=tmp_path / "train", val_dir=tmp_path / "val", out_dir=tmp_path / "run",
                               device="cuda", autoencoder=ae,

@@ -312,7 +312,7 @@ def test_shipped_model_loads_and_runs_by_default():
 
 
 def test_shipped_models_by_name_and_clear_errors(tmp_path, monkeypatch):
-    from ssm_gym.checkpoints import DEFAULT, resolve_checkpoint, shipped_names
+    from ssm_gym.checkpoints import DEFAULT, resolve_checkpoint, shipped_checkpoint, shipped_names
 
     assert {"maze-cpu", "maze-latent"} <= set(shipped_names()) and resolve_checkpoint(None).name == DEFAULT
     env = gym.make("SSMWorld-Maze-v0", checkpoint="maze-latent", max_episode_steps=20)
@@ -326,10 +326,16 @@ def test_shipped_models_by_name_and_clear_errors(tmp_path, monkeypatch):
         obs, reward, terminated, truncated, _ = env.step(int(env.action_space.sample()))
         assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and not terminated
     assert truncated
-    # a folder of the same name in the working directory wins over the shipped model
+    # a model folder of the same name in the working directory wins over the shipped model; an
+    # empty one does not; a run folder resolves to its model/
     monkeypatch.chdir(tmp_path)
     (tmp_path / "maze-latent").mkdir()
+    assert resolve_checkpoint("maze-latent") == resolve_checkpoint(shipped_checkpoint("maze-latent"))
+    save_model(tmp_path / "run" / "model", model)
+    save_model(tmp_path / "maze-latent", model)
     assert resolve_checkpoint("maze-latent") == Path("maze-latent")
+    assert resolve_checkpoint("run") == Path("run") / "model"
+    assert resolve_checkpoint("./maze-cpu") == Path("maze-cpu")  # a path, not a name: load_model says it is missing
     with pytest.raises(CheckpointError, match="nor a shipped model of that name .*maze-latent"):
         gym.make("SSMWorld-Maze-v0", checkpoint="maze-lattent")
     with pytest.raises(CheckpointError, match="not found"):

@@ -1,25 +1,25 @@
 """Model weights shipped inside the package (safetensors + JSON config, one folder each).
 
 Every place that takes a world-model checkpoint (the envs' ``checkpoint=``, the CLIs'
-``--checkpoint``) takes a folder path or the name of a shipped model (``"maze-latent"``);
-None means the default, ``DEFAULT``."""
+``--checkpoint``, ``--init-from``) takes a model folder, a training run's folder (its
+``model/``) or the name of a shipped model (``"maze-latent"``); None means ``DEFAULT``."""
 
 from pathlib import Path
 
-from ssm_gym.model.checkpoint import CheckpointError
+from ssm_gym.model.checkpoint import CONFIG_FILE, CheckpointError
 
 HERE = Path(__file__).resolve().parent
 DEFAULT = "maze-cpu"
 
 
 def shipped_names() -> list[str]:
-    return sorted(p.name for p in HERE.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in HERE.iterdir() if (p / CONFIG_FILE).is_file())
 
 
 def shipped_checkpoint(name: str = DEFAULT) -> Path:
     """Folder of a shipped checkpoint; a clear error if this install does not have it."""
     path = HERE / name
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"no shipped checkpoint {name!r} in {HERE} (available: {shipped_names() or 'none yet'}); "
             "train one with `python -m training.train maze-cpu` and pass checkpoint='runs/maze-cpu/model'"
@@ -28,15 +28,21 @@ def shipped_checkpoint(name: str = DEFAULT) -> Path:
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    """A checkpoint as users give it -> its folder: None -> the default shipped model; an existing
-    path -> itself; otherwise a bare name -> the shipped model of that name. A name that is
-    neither is an error that lists the shipped ones."""
+    """A checkpoint as users give it -> its model folder, in this order: None -> the default
+    shipped model; a folder holding a model (or a run folder holding ``model/``); a bare name
+    (no slash) of a shipped model. Anything else is returned as given for ``load_model`` to say
+    what is missing, except a bare name that matches nothing: an error listing the shipped ones."""
     if checkpoint is None:
         return shipped_checkpoint()
     path = Path(checkpoint)
-    if path.exists() or len(path.parts) != 1:
-        return path  # (a missing multi-part path: load_model says which folder is missing)
-    if (HERE / path.name / "config.json").is_file():
-        return HERE / path.name
-    raise CheckpointError(f"{checkpoint}: no such checkpoint folder, nor a shipped model of that name "
-                          f"(shipped: {shipped_names() or 'none'})")
+    for folder in (path, path / "model"):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    text = str(checkpoint)
+    if "/" not in text and "\\" not in text:
+        if (HERE / text / CONFIG_FILE).is_file():
+            return HERE / text
+        if not path.exists():
+            raise CheckpointError(f"{checkpoint}: no such checkpoint folder, nor a shipped model of that name "
+                                  f"(shipped: {shipped_names() or 'none'})")
+    return path

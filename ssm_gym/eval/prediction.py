@@ -253,7 +253,7 @@ def side_by_side_video(pred: dict[str, np.ndarray], index: int = 0, scale: int =
 @dataclass
 class Args:
     checkpoints: tuple[Path, ...]
-    """Model folders to compare."""
+    """Model folders (or shipped models' names) to compare."""
     val_dir: Path = Path("data/maze-val")
     """Held-out episodes (other maze seeds than the training data)."""
     episodes: int = 8

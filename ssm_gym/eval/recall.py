@@ -151,7 +151,7 @@ def score(episodes: list[Episode], generated: list[np.ndarray], retrieval: bool)
 @dataclass
 class Args:
     checkpoints: tuple[Path, ...] = ()
-    """World-model checkpoint folders to compare."""
+    """World-model checkpoint folders (or shipped models' names) to compare."""
     merge: tuple[Path, ...] = ()
     """Instead of evaluating: combine the recall.json files of earlier runs (for example one
     process per checkpoint) into one recall.json, table and figure in --out-dir. The runs must

@@ -1,7 +1,8 @@
 """Dynamic state compression: per-environment state whose size follows how much the scene changes.
 
 Two parts of the inference state are sized by content, both from one measured score, the mean
-absolute pixel change (0..255) of each 8x8 patch (= one token) from one frame to the next:
+absolute pixel change (0..255) of the frame pixels each token covers (8x8 here, for pixel and
+latent models alike) from one frame to the next:
 
 - **SSM state, nested by importance.** Each spatial block's Mamba-2 state (heads x headdim x
   d_state) keeps only a prefix of its ``d_state`` dimensions: ``d_state/4``, ``/2`` or all of it.
@@ -49,7 +50,7 @@ NOVEL = 255.0  # change score of a frame with no previous frame (an episode star
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """One compression setting. Scores are mean |pixel change| per 8x8 patch, on 0..255."""
+    """One compression setting. Scores are mean |pixel change| per token's pixels, on 0..255."""
 
     name: str = "custom"
     kv_threshold: Optional[float] = None  # drop cache tokens that changed less than this (None: keep all)

@@ -110,6 +110,11 @@ class WorldModelConfig:
         return (g, g)
 
     @property
+    def pixels_per_token(self) -> int:
+        """Side of the square of frame pixels one token covers (what state compression scores)."""
+        return self.image_size // self.grid[0]
+
+    @property
     def has_ssm(self) -> bool:
         return self.variant in ("full", "ssm_flat")
 
@@ -465,6 +470,9 @@ class WorldModel(nn.Module):
         comp = None
         if comp_cfg is not None and comp_cfg.dynamic:  # ("bf16" only changes the cache's dtype)
             cfg = self.config  # (the rule scores the pixels each token covers, for a latent model too)
+            if self.codec is not None and self.prev_in is not None:
+                raise ValueError("dynamic state compression with a previous-frame input keeps the last frame as "
+                                 "pixels: not supported for a latent-space model (latent_channels > 0)")
             comp = CompressionState(comp_cfg, torch.full((batch_size, *self.grid), NOVEL, device=device),
                                     torch.zeros((batch_size, cfg.image_size, cfg.image_size, cfg.channels),
                                                 dtype=torch.uint8, device=device))

@@ -70,6 +70,9 @@ class AutoencoderTrainConfig:
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
         FrameAutoencoder(latent_channels=self.latent_channels, downsample=self.downsample, width=self.width)
+        device = torch.device(self.device)  # (a bad name raises here, before the run folder exists)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available on this machine")
 
 
 def _to_json(cfg: AutoencoderTrainConfig) -> dict:

@@ -94,7 +94,7 @@ class TrainConfig:
     """Write a real-vs-predicted video every this many steps (0: never)."""
     resume: bool = False
     """Continue the run in out_dir from its latest checkpoint."""
-    init_from: Optional[Path] = None
+    init_from: Optional[Path] = None  # (a model folder, a run folder or a shipped model's name)
     """Start from the weights of this model folder (fine-tuning; e.g. a run's model/): the model
     config must match; optimizer, schedule and data order start fresh."""
     autoencoder: Optional[Path] = None

@@ -312,7 +312,9 @@ def train(cfg: TrainConfig) -> Path:
 
     model = WorldModel(cfg.model)
     if cfg.init_from is not None:
-        start_model = load_model(cfg.init_from)
+        from ssm_gym.checkpoints import resolve_checkpoint
+
+        start_model = load_model(resolve_checkpoint(cfg.init_from))
         # fields that only steer training noise, sampling or execution may differ (e.g. a fine-tune
         # with another noise distribution); the network's own fields must match
         free = {k: getattr(cfg.model, k) for k in INIT_FROM_FREE_FIELDS}
@@ -401,8 +403,7 @@ def train(cfg: TrainConfig) -> Path:
                                    noised_copies=cfg.noised_copies)
         compress = None
         if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
-            pixels_per_token = frames.shape[2] // cfg.model.grid[0]  # (a latent model's tokens cover more pixels)
-            compress = clip_compression(comp_cfg, frames, pixels_per_token, cfg.compression_prob, noise_gen)
+            compress = clip_compression(comp_cfg, frames, cfg.model.pixels_per_token, cfg.compression_prob, noise_gen)
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
         state = model.init_state(batch_size, env.device) if len(chunks) > 1 else None
         stats_sum: dict[str, float] = {}
