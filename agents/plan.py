@@ -23,9 +23,8 @@ from tqdm.auto import tqdm
 
 import ssm_gym  # noqa: F401
 from agents.evaluate import scripted_returns, summary
-from ssm_gym.checkpoints import resolve_checkpoint
+from ssm_gym.checkpoints import load_world_model
 from ssm_gym.maze.sim import N_ACTIONS
-from ssm_gym.model.checkpoint import load_model
 from ssm_gym.rollout.engine import RolloutEngine
 from ssm_gym.train.config import config_to_json
 
@@ -105,7 +104,7 @@ def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> flo
 def main(args: Args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(resolve_checkpoint(args.checkpoint))
+    model = load_world_model(args.checkpoint)
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
     with tqdm(total=len(seeds) * args.max_steps, desc="real steps (planning)", unit="step") as bar:
         returns = [run_planner(model, s, args, bar) for s in seeds]

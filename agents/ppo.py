@@ -117,10 +117,9 @@ def make_env(args: Args) -> SB3VecEnv:
                                       context_len=args.context_len, **common))
     if args.reward_threshold is not None and args.reward_mode != "threshold":
         raise ValueError(f"--reward-threshold applies to --reward-mode threshold, not {args.reward_mode!r}")
-    from ssm_gym.checkpoints import resolve_checkpoint
-    from ssm_gym.model.checkpoint import load_model
+    from ssm_gym.checkpoints import load_world_model
 
-    model = load_model(resolve_checkpoint(args.checkpoint), args.device)  # once, for the baseline and the env
+    model = load_world_model(args.checkpoint, args.device)  # once, for the baseline and the env
     baseline = model_reward_baseline(args, model) if args.reward_baseline == "model" else None
     return SB3VecEnv(gym.make_vec("SSMWorld-Maze-v0", model=model, device=args.device,
                                   sampling_steps=args.sampling_steps, reward_mode=args.reward_mode,

@@ -33,9 +33,8 @@ import numpy as np
 import torch
 import tyro
 
-from ssm_gym.checkpoints import resolve_checkpoint
+from ssm_gym.checkpoints import load_world_model
 from ssm_gym.eval.recall import reasoning_episode
-from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.compression import SETTINGS
 from ssm_gym.rollout.engine import RolloutEngine
 
@@ -102,7 +101,7 @@ def measure_all(model, episodes, args: Args) -> list[dict]:
 def main(args: Args) -> dict:
     if args.steps < 3:
         raise ValueError(f"--steps must be >= 3 (the first two are warm-up), got {args.steps}")
-    model = load_model(resolve_checkpoint(args.checkpoint), args.device)
+    model = load_world_model(args.checkpoint, args.device)
     episodes = [reasoning_episode(args.first_seed + i, args.context, args.steps) for i in range(args.num_envs)]
     rows = measure_all(model, episodes, args)
     base = next((r for r in rows if r["setting"] == "off"), rows[0])

@@ -41,9 +41,8 @@ import torch
 import tyro
 
 import ssm_gym  # noqa: F401
-from ssm_gym.checkpoints import resolve_checkpoint
+from ssm_gym.checkpoints import load_world_model
 from ssm_gym.model.attention import KVCache
-from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.flops import flop_counter
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine
@@ -131,7 +130,7 @@ def matmul_gflops(seconds: float = 1.0, n: int = 1024, device: str = "cpu") -> f
 def main(args: Args) -> dict:
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise SystemExit("--cuda-graph needs --device cuda")
-    model = load_model(resolve_checkpoint(args.checkpoint), args.device)
+    model = load_world_model(args.checkpoint, args.device)
     steps = args.sampling_steps or model.config.sample_steps
     frames = first_frames(max(args.num_envs)).to(args.device)
     out: dict = {"sampling_steps": steps, "threads": torch.get_num_threads(), "device": args.device, "targets": TARGETS}

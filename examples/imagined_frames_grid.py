@@ -20,9 +20,8 @@ import torch
 import tyro
 from PIL import Image, ImageDraw
 
+from ssm_gym.checkpoints import load_world_model
 from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
-from ssm_gym.checkpoints import resolve_checkpoint
-from ssm_gym.model.checkpoint import load_model
 
 
 @dataclass
@@ -81,7 +80,7 @@ def main(args: Args) -> Path:
     actions = torch.from_numpy(episode_prev_actions(ep)[args.start:end])
     grid = [("real", [frames[args.context + t - 1].numpy() for t in args.at])]
     for folder, steps in rows:
-        model = load_model(resolve_checkpoint(folder)).eval()
+        model = load_world_model(folder)
         grid.append((f"{folder.parent.name if folder.name == 'model' else folder.name}, {steps} step"
                      + ("s" if steps > 1 else ""), imagine(model, frames, actions, args.context, steps, args.at, args.seed)))
     s, label_w = 64 * args.scale, 170

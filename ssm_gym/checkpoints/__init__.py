@@ -46,3 +46,11 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
             raise CheckpointError(f"{checkpoint}: no such checkpoint folder, nor a shipped model of that name "
                                   f"(shipped: {shipped_names() or 'none'})")
     return path
+
+
+def load_world_model(checkpoint: str | Path | None = None, device="cpu"):
+    """The world model a user's checkpoint argument names (see :func:`resolve_checkpoint`), loaded
+    on ``device`` in eval mode."""
+    from ssm_gym.model.checkpoint import load_model
+
+    return load_model(resolve_checkpoint(checkpoint), device)

@@ -17,7 +17,7 @@ import torch
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from ssm_gym.checkpoints import resolve_checkpoint
+from ssm_gym.checkpoints import load_world_model
 from ssm_gym.envs.maze_real import (
     ACTION_SPACE,
     OBSERVATION_SPACE,
@@ -28,7 +28,6 @@ from ssm_gym.envs.maze_real import (
 )
 from ssm_gym.maze.record import RecordedMoments
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch, check_actions
-from ssm_gym.model.checkpoint import load_model
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine
 
@@ -36,7 +35,7 @@ from ssm_gym.rollout.engine import RolloutEngine
 def _load(checkpoint: str | Path | None, model: Optional[WorldModel], device: str) -> WorldModel:
     if model is not None:
         return model.to(device).eval()
-    return load_model(resolve_checkpoint(checkpoint), device)
+    return load_world_model(checkpoint, device)
 
 
 # reward_mode -> where the engine reads the head ("real" pays the ground-truth maze, the head is only logged)

@@ -286,8 +286,7 @@ class Args:
 
 
 def main(args: Args) -> list[dict]:
-    from ssm_gym.checkpoints import resolve_checkpoint
-    from ssm_gym.model.checkpoint import load_model
+    from ssm_gym.checkpoints import load_world_model
 
     frames, prev, rewards = load_clips(args.val_dir, args.episodes, args.context + args.horizon, args.windows)
     real_r = rewards[:, args.context:].numpy()
@@ -298,7 +297,7 @@ def main(args: Args) -> list[dict]:
              "clips": len(frames)}]
     print(json.dumps(rows[-1]), flush=True)
     for ckpt in args.checkpoints:
-        model = load_model(resolve_checkpoint(ckpt), args.device)
+        model = load_world_model(ckpt, args.device)
         if args.whole_episodes:
             m = reward_metrics(teacher_forced_rewards(model, whole, whole_prev), whole_r.numpy())
             rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})

@@ -38,8 +38,7 @@ from ssm_gym.eval.metrics import psnr, ssim
 from ssm_gym.maze.layout import generate_maze
 from ssm_gym.maze.policies import revisit_gaps, revisit_route
 from ssm_gym.maze.sim import MazeBatch
-from ssm_gym.checkpoints import resolve_checkpoint
-from ssm_gym.model.checkpoint import load_model
+from ssm_gym.checkpoints import load_world_model
 from ssm_gym.model.compression import get_compression
 from ssm_gym.rollout.engine import RolloutEngine
 
@@ -242,7 +241,7 @@ def run(args: Args) -> dict:
                "models": {}}
     results["args"]["checkpoints"] = [str(c) for c in args.checkpoints]
     for name, ckpt in zip(names, args.checkpoints):
-        model = load_model(resolve_checkpoint(ckpt), args.device)
+        model = load_world_model(ckpt, args.device)
         for comp in args.compression:
             key = name if comp == "off" and len(args.compression) == 1 else f"{name}+{comp}"
             entry = results["models"][key] = {"checkpoint": str(ckpt), "variant": model.config.variant,

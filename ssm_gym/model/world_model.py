@@ -730,7 +730,8 @@ class WorldModel(nn.Module):
                 raise ValueError(f"state compression scores pixel frames: with latents {tuple(frames.shape)} "
                                  "pass the decoded frames too (pixels=...)")
             frames = pixels = frames if frames.dtype == torch.uint8 else float_to_frames(frames)
-        pixels = pixels if pixels.dtype == torch.uint8 else float_to_frames(pixels)
+        elif pixels.dtype != torch.uint8:
+            pixels = float_to_frames(pixels)
         masks, act_after = comp.observe(pixels, state.t)
         out = self(frames, sigma, actions, state=state, update="inplace", compress=masks, refine=False)
         comp.commit(pixels, act_after)

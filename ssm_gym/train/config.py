@@ -94,9 +94,9 @@ class TrainConfig:
     """Write a real-vs-predicted video every this many steps (0: never)."""
     resume: bool = False
     """Continue the run in out_dir from its latest checkpoint."""
-    init_from: Optional[Path] = None  # (a model folder, a run folder or a shipped model's name)
-    """Start from the weights of this model folder (fine-tuning; e.g. a run's model/): the model
-    config must match; optimizer, schedule and data order start fresh."""
+    init_from: Optional[Path] = None
+    """Start from the weights of this model (fine-tuning; a model folder, a run folder or a shipped
+    model's name): the model config must match; optimizer, schedule and data order start fresh."""
     autoencoder: Optional[Path] = None
     """A trained frame autoencoder (python -m training.train_autoencoder; its model/ folder) for a
     new latent-space model (--model.latent-channels > 0); frozen. A fine-tune (--init-from) of a

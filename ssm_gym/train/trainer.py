@@ -40,7 +40,6 @@ from ssm_gym.model.checkpoint import (
     check_state_dict,
     config_from_dict,
     load_autoencoder,
-    load_model,
     save_model,
     write_folder_atomically,
 )
@@ -312,9 +311,9 @@ def train(cfg: TrainConfig) -> Path:
 
     model = WorldModel(cfg.model)
     if cfg.init_from is not None:
-        from ssm_gym.checkpoints import resolve_checkpoint
+        from ssm_gym.checkpoints import load_world_model
 
-        start_model = load_model(resolve_checkpoint(cfg.init_from))
+        start_model = load_world_model(cfg.init_from)
         # fields that only steer training noise, sampling or execution may differ (e.g. a fine-tune
         # with another noise distribution); the network's own fields must match
         free = {k: getattr(cfg.model, k) for k in INIT_FROM_FREE_FIELDS}
