@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ssm_gym.maze.dataset import load_episode, save_episode
 from ssm_gym.maze.record import record_episodes
 from ssm_gym.model.checkpoint import CheckpointError, load_model
+import ssm_gym.train.trainer as trainer_mod
 from ssm_gym.train.config import PRESETS
 from ssm_gym.train.trainer import latest_checkpoint, lr_at, temporal_chunks, train
 
@@ -73,6 +74,36 @@ def test_noised_copies_run_trains_and_carries_state(data, tmp_path):
     losses = [float(r[4]) for r in rows]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert load_model(final).config == PRESETS["tiny"][1].model
+
+
+def test_noised_copies_mixed_with_diffusion_forcing(data, tmp_path, monkeypatch):
+    """noised_copies_prob: a seeded share of the steps trains copies, the rest plain diffusion forcing."""
+    with pytest.raises(ValueError, match="noised_copies_prob"):
+        dataclasses.replace(PRESETS["tiny"][1], noised_copies=True, noised_copies_prob=1.5).validate()
+    with pytest.raises(ValueError, match="--noised-copies"):
+        dataclasses.replace(PRESETS["tiny"][1], noised_copies_prob=0.5).validate()
+    cfg = dataclasses.replace(PRESETS["tiny"][1], noised_copies=True, noised_copies_prob=0.3)
+    draws = [cfg.uses_noised_copies(s) for s in range(2000)]
+    assert draws == [cfg.uses_noised_copies(s) for s in range(2000)]  # a resumed run draws the same
+    assert 0.25 < sum(draws) / len(draws) < 0.35
+    assert not any(dataclasses.replace(cfg, noised_copies=False, noised_copies_prob=1.0).uses_noised_copies(s)
+                   for s in range(50))
+
+    seen = []
+    real_loss = trainer_mod.diffusion_forcing_loss
+
+    def spy(*args, noised_copies=False, **kwargs):
+        seen.append(noised_copies)
+        return real_loss(*args, noised_copies=noised_copies, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "diffusion_forcing_loss", spy)
+    run = tiny(data, tmp_path / "run", noised_copies=True, noised_copies_prob=0.5, stage_steps=(10, 10))
+    train(run)
+    expected = [run.uses_noised_copies(s) for s in range(run.total_steps)]
+    assert True in expected and False in expected
+    # one call per truncated-BPTT piece, each with its step's objective
+    pieces = [len(temporal_chunks(run.stage_clip_lens[run.stage_at(s)], run.tbptt_frames)) for s in range(run.total_steps)]
+    assert seen == [c for s, c in enumerate(expected) for _ in range(pieces[s])]
 
 
 def test_schedule_and_chunks():

@@ -9,6 +9,7 @@ back-propagation over temporal chunks, the SSM state (and attention cache) carri
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,12 @@ class TrainConfig:
     """Every frame carries loss: the clip runs clean and a noised copy of each frame is denoised from
     the clean frames before it (WorldModel.forward_paired), about twice the compute per clip frame.
     The clean-prefix options (long_context, clean_history_prob) then do not apply."""
+    noised_copies_prob: float = 1.0
+    """With noised_copies: the share of optimizer steps that use it; the other steps train plain
+    diffusion forcing (noised histories, the long-context prefix). Why mix: copies alone give sharp
+    next frames and a readable reward head but open-loop rollouts that fade (the model never sees
+    its own imperfect frames as history); diffusion forcing alone holds long rollouts better but
+    blurs the next frame."""
     action_dropout: float = 0.0
     """Share of frames whose action is replaced by the model's null action (needs
     --model.null-action): trains the action-free prediction that action guidance
@@ -111,6 +118,13 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(self.stage_steps)
 
+    def uses_noised_copies(self, step: int) -> bool:
+        """Whether optimizer step ``step`` trains noised copies (see noised_copies_prob): drawn from
+        the seed and the step alone, so every process of a data-parallel run and a resumed run agree."""
+        if not self.noised_copies or self.noised_copies_prob >= 1.0:
+            return self.noised_copies
+        return random.Random(self.seed * 1_000_003 + step).random() < self.noised_copies_prob
+
     def stage_at(self, step: int) -> int:
         edge = 0
         for i, n in enumerate(self.stage_steps):
@@ -147,6 +161,10 @@ class TrainConfig:
             raise ValueError(f"clean_history_prob must be in [0, 1], got {self.clean_history_prob}")
         if not 0.0 < self.clean_history_noised_frac <= 1.0:
             raise ValueError(f"clean_history_noised_frac must be in (0, 1], got {self.clean_history_noised_frac}")
+        if not 0.0 <= self.noised_copies_prob <= 1.0:
+            raise ValueError(f"noised_copies_prob must be in [0, 1], got {self.noised_copies_prob}")
+        if self.noised_copies_prob < 1.0 and not self.noised_copies:
+            raise ValueError("noised_copies_prob mixes noised copies with diffusion forcing: set --noised-copies too")
         if self.noised_copies and self.clean_history_prob > 0:
             raise ValueError("noised_copies gives every frame a clean history already: set clean_history_prob to 0")
         if self.noised_copies and self.compression != "off" and get_compression(self.compression).dynamic:

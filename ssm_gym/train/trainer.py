@@ -396,10 +396,11 @@ def train(cfg: TrainConfig) -> Path:
                                noise_gen)
         rewards = batch["rewards"].to(env.device)
         terminals = batch["terminals"].to(env.device)
+        copies = cfg.uses_noised_copies(step)
         sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
                                    generator=noise_gen, device=env.device, clean_history_prob=cfg.clean_history_prob,
                                    clean_history_noised_frac=cfg.clean_history_noised_frac,
-                                   noised_copies=cfg.noised_copies)
+                                   noised_copies=copies)
         compress = None
         if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
             compress = clip_compression(comp_cfg, frames, cfg.model.pixels_per_token, cfg.compression_prob, noise_gen)
@@ -413,7 +414,7 @@ def train(cfg: TrainConfig) -> Path:
                     loss, stats, state = diffusion_forcing_loss(
                         net, frames[:, s:e], actions[:, s:e], rewards=rewards[:, s:e], terminals=terminals[:, s:e], sigma=sigma[:, s:e],
                         state=state, generator=noise_gen, return_state=True, reward_weight=cfg.reward_loss_weight,
-                        compress=None if compress is None else compress[s:e], noised_copies=cfg.noised_copies)
+                        compress=None if compress is None else compress[s:e], noised_copies=copies)
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
             for k, v in stats.items():
