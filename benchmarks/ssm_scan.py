@@ -30,6 +30,11 @@ JSON keys
   2% of the step's arithmetic) the counter does not see, so the figure is conservative; else
   with the torch scan, whose chunked products, O(length x chunk), are counted),
   ``achieved_gflops``, ``frac_of_matmul`` (achieved / matmul GFLOP/s of the same precision).
+- ``attention``: list, one entry per precision: one frame-local attention layer of the default
+  config (its clip form, as in training: the same batch and clip, qkv and out projections
+  included), forward + backward: ``precision``, ``ms`` (best of ``repeats``), ``gflop``
+  (counted), ``achieved_gflops``, ``frac_of_matmul``, ``share_of_train_step`` (n_layers x ms over
+  the diffusion-forcing train step of the same precision, last backend): where a bf16 step's time goes.
 - ``model``: {"params": int, "config": WorldModelConfig as a dict}.
 """
 
@@ -45,6 +50,7 @@ import tyro
 
 from ssm_gym.model import (
     HAS_MAMBA_SSM,
+    FrameLocalAttention,
     WorldModel,
     WorldModelConfig,
     cpu_kernel,
@@ -200,6 +206,35 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
     return rows, model_info
 
 
+def bench_attention(args: Args, matmul: dict, train: list[dict]) -> list[dict]:
+    """One attention layer of the default config on a training clip, forward + backward."""
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    cfg = WorldModelConfig()
+    attn = FrameLocalAttention(cfg.d_model, cfg.n_heads, cfg.grid[0] * cfg.grid[1], window=cfg.window,
+                               chunk_frames=cfg.attn_chunk_frames).to(dev)
+    x = torch.randn(args.batch, args.frames, cfg.grid[0] * cfg.grid[1], cfg.d_model, device=dev, requires_grad=True)
+    pos = torch.arange(args.frames, device=dev)[None].expand(args.batch, -1)
+
+    def once(bf16: bool):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            y, _ = attn(x, pos)
+        y.float().square().mean().backward()
+
+    with flop_counter() as fc:
+        once(False)
+    flops = fc.get_total_flops()
+    rows = []
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        once(bf16)
+        dt = best_time(lambda: once(bf16), args.repeats, args.device)  # noqa: B023
+        step = next(r for r in reversed(train) if r["precision"] == name and r["objective"] == "diffusion forcing")
+        rows.append({"precision": name, "ms": dt * 1e3, "gflop": flops / 1e9, "achieved_gflops": flops / dt / 1e9,
+                     "frac_of_matmul": flops / dt / 1e9 / matmul[name],
+                     "share_of_train_step": cfg.n_layers * dt / step["step_s"]})
+    return rows
+
+
 def main(args: Args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,8 +242,10 @@ def main(args: Args):
     scan = bench_scan(args)
     matmul = bench_matmul(args)
     train, model_info = bench_train(args, matmul)
+    attention = bench_attention(args, matmul, train)
     result = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "scan": scan, "matmul_gflops": matmul, "train": train, "model": model_info}
+              "scan": scan, "matmul_gflops": matmul, "train": train, "attention": attention,
+              "model": model_info}
     if args.json:
         print(json.dumps(result))
         return
@@ -228,6 +265,11 @@ def main(args: Args):
         print(f"{r['objective']:>17} {r['precision']:>9} {r['backend']:>7} {r['step_s']:>7.3f} {r['frames_per_s']:>9.1f} "
               f"{r['loss_frames_per_s']:>14.1f} {r['gflop_per_step']:>11.1f} {r['achieved_gflops']:>8.1f} "
               f"{100 * r['frac_of_matmul']:>9.1f}%")
+    print(f"\none attention layer of that step (clip form, projections included), forward + backward")
+    print(f"{'precision':>9} {'ms':>7} {'GFLOP':>6} {'GFLOP/s':>8} {'of matmul':>10} {'x layers, of the train step':>28}")
+    for r in attention:
+        print(f"{r['precision']:>9} {r['ms']:>7.1f} {r['gflop']:>6.2f} {r['achieved_gflops']:>8.1f} "
+              f"{100 * r['frac_of_matmul']:>9.1f}% {100 * r['share_of_train_step']:>27.0f}%")
 
 
 if __name__ == "__main__":

@@ -68,8 +68,13 @@ def test_ssm_scan_benchmark(as_json, capsys):
         assert len(copies) == 2 and all(r["loss_frames_per_s"] == r["frames_per_s"] for r in copies)
         plain = [r for r in result["train"] if r["objective"] == "diffusion forcing"]
         assert copies[0]["gflop_per_step"] > plain[0]["gflop_per_step"]
+        attn = result["attention"]
+        assert [r["precision"] for r in attn] == ["fp32", "bf16"] and attn[0]["gflop"] == attn[1]["gflop"] > 0
+        # an attention layer is part of the step: the six of them take a share of it below 1
+        assert all(0 < r["share_of_train_step"] < 1 for r in attn)
     else:
         assert "chunked ms" in out and ("fused ms" in out) == fused and "noised copies" in out
+        assert "one attention layer" in out
 
 
 def test_maze_sim_benchmark():

@@ -83,10 +83,10 @@ def test_noised_copies_mixed_with_diffusion_forcing(data, tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="--noised-copies"):
         dataclasses.replace(PRESETS["tiny"][1], noised_copies_prob=0.5).validate()
     cfg = dataclasses.replace(PRESETS["tiny"][1], noised_copies=True, noised_copies_prob=0.3)
-    draws = [cfg.uses_noised_copies(s) for s in range(2000)]
-    assert draws == [cfg.uses_noised_copies(s) for s in range(2000)]  # a resumed run draws the same
+    draws = [cfg.step_objective(s)[0] for s in range(2000)]
+    assert draws == [cfg.step_objective(s)[0] for s in range(2000)]  # a resumed run draws the same
     assert 0.25 < sum(draws) / len(draws) < 0.35
-    assert not any(dataclasses.replace(cfg, noised_copies=False, noised_copies_prob=1.0).uses_noised_copies(s)
+    assert not any(dataclasses.replace(cfg, noised_copies=False, noised_copies_prob=1.0).step_objective(s)[0]
                    for s in range(50))
 
     seen = []
@@ -99,11 +99,51 @@ def test_noised_copies_mixed_with_diffusion_forcing(data, tmp_path, monkeypatch)
     monkeypatch.setattr(trainer_mod, "diffusion_forcing_loss", spy)
     run = tiny(data, tmp_path / "run", noised_copies=True, noised_copies_prob=0.5, stage_steps=(10, 10))
     train(run)
-    expected = [run.uses_noised_copies(s) for s in range(run.total_steps)]
+    expected = [run.step_objective(s)[0] for s in range(run.total_steps)]
     assert True in expected and False in expected
     # one call per truncated-BPTT piece, each with its step's objective
     pieces = [len(temporal_chunks(run.stage_clip_lens[run.stage_at(s)], run.tbptt_frames)) for s in range(run.total_steps)]
     assert seen == [c for s, c in enumerate(expected) for _ in range(pieces[s])]
+
+
+def test_open_loop_history_steps(data, tmp_path, monkeypatch):
+    """open_loop_prob: a seeded share of the copies steps reads the model's own imagination after
+    open_loop_context real frames; the run trains and resumes its draws."""
+    for bad, match in (({"open_loop_prob": 0.5}, "--noised-copies"),
+                       ({"noised_copies": True, "open_loop_prob": -0.1}, "open_loop_prob"),
+                       ({"noised_copies": True, "open_loop_context": 0}, "open_loop_context")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(PRESETS["tiny"][1], **bad).validate()
+    cfg = dataclasses.replace(PRESETS["tiny"][1], noised_copies=True, noised_copies_prob=0.5, open_loop_prob=0.5)
+    draws = [cfg.step_objective(s) for s in range(2000)]
+    assert not any(ol and not copies for copies, ol in draws)  # open loop only on copies steps
+    assert 0.2 < sum(ol for _, ol in draws) / len(draws) < 0.3
+
+    calls = []
+    real_history = trainer_mod.open_loop_history
+
+    def spy_history(net, frames, actions, context, **kw):
+        out = real_history(net, frames, actions, context, **kw)
+        calls.append((frames.shape[1], context, out))
+        return out
+
+    seen = []
+    real_loss = trainer_mod.diffusion_forcing_loss
+
+    def spy_loss(*args, history=None, **kw):
+        seen.append(history)
+        return real_loss(*args, history=history, **kw)
+
+    monkeypatch.setattr(trainer_mod, "open_loop_history", spy_history)
+    monkeypatch.setattr(trainer_mod, "diffusion_forcing_loss", spy_loss)
+    run = tiny(data, tmp_path / "run", noised_copies=True, open_loop_prob=1.0, open_loop_context=6,
+               stage_steps=(3, 3), tbptt_frames=8)
+    train(run)
+    # every step open loop; the context is capped at clip length - 1 (clips of 4, then 8 frames)
+    assert [(t, c) for t, c, _ in calls] == [(4, 3)] * 3 + [(8, 6)] * 3
+    assert len(seen) == len(calls) and all(torch.equal(h, out) for h, (_, _, out) in zip(seen, calls))
+    rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    assert rows and all(math.isfinite(float(r[4])) for r in rows)
 
 
 def test_schedule_and_chunks():

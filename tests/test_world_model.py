@@ -13,6 +13,7 @@ from ssm_gym.model import (
     diffusion_forcing_loss,
     incoming_actions,
     karras_sigmas,
+    open_loop_history,
 )
 from ssm_gym.model.diffusion import drop_actions, edm_scalings, float_to_frames, long_context_prefix, sample_clip_sigmas
 
@@ -194,6 +195,52 @@ def test_noised_copies_loss_in_pieces_equals_whole():
     assert whole.item() > 0
     with pytest.raises(ValueError, match="noise level > 0"):
         diffusion_forcing_loss(m, frames, actions, sigma=torch.zeros(2, 8), noised_copies=True)
+
+
+@pytest.mark.parametrize("spec", ["full", "full+prev_frame", "full+latent"])
+def test_imagine_and_open_loop_history(spec):
+    """imagine == T calls of generate (same frames, same state after); open_loop_history = the real
+    context, then imagine from it, in the network's space (latents for a latent model)."""
+    _, m = variant_model(spec)
+    frames, actions = clip(t=7)
+    a, b = m.init_state(2), m.init_state(2)
+    m.observe_clip(a, frames[:, :3], actions[:, :3]), m.observe_clip(b, frames[:, :3], actions[:, :3])
+    seen = m.imagine(a, actions[:, 3:], steps=2, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    made = [m.generate(b, actions[:, i], steps=2, generator=g)[0] for i in range(3, 7)]
+    assert seen.shape == (2, 4, *m.config.space_shape)
+    assert torch.equal(m.to_frames(seen), torch.stack(made, 1))
+    assert torch.equal(a.t, b.t)  # and the states behave alike:
+    out_a = m(frames[:, :1], torch.zeros(2, 1), actions[:, :1], state=a, update="none")
+    out_b = m(frames[:, :1], torch.zeros(2, 1), actions[:, :1], state=b, update="none")
+    assert torch.equal(out_a.denoised, out_b.denoised)
+
+    hist = open_loop_history(m, frames, actions, context=3, steps=2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(hist[:, :3], m.to_space(frames[:, :3])) and torch.equal(hist[:, 3:], seen)
+    with pytest.raises(ValueError, match="context"):
+        open_loop_history(m, frames, actions, context=0)
+
+
+def test_loss_with_open_loop_history():
+    """The copies read the given history and still denoise towards the clip: a history equal to
+    the clip gives the plain copies loss; another history another loss; bad uses are refused."""
+    _, m = variant_model("full+prev_frame")
+    frames, actions = clip(t=6)
+    sigma = torch.rand(2, 6, generator=torch.Generator().manual_seed(4)) + 0.05
+
+    def loss(**kw):
+        return diffusion_forcing_loss(m, frames, actions, sigma=sigma, generator=torch.Generator().manual_seed(1),
+                                      noised_copies=True, **kw)[0]
+
+    with torch.no_grad():
+        own = m.to_space(frames)
+        assert loss(history=own).item() == pytest.approx(loss().item(), rel=1e-6)
+        hist = open_loop_history(m, frames, actions, context=2, generator=torch.Generator().manual_seed(2))
+        assert abs(loss(history=hist).item() - loss().item()) > 1e-4
+        with pytest.raises(ValueError, match="does not match"):
+            loss(history=own[:, :5])
+        with pytest.raises(ValueError, match="needs noised copies"):
+            diffusion_forcing_loss(m, frames, actions, history=own)
 
 
 def test_observe_clip_equals_observe():

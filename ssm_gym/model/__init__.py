@@ -4,6 +4,7 @@ from .attention import FrameLocalAttention, KVCache, TokenPool
 from .autoencoder import FrameAutoencoder
 from .diffusion import (
     diffusion_forcing_loss,
+    open_loop_history,
     float_to_frames,
     frames_to_float,
     karras_sigmas,
@@ -33,6 +34,7 @@ __all__ = [
     "WorldModelState",
     "cpu_kernel",
     "diffusion_forcing_loss",
+    "open_loop_history",
     "float_to_frames",
     "frames_to_float",
     "incoming_actions",

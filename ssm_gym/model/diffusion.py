@@ -84,6 +84,7 @@ def diffusion_forcing_loss(
     compress=None,
     reward_weight: float = 1.0,
     noised_copies: bool = False,
+    history: Tensor | None = None,
 ):
     """Training loss for a batch of clips.
 
@@ -96,6 +97,10 @@ def diffusion_forcing_loss(
     module docstring); sigma (drawn if None) must then be > 0 for every frame, and the clean-prefix
     options do not apply (every copy already has a clean history). The reward and termination
     heads are trained on the copies and on the clean frames, half each.
+    history (B, T, *space_shape), with noised copies only: the clean frames the copies read instead
+    of the clip's own (e.g. the model's open-loop imagination after a real context,
+    :func:`open_loop_history`); the copies still denoise towards the real frames, so the model
+    learns to predict the real next frame from the history it will have in imagination.
     Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
     net = getattr(model, "module", model)  # (model may be wrapped in DDP)
@@ -115,9 +120,15 @@ def diffusion_forcing_loss(
             raise ValueError("noised copies do not support state compression masks")
         if not bool((sigma > 0).all()):
             raise ValueError("with noised copies every frame needs a noise level > 0 (its clean self is the history)")
-        out, clean_out = model(xn, sigma, actions, state=state, update=update, clean=x0, paired=True)
+        if history is not None and tuple(history.shape) != tuple(x0.shape):
+            raise ValueError(f"history {tuple(history.shape)} does not match the clip {tuple(x0.shape)}")
+        out, clean_out = model(xn, sigma, actions, state=state, update=update,
+                               clean=x0 if history is None else history.to(x0.dtype), paired=True)
         heads.append(clean_out)
     else:
+        if history is not None:
+            raise ValueError("a separate history (open-loop training) needs noised copies: plain diffusion forcing "
+                             "denoises the history's own frames")
         out = model(xn, sigma, actions, state=state, update=update, compress=compress, clean=x0)
     heads.append(out)
 
@@ -145,6 +156,26 @@ def diffusion_forcing_loss(
         stats["term_loss"] = t_loss.detach().item()
     stats["loss"] = loss.detach().item()
     return (loss, stats, out.state) if return_state else (loss, stats)
+
+
+@torch.no_grad()
+def open_loop_history(model, frames: Tensor, actions: Tensor, context: int, steps: int = 1,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """The history an agent's imagination gives a model, for training on it: the first ``context``
+    frames of each clip real, the rest the model's own open-loop generation from them under the
+    clip's real actions (``steps`` denoising steps), in the network's space (B, T, *space_shape).
+    Why: trained only on real histories, a model meets its own slightly wrong frames first at
+    inference, and the errors compound into a fog within tens of steps (exposure bias); with this
+    history and the real frames as targets it learns to pull a drifting rollout back."""
+    net = getattr(model, "module", model)  # (DDP)
+    x0 = net.to_space(frames)
+    b, t = x0.shape[:2]
+    if not 1 <= context <= t:
+        raise ValueError(f"context must be in [1, {t}] for clips of {t} frames, got {context}")
+    state = net.init_state(b, x0.device)
+    net.observe_clip(state, x0[:, :context], actions[:, :context])
+    imagined = net.imagine(state, actions[:, context:], steps, generator)
+    return torch.cat([x0[:, :context], imagined.to(x0.dtype)], 1)
 
 
 def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, long_context_prob: float = 0.5,

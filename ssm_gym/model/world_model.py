@@ -755,12 +755,31 @@ class WorldModel(nn.Module):
         action_guidance: see ``predict``."""
         check_reward_from(reward_from)
         x, expected = self._sample(state, action, steps, generator, noise, action_guidance)
-        frame = self.to_frames(x)[:, 0]
-        # a pixel model advances on the uint8 frame it returns; a latent one on the latent itself
-        # (decoding and encoding again would only add the autoencoder's error; compression scores the pixels)
-        out = self.observe(state, frame if self.codec is None else x[:, 0], action, pixels=frame)
+        frame, _, out = self._advance_on_sample(state, x, action)
         reward = expected if reward_from == "denoiser" else out.reward[:, 0]
         return frame, reward, out.term_logit[:, 0] > 0
+
+    def _advance_on_sample(self, state: WorldModelState, x: Tensor, action) -> tuple[Tensor, Tensor, WorldModelOutput]:
+        """Advance ``state`` once on a sampled frame x (N, 1, *space_shape). A pixel model advances
+        on the uint8 frame it returns; a latent one on the latent itself (decoding and encoding
+        again would only add the autoencoder's error; compression scores the pixels).
+        Returns ``(frame (N, H, W, C) uint8, what the state saw (N, *space_shape), outputs)``."""
+        frame = self.to_frames(x)[:, 0]
+        seen = frames_to_float(frame) if self.codec is None else x[:, 0]
+        return frame, seen, self.observe(state, seen, action, pixels=frame)
+
+    @torch.no_grad()
+    def imagine(self, state: WorldModelState, actions: Tensor, steps: int | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """Open-loop imagination for a sequence of actions (N, T) long, advancing ``state`` (as T
+        calls of ``generate``). Returns what the state advanced on, in the network's space
+        (N, T, *space_shape): the frames as floats in [-1, 1] (uint8-quantised), or the latents.
+        For training on the model's own history (the trainer's ``--open-loop-prob``)."""
+        seen = []
+        for i in range(actions.shape[1]):
+            x, _ = self._sample(state, actions[:, i], steps, generator, None, None)
+            seen.append(self._advance_on_sample(state, x, actions[:, i])[1])
+        return torch.stack(seen, 1)
 
     @torch.no_grad()
     def predict(self, state: WorldModelState, action, steps: int | None = None,

@@ -56,6 +56,13 @@ class TrainConfig:
     next frames and a readable reward head but open-loop rollouts that fade (the model never sees
     its own imperfect frames as history); diffusion forcing alone holds long rollouts better but
     blurs the next frame."""
+    open_loop_prob: float = 0.0
+    """With noised_copies: the share of copies steps whose clean history is the model's own
+    open-loop imagination after `open_loop_context` real frames (the clip's real actions; one
+    denoising step), while the copies still denoise towards the real frames: trains the model to
+    predict from the history it has in imagination, against the fog of compounding errors."""
+    open_loop_context: int = 8
+    """Real frames before the open-loop history starts (at most the clip length - 1)."""
     action_dropout: float = 0.0
     """Share of frames whose action is replaced by the model's null action (needs
     --model.null-action): trains the action-free prediction that action guidance
@@ -118,12 +125,13 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(self.stage_steps)
 
-    def uses_noised_copies(self, step: int) -> bool:
-        """Whether optimizer step ``step`` trains noised copies (see noised_copies_prob): drawn from
-        the seed and the step alone, so every process of a data-parallel run and a resumed run agree."""
-        if not self.noised_copies or self.noised_copies_prob >= 1.0:
-            return self.noised_copies
-        return random.Random(self.seed * 1_000_003 + step).random() < self.noised_copies_prob
+    def step_objective(self, step: int) -> tuple[bool, bool]:
+        """``(noised copies, open-loop history)`` for optimizer step ``step`` (see noised_copies_prob,
+        open_loop_prob): drawn from the seed and the step alone, so every process of a
+        data-parallel run and a resumed run agree."""
+        draw = random.Random(self.seed * 1_000_003 + step)
+        copies = self.noised_copies and draw.random() < self.noised_copies_prob
+        return copies, copies and draw.random() < self.open_loop_prob
 
     def stage_at(self, step: int) -> int:
         edge = 0
@@ -165,6 +173,12 @@ class TrainConfig:
             raise ValueError(f"noised_copies_prob must be in [0, 1], got {self.noised_copies_prob}")
         if self.noised_copies_prob < 1.0 and not self.noised_copies:
             raise ValueError("noised_copies_prob mixes noised copies with diffusion forcing: set --noised-copies too")
+        if not 0.0 <= self.open_loop_prob <= 1.0:
+            raise ValueError(f"open_loop_prob must be in [0, 1], got {self.open_loop_prob}")
+        if self.open_loop_prob > 0 and not self.noised_copies:
+            raise ValueError("open_loop_prob trains noised copies on an imagined history: set --noised-copies too")
+        if self.open_loop_context < 1:
+            raise ValueError(f"open_loop_context must be >= 1, got {self.open_loop_context}")
         if self.noised_copies and self.clean_history_prob > 0:
             raise ValueError("noised_copies gives every frame a clean history already: set clean_history_prob to 0")
         if self.noised_copies and self.compression != "off" and get_compression(self.compression).dynamic:

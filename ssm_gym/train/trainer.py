@@ -44,7 +44,7 @@ from ssm_gym.model.checkpoint import (
     write_folder_atomically,
 )
 from ssm_gym.model.compression import clip_compression, get_compression
-from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, sample_clip_sigmas
+from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, open_loop_history, sample_clip_sigmas
 from ssm_gym.model.ssm import cpu_kernel
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import TrainConfig, config_to_json
@@ -396,7 +396,7 @@ def train(cfg: TrainConfig) -> Path:
                                noise_gen)
         rewards = batch["rewards"].to(env.device)
         terminals = batch["terminals"].to(env.device)
-        copies = cfg.uses_noised_copies(step)
+        copies, open_loop = cfg.step_objective(step)
         sigma = sample_clip_sigmas(cfg.model, batch_size, clip_len, cfg.long_context, cfg.long_context_prob,
                                    generator=noise_gen, device=env.device, clean_history_prob=cfg.clean_history_prob,
                                    clean_history_noised_frac=cfg.clean_history_noised_frac,
@@ -404,6 +404,11 @@ def train(cfg: TrainConfig) -> Path:
         compress = None
         if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
             compress = clip_compression(comp_cfg, frames, cfg.model.pixels_per_token, cfg.compression_prob, noise_gen)
+        history = None
+        if open_loop:  # the copies read the model's own imagination after a real context
+            with amp:
+                history = open_loop_history(net, frames, actions, min(cfg.open_loop_context, clip_len - 1),
+                                            generator=noise_gen)
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
         state = model.init_state(batch_size, env.device) if len(chunks) > 1 else None
         stats_sum: dict[str, float] = {}
@@ -414,7 +419,8 @@ def train(cfg: TrainConfig) -> Path:
                     loss, stats, state = diffusion_forcing_loss(
                         net, frames[:, s:e], actions[:, s:e], rewards=rewards[:, s:e], terminals=terminals[:, s:e], sigma=sigma[:, s:e],
                         state=state, generator=noise_gen, return_state=True, reward_weight=cfg.reward_loss_weight,
-                        compress=None if compress is None else compress[s:e], noised_copies=copies)
+                        compress=None if compress is None else compress[s:e], noised_copies=copies,
+                        history=None if history is None else history[:, s:e])
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
             for k, v in stats.items():
