@@ -76,6 +76,19 @@ def test_noised_copies_run_trains_and_carries_state(data, tmp_path):
     assert load_model(final).config == PRESETS["tiny"][1].model
 
 
+def spy_on(monkeypatch, name: str, record) -> list:
+    """Wrap the trainer's ``name``: each call appends ``record(args, kwargs, result)`` to the list returned."""
+    seen, real = [], getattr(trainer_mod, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(record(args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(trainer_mod, name, spy)
+    return seen
+
+
 def test_noised_copies_mixed_with_diffusion_forcing(data, tmp_path, monkeypatch):
     """noised_copies_prob: a seeded share of the steps trains copies, the rest plain diffusion forcing."""
     with pytest.raises(ValueError, match="noised_copies_prob"):
@@ -89,14 +102,7 @@ def test_noised_copies_mixed_with_diffusion_forcing(data, tmp_path, monkeypatch)
     assert not any(dataclasses.replace(cfg, noised_copies=False, noised_copies_prob=1.0).step_objective(s)[0]
                    for s in range(50))
 
-    seen = []
-    real_loss = trainer_mod.diffusion_forcing_loss
-
-    def spy(*args, noised_copies=False, **kwargs):
-        seen.append(noised_copies)
-        return real_loss(*args, noised_copies=noised_copies, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "diffusion_forcing_loss", spy)
+    seen = spy_on(monkeypatch, "diffusion_forcing_loss", lambda args, kw, out: kw.get("noised_copies", False))
     run = tiny(data, tmp_path / "run", noised_copies=True, noised_copies_prob=0.5, stage_steps=(10, 10))
     train(run)
     expected = [run.step_objective(s)[0] for s in range(run.total_steps)]
@@ -119,23 +125,8 @@ def test_open_loop_history_steps(data, tmp_path, monkeypatch):
     assert not any(ol and not copies for copies, ol in draws)  # open loop only on copies steps
     assert 0.2 < sum(ol for _, ol in draws) / len(draws) < 0.3
 
-    calls = []
-    real_history = trainer_mod.open_loop_history
-
-    def spy_history(net, frames, actions, context, **kw):
-        out = real_history(net, frames, actions, context, **kw)
-        calls.append((frames.shape[1], context, out))
-        return out
-
-    seen = []
-    real_loss = trainer_mod.diffusion_forcing_loss
-
-    def spy_loss(*args, history=None, **kw):
-        seen.append(history)
-        return real_loss(*args, history=history, **kw)
-
-    monkeypatch.setattr(trainer_mod, "open_loop_history", spy_history)
-    monkeypatch.setattr(trainer_mod, "diffusion_forcing_loss", spy_loss)
+    calls = spy_on(monkeypatch, "open_loop_history", lambda args, kw, out: (args[1].shape[1], args[3], out))
+    seen = spy_on(monkeypatch, "diffusion_forcing_loss", lambda args, kw, out: kw.get("history"))
     run = tiny(data, tmp_path / "run", noised_copies=True, open_loop_prob=1.0, open_loop_context=6,
                stage_steps=(3, 3), tbptt_frames=8)
     train(run)
