@@ -109,7 +109,9 @@ def test_prediction_cli_rows(tmp_path):
     rows = predict_main(PredArgs(checkpoints=(ckpt,), val_dir=tmp_path / "val", episodes=2, context=4, horizon=6,
                                  sampling_steps=(1, 2), whole_episode_len=13, json=tmp_path / "p.json"))
     base, head, curve, rows_ = rows[0], rows[1], rows[2], rows[3:]
-    assert set(base["baselines"]) == {"repeat_last_frame_1step", "context_mean_open_loop"}
+    assert set(base["baselines"]) == {"repeat_last_frame_1step", "context_mean_open_loop", "context_mean_by_window"}
+    assert list(base["baselines"]["context_mean_by_window"]) == ["1-6"]
+    assert all(list(r["psnr_open_loop_by_window"]) == ["1-6"] for r in rows[3:])
     assert list(curve["denoising_psnr"]) == ["0.05", "0.1", "0.3", "1.0", "5.0"]
     assert head["rewards"] == "head on real frames" and head["frames"] == 2 * 13
     assert [r["sampling_steps"] for r in rows_] == [1, 2] and all(0 < r["psnr_1step"] < 100 for r in rows_)
@@ -186,11 +188,21 @@ def test_action_sensitivity_and_trivial_baselines_on_known_cases():
     with pytest.raises(ValueError, match="need 10 frames"):
         action_sensitivity(_ActionPainter(True), frames, taken, context=3, positions=7)
     static = torch.full((2, 6, 8, 8, 3), 77, dtype=torch.uint8)
-    assert trivial_baselines(static, 2) == {"repeat_last_frame_1step": 100.0, "context_mean_open_loop": 100.0}
+    assert trivial_baselines(static, 2) == {"repeat_last_frame_1step": 100.0, "context_mean_open_loop": 100.0,
+                                            "context_mean_by_window": {"1-4": 100.0}}
     moving = static.clone()
     moving[:, 3:] = 0
     base = trivial_baselines(moving, 3)
     assert base["repeat_last_frame_1step"] < 100 and base["context_mean_open_loop"] < 100
+
+
+def test_open_loop_windows():
+    from ssm_gym.eval.prediction import by_window
+
+    curve = np.arange(1, 251, dtype=np.float64)  # step i scores i
+    assert by_window(curve) == {"1-10": 5.5, "11-20": 15.5, "21-50": 35.5, "51-100": 75.5, "101-200": 150.5,
+                                "201-250": 225.5}
+    assert by_window(curve[:7]) == {"1-7": 4.0} and by_window(curve[:10]) == {"1-10": 5.5}
 
 
 class _Denoiser(torch.nn.Module):

@@ -178,17 +178,6 @@ def denoising_curve(model, frames: torch.Tensor, prev_actions: torch.Tensor, con
     return {str(s): {"input": float(np.mean(a)), "denoised": float(np.mean(b))} for s, (a, b) in scores.items()}
 
 
-def trivial_baselines(frames: torch.Tensor, context: int) -> dict[str, float]:
-    """What a model that has learned no dynamics scores: the next frame predicted as the last real
-    frame (one-step), and every future frame as the mean of the context frames (open-loop)."""
-    f = frames.numpy()
-    real = f[:, context:]
-    last = psnr(f[:, context - 1:-1], real)
-    mean_ctx = np.repeat(f[:, :context].astype(np.float64).mean(1, keepdims=True).round().astype(np.uint8),
-                         real.shape[1], 1)
-    return {"repeat_last_frame_1step": float(last.mean()), "context_mean_open_loop": float(psnr(mean_ctx, real).mean())}
-
-
 @torch.no_grad()
 def teacher_forced_rewards(model, frames: torch.Tensor, prev_actions: torch.Tensor, batch: int = 4) -> np.ndarray:
     """The reward head on the real frames of whole episodes (N, T) (one parallel pass per
@@ -236,12 +225,42 @@ def reward_auc_by_step(pred: np.ndarray, real: np.ndarray) -> dict[str, float | 
     return out
 
 
+WINDOW_EDGES = (0, 10, 20, 50, 100, 200, 500, 1000)  # open-loop steps, reported as 1-10, 11-20, 21-50, ...
+
+
+def by_window(curve: np.ndarray) -> dict[str, float]:
+    """Mean of a per-step curve (step 1 first) over the windows of WINDOW_EDGES that it reaches
+    (the last one cut at its length): how fidelity holds up over a long imagined stretch."""
+    out = {}
+    for lo, hi in zip(WINDOW_EDGES[:-1], WINDOW_EDGES[1:]):
+        if lo >= len(curve):
+            break
+        out[f"{lo + 1}-{min(hi, len(curve))}"] = float(np.mean(curve[lo:hi]))
+    return out
+
+
+def trivial_baselines(frames: torch.Tensor, context: int) -> dict[str, float | dict[str, float]]:
+    """What a model that has learned no dynamics scores: the next frame predicted as the last real
+    frame (one-step), and every future frame as the mean of the context frames (open-loop; also
+    by window of steps)."""
+    f = frames.numpy()
+    real = f[:, context:]
+    last = psnr(f[:, context - 1:-1], real)
+    mean_ctx = np.repeat(f[:, :context].astype(np.float64).mean(1, keepdims=True).round().astype(np.uint8),
+                         real.shape[1], 1)
+    mean_curve = psnr(mean_ctx, real).mean(0)
+    return {"repeat_last_frame_1step": float(last.mean()), "context_mean_open_loop": float(mean_curve.mean()),
+            "context_mean_by_window": by_window(mean_curve)}
+
+
 def prediction_metrics(pred: dict[str, np.ndarray]) -> dict[str, float | list[float]]:
-    """Mean one-step PSNR, the open-loop PSNR curve over the horizon, and its last value."""
+    """Mean one-step PSNR, the open-loop PSNR curve over the horizon, its last value and its
+    means by window of steps."""
     one = psnr(pred["one_step"], pred["real"])
     open_curve = psnr(pred["open_loop"], pred["real"]).mean(0)
     return {"psnr_1step": float(one.mean()), "psnr_open_loop_curve": open_curve.tolist(),
-            "psnr_open_loop_mean": float(open_curve.mean()), "psnr_open_loop_last": float(open_curve[-1])}
+            "psnr_open_loop_mean": float(open_curve.mean()), "psnr_open_loop_last": float(open_curve[-1]),
+            "psnr_open_loop_by_window": by_window(open_curve)}
 
 
 def side_by_side_video(pred: dict[str, np.ndarray], index: int = 0, scale: int = 3) -> np.ndarray:
@@ -285,16 +304,20 @@ class Args:
     """Also write the rows as JSON here."""
 
 
+def _rounded(d: dict, digits: int) -> dict:
+    return {k: round(v, digits) if isinstance(v, float) else _rounded(v, digits) if isinstance(v, dict) else v
+            for k, v in d.items()}
+
+
 def main(args: Args) -> list[dict]:
     from ssm_gym.checkpoints import load_world_model
 
     frames, prev, rewards = load_clips(args.val_dir, args.episodes, args.context + args.horizon, args.windows)
     real_r = rewards[:, args.context:].numpy()
-    r3 = lambda d: {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}  # noqa: E731
+    r3 = lambda d: _rounded(d, 3)  # noqa: E731
     if args.whole_episodes:  # for the head on real frames, all of every episode
         whole, whole_prev, whole_r = load_clips(args.val_dir, args.episodes, args.whole_episode_len)
-    rows = [{"baselines": {k: round(v, 2) for k, v in trivial_baselines(frames, args.context).items()},
-             "clips": len(frames)}]
+    rows = [{"baselines": _rounded(trivial_baselines(frames, args.context), 2), "clips": len(frames)}]
     print(json.dumps(rows[-1]), flush=True)
     for ckpt in args.checkpoints:
         model = load_world_model(ckpt, args.device)
@@ -315,6 +338,7 @@ def main(args: Args) -> list[dict]:
                          "clips": len(frames), "reward_from": args.reward_from,
                          "psnr_1step": round(m["psnr_1step"], 2), f"psnr_{args.horizon}step": round(m["psnr_open_loop_last"], 2),
                          "psnr_open_loop_mean": round(m["psnr_open_loop_mean"], 2),
+                         "psnr_open_loop_by_window": _rounded(m["psnr_open_loop_by_window"], 2),
                          "one_step": r3(reward_metrics(pred["one_step_reward"], real_r)),
                          "open_loop": r3(reward_metrics(pred["open_loop_reward"], real_r)),
                          "open_loop_auc_by_step": r3(reward_auc_by_step(pred["open_loop_reward"], real_r))})
