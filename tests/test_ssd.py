@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ssm_gym.model.ssm as ssm_module
@@ -76,6 +76,10 @@ def test_chunked_equals_sequential_float64(s):
 
 @settings(max_examples=40, deadline=None)
 @given(shapes)
+# found by hypothesis (session 18): a chunk whose total decay is large; the state leaving the chunk
+# was 1.4e-5 off while its decay was a difference of two cumulative sums (now summed from the end)
+@example({"seed": 1027712, "b": 2, "l": 29, "hg": (1, 1), "p": 4, "n": 1, "chunk": 29, "with_init": False,
+          "with_D": False, "dt_scale": 3.0})
 def test_chunked_float32_matches_float64_reference(s):
     args64 = inputs_for(s)
     y_ref, f_ref = ssd_sequential(*args64)

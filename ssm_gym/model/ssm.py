@@ -144,7 +144,10 @@ def _ssd_chunked_segment(x, dt, A, B, C, D, q: int, state: Tensor):
         scores.diagonal(dim1=-2, dim2=-1).add_(D.reshape(g, hg, 1))
     y_t = xh.transpose(-1, -2) @ scores.transpose(-1, -2)  # y^T, (b, c, g, hg, p, q): faster BLAS path on CPU
     # 2. state each chunk leaves from a zero start: sum_j exp(a_{j+1..end}) dt_j x_j B_j^T
-    Bw = Bg * (torch.exp(acum[..., -1:] - acum) * dth)[..., None]  # (b, c, g, hg, q, n)
+    # (the decay to the chunk's end summed directly, from the end: a difference of two cumsums
+    # loses relative precision when the chunk's total decay is large)
+    to_end = F.pad(ah[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1)  # a_{j+1} + ... + a_end
+    Bw = Bg * (torch.exp(to_end) * dth)[..., None]  # (b, c, g, hg, q, n)
     chunk_states = xh.transpose(-1, -2) @ Bw  # (b, c, g, hg, p, n)
     # 3. recurrence over chunks: S_0 = state, S_{m+1} = exp(sum of a over chunk m) S_m + chunk_states_m
     chunk_decay = torch.exp(acum[..., -1])[..., None, None]  # (b, c, g, hg, 1, 1)
