@@ -50,7 +50,6 @@ import tyro
 
 from ssm_gym.model import (
     HAS_MAMBA_SSM,
-    FrameLocalAttention,
     WorldModel,
     WorldModelConfig,
     cpu_kernel,
@@ -211,9 +210,8 @@ def bench_attention(args: Args, matmul: dict, train: list[dict]) -> list[dict]:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     cfg = WorldModelConfig()
-    attn = FrameLocalAttention(cfg.d_model, cfg.n_heads, cfg.grid[0] * cfg.grid[1], window=cfg.window,
-                               chunk_frames=cfg.attn_chunk_frames).to(dev)
-    x = torch.randn(args.batch, args.frames, cfg.grid[0] * cfg.grid[1], cfg.d_model, device=dev, requires_grad=True)
+    attn = WorldModel(cfg).layers[0].attn.to(dev)  # (the step's own layer, built as the model builds it)
+    x = torch.randn(args.batch, args.frames, attn.n_tok, cfg.d_model, device=dev, requires_grad=True)
     pos = torch.arange(args.frames, device=dev)[None].expand(args.batch, -1)
 
     def once(bf16: bool):
