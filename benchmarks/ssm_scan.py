@@ -19,22 +19,26 @@ JSON keys
 - ``train``: list, one entry per precision ("fp32", "bf16" = bf16 autocast) and SSD backend
   ("torch"; "cpu", the fused kernel, too on the CPU; "mamba" too on CUDA with mamba-ssm), with
   the diffusion-forcing objective, then both precisions with noised copies (every frame
-  denoised from its clean history, the trainer's ``--noised-copies``) on the last backend:
-  ``objective`` ("diffusion forcing" or "noised copies"), ``precision``, ``backend``,
+  denoised from its clean history, the trainer's ``--noised-copies``) on the last backend; where
+  the fused CPU attention kernel builds, each bf16 step also once with torch's attention:
+  ``objective`` ("diffusion forcing" or "noised copies"), ``precision``, ``attention`` ("fused":
+  the fused bf16 attention kernel, or "torch"), ``backend``,
   ``batch``, ``frames_per_clip``, ``step_s`` (mean seconds per optimizer step, after warm-up),
   ``frames_per_s`` (clip frames), ``loss_frames_per_s`` (frames that carry a denoising loss: the
   noised ones of diffusion forcing, with its default long-context clean prefix; every frame with
-  copies), ``gflop_per_step`` (FlopCounterMode count of one train step, forward +
-  backward; the CPU flash-attention op counted as dense attention over the keys it is given;
-  counted once and used for every row: with the fused kernel where it builds, whose scan (about
-  2% of the step's arithmetic) the counter does not see, so the figure is conservative; else
-  with the torch scan, whose chunked products, O(length x chunk), are counted),
-  ``achieved_gflops``, ``frac_of_matmul`` (achieved / matmul GFLOP/s of the same precision).
-- ``attention``: list, one entry per precision: one frame-local attention layer of the default
-  config (its clip form, as in training: the same batch and clip, qkv and out projections
-  included), forward + backward: ``precision``, ``ms`` (best of ``repeats``), ``gflop``
-  (counted), ``achieved_gflops``, ``frac_of_matmul``, ``share_of_train_step`` (n_layers x ms over
-  the diffusion-forcing train step of the same precision, last backend): where a bf16 step's time goes.
+  copies), ``gflop_per_step`` (FlopCounterMode count of one train step, forward + backward,
+  counted once and used for every row: where the fused attention kernel builds, on a bf16 step
+  with it, which counts the keys each query attends to; else on an fp32 step, where torch's CPU
+  attention op is counted as dense over the keys it is given, masked ones included, about 10%
+  more for the whole step. The fused scan (about 2% of the arithmetic) is not counted: the
+  figure is conservative), ``achieved_gflops``, ``frac_of_matmul`` (achieved / matmul GFLOP/s of
+  the same precision).
+- ``attention``: list, one entry per precision and attention implementation: one frame-local
+  attention layer of the default config (its clip form, as in training: the same batch and clip,
+  qkv and out projections included), forward + backward: ``precision``, ``attention``, ``ms``
+  (best of ``repeats``), ``gflop`` (counted as for ``train``), ``achieved_gflops``,
+  ``frac_of_matmul``, ``share_of_train_step`` (n_layers x ms over the diffusion-forcing train
+  step of the same precision and attention, last backend): where a step's time goes.
 - ``model``: {"params": int, "config": WorldModelConfig as a dict}.
 """
 
@@ -59,6 +63,7 @@ from ssm_gym.model import (
     ssd_fused_cpu,
     ssd_sequential,
 )
+from ssm_gym.model.attention import attention_kernel, fused_attention
 from ssm_gym.model.flops import flop_counter
 
 
@@ -101,6 +106,10 @@ def best_time(fn, repeats: int, device: str = "cpu") -> float:
 
 def has_mamba(device: str) -> bool:
     return device.startswith("cuda") and HAS_MAMBA_SSM
+
+
+def has_fused_attention(device: str) -> bool:
+    return device == "cpu" and attention_kernel() is not None
 
 
 def has_fused_cpu(device: str) -> bool:
@@ -180,9 +189,10 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
         opt.step()
 
     flops = {}
+    fused = has_fused_attention(args.device)
     for copies in (False, True):  # the same model and clip for every backend
-        with flop_counter() as fc:
-            step(False, copies)
+        with flop_counter() as fc:  # (the fused attention's count: the keys attended, no masked ones)
+            step(fused, copies)
         flops[copies] = fc.get_total_flops()
     rows = []
     backends = ("torch",) + (("mamba",) if has_mamba(args.device) else ()) + (("cpu",) if has_fused_cpu(args.device) else ())
@@ -191,12 +201,17 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
         for layer in model.layers:
             if layer.ssm is not None:
                 layer.ssm.backend = backend
-        for name, bf16 in (("fp32", False), ("bf16", True)):
-            step(bf16, copies)  # warm-up (one step, as the timed steps follow it)
-            noised.clear()
-            dt = timed_once(lambda: [step(bf16, copies) for _ in range(args.steps)], args.device) / args.steps  # noqa: B023
+        precisions = [("fp32", False, False), ("bf16", True, True)]
+        if fused:  # the same bf16 step with torch's attention, for the kernel's share
+            precisions.append(("bf16", True, False))
+        for name, bf16, use_fused in precisions:
+            with fused_attention(use_fused):
+                step(bf16, copies)  # warm-up (one step, as the timed steps follow it)
+                noised.clear()
+                dt = timed_once(lambda: [step(bf16, copies) for _ in range(args.steps)], args.device) / args.steps  # noqa: B023
             achieved = flops[copies] / dt / 1e9
             rows.append({"objective": "noised copies" if copies else "diffusion forcing", "precision": name,
+                         "attention": "fused" if bf16 and use_fused and fused else "torch",
                          "backend": backend, "batch": b, "frames_per_clip": t, "step_s": dt,
                          "frames_per_s": b * t / dt, "loss_frames_per_s": b * t * sum(noised) / len(noised) / dt,
                          "gflop_per_step": flops[copies] / 1e9, "achieved_gflops": achieved,
@@ -219,16 +234,20 @@ def bench_attention(args: Args, matmul: dict, train: list[dict]) -> list[dict]:
             y, _ = attn(x, pos)
         y.float().square().mean().backward()
 
+    fused = has_fused_attention(args.device)
     with flop_counter() as fc:
-        once(False)
+        once(fused)
     flops = fc.get_total_flops()
     rows = []
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        once(bf16)
-        dt = best_time(lambda: once(bf16), args.repeats, args.device)  # noqa: B023
-        step = next(r for r in reversed(train) if r["precision"] == name and r["objective"] == "diffusion forcing")
-        rows.append({"precision": name, "ms": dt * 1e3, "gflop": flops / 1e9, "achieved_gflops": flops / dt / 1e9,
-                     "frac_of_matmul": flops / dt / 1e9 / matmul[name],
+    runs = [("fp32", False, "torch"), ("bf16", True, "torch")] + ([("bf16", True, "fused")] if fused else [])
+    for name, bf16, kind in runs:
+        with fused_attention(kind == "fused"):
+            once(bf16)
+            dt = best_time(lambda: once(bf16), args.repeats, args.device)  # noqa: B023
+        step = next(r for r in reversed(train) if r["precision"] == name and r["attention"] == kind
+                    and r["objective"] == "diffusion forcing")
+        rows.append({"precision": name, "attention": kind, "ms": dt * 1e3, "gflop": flops / 1e9,
+                     "achieved_gflops": flops / dt / 1e9, "frac_of_matmul": flops / dt / 1e9 / matmul[name],
                      "share_of_train_step": cfg.n_layers * dt / step["step_s"]})
     return rows
 
@@ -257,16 +276,18 @@ def main(args: Args):
               + (f" {r[extra + '_ms']:>9.3f} {r[extra + '_speedup']:>7.1f}x {r[extra + '_max_rel_err']:>9.1e}" if extra else ""))
     print(f"\nmatmul {args.matmul_n}^3: fp32 {matmul['fp32']:.1f} GFLOP/s, bf16 {matmul['bf16']:.1f} GFLOP/s")
     print(f"\ntrain step, default config ({model_info['params'] / 1e6:.2f}M params), {args.batch} clips x {args.frames} frames")
-    print(f"{'objective':>17} {'precision':>9} {'backend':>7} {'s/step':>7} {'frames/s':>9} {'loss frames/s':>14} "
-          f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")
+    print(f"{'objective':>17} {'precision':>9} {'attention':>9} {'backend':>7} {'s/step':>7} {'frames/s':>9} "
+          f"{'loss frames/s':>14} {'GFLOP/step':>11} {'GFLOP/s':>8} {'of matmul':>10}")
     for r in train:
-        print(f"{r['objective']:>17} {r['precision']:>9} {r['backend']:>7} {r['step_s']:>7.3f} {r['frames_per_s']:>9.1f} "
+        print(f"{r['objective']:>17} {r['precision']:>9} {r['attention']:>9} {r['backend']:>7} {r['step_s']:>7.3f} "
+              f"{r['frames_per_s']:>9.1f} "
               f"{r['loss_frames_per_s']:>14.1f} {r['gflop_per_step']:>11.1f} {r['achieved_gflops']:>8.1f} "
               f"{100 * r['frac_of_matmul']:>9.1f}%")
     print(f"\none attention layer of that step (clip form, projections included), forward + backward")
-    print(f"{'precision':>9} {'ms':>7} {'GFLOP':>6} {'GFLOP/s':>8} {'of matmul':>10} {'x layers, of the train step':>28}")
+    print(f"{'precision':>9} {'attention':>9} {'ms':>7} {'GFLOP':>6} {'GFLOP/s':>8} {'of matmul':>10} "
+          f"{'x layers, of the train step':>28}")
     for r in attention:
-        print(f"{r['precision']:>9} {r['ms']:>7.1f} {r['gflop']:>6.2f} {r['achieved_gflops']:>8.1f} "
+        print(f"{r['precision']:>9} {r['attention']:>9} {r['ms']:>7.1f} {r['gflop']:>6.2f} {r['achieved_gflops']:>8.1f} "
               f"{100 * r['frac_of_matmul']:>9.1f}% {100 * r['share_of_train_step']:>27.0f}%")
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ssm_gym.model.attention as attention_module
 from ssm_gym.model.attention import FrameLocalAttention, TokenPool, apply_rope, rope_tables
 
 
@@ -204,3 +205,94 @@ def test_token_pool_refuses_clips_autograd_and_lossy_shrinks():
         m(torch.randn(1, 2, N_TOK, D), torch.tensor([[0, 1]]), pool, update="inplace")
     with pytest.raises(ValueError, match="autograd"):
         m(torch.randn(1, 1, N_TOK, D), torch.tensor([[0]]), pool, update="inplace")
+
+
+# -- the fused CPU kernel for bf16 training (csrc/attention_cpu.cpp) --------------------------
+needs_attention_kernel = pytest.mark.skipif(attention_module.attention_kernel() is None,
+                                            reason="no AVX-512 BF16 attention kernel on this machine")
+
+
+def window_reference(q, k, v, window, kx=None, vx=None):
+    """fp32 attention of (BH, T, N, hd) sequences over an explicit frame-window mask; with kx, vx
+    (noised copies) the clean frames strictly before and the copy's own frame of kx/vx."""
+    bh, t, n, hd = q.shape
+    flat = lambda z: z.float().reshape(bh, t * n, hd)
+    fi = torch.arange(t).repeat_interleave(n)
+    qi, ki = fi[:, None], fi[None, :]
+    allowed = (ki > qi - window) & ((ki < qi) if kx is not None else (ki <= qi))
+    keys, vals, mask = flat(k), flat(v), allowed
+    if kx is not None:
+        keys, vals = torch.cat([keys, flat(kx)], 1), torch.cat([vals, flat(vx)], 1)
+        mask = torch.cat([allowed, qi == ki], 1)
+    y = F.scaled_dot_product_attention(flat(q), keys, vals, attn_mask=mask)
+    return y.reshape(bh, t, n, hd)
+
+
+def rel_err(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@needs_attention_kernel
+@settings(max_examples=30, deadline=None)
+@given(bh=st.integers(1, 3), t=st.integers(1, 14), n=st.sampled_from([16, 32, 64]), hd=st.sampled_from([16, 32, 64]),
+       window=st.integers(1, 12), copies=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_kernel_equals_reference(bh, t, n, hd, window, copies, seed):
+    """Output and every input's gradient of the kernel == fp32 attention on the same bf16 inputs,
+    to bf16's rounding (the kernel multiplies bf16 pairs, accumulates in fp32, rounds P to bf16)."""
+    g = torch.Generator().manual_seed(seed)
+    ins = [torch.randn(bh, t, n, hd, generator=g).bfloat16() for _ in range(5 if copies else 3)]
+    dout = torch.randn(bh, t, n, hd, generator=g).bfloat16()
+    fused = [x.clone().requires_grad_(True) for x in ins]
+    y = attention_module.window_attention_cpu(*fused[:3], window, *fused[3:])
+    (y.float() * dout.float()).sum().backward()
+    ref = [x.float().requires_grad_(True) for x in ins]
+    yr = window_reference(*ref[:3], window, *ref[3:])
+    (yr * dout.float()).sum().backward()
+    assert y.dtype == torch.bfloat16 and y.shape == yr.shape
+    assert rel_err(y, yr) < 1e-2
+    for a, r in zip(fused, ref):
+        if r.grad.abs().max() == 0:  # (keys no query sees: copies with window 1 see only their own frame)
+            assert a.grad.abs().max() == 0
+        else:
+            assert rel_err(a.grad, r.grad) < 1e-2
+
+
+@needs_attention_kernel
+@pytest.mark.parametrize("window", [1, 3, 10])
+def test_module_fused_path_is_as_accurate_as_torch_bf16(window, monkeypatch):
+    """FrameLocalAttention under bf16 autocast on a CPU takes the kernel for a clip (forward and
+    forward_paired, with gradients); against the fp32 module it errs no more than torch's own bf16
+    attention does. In fp32, with past frames or with compression it never takes the kernel."""
+    torch.manual_seed(window)
+    m = FrameLocalAttention(64, 2, 16, window=window)
+    x, xn = torch.randn(2, 12, 16, 64), torch.randn(2, 12, 16, 64)
+    pos = torch.arange(12)[None].expand(2, 12)
+
+    def run(dtype):
+        xs = [x.clone().requires_grad_(True), xn.clone().requires_grad_(True)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y, _ = m(xs[0], pos)
+            yc, yn, _ = m.forward_paired(xs[0], xs[1], pos)
+        (y.float().square().sum() + yn.float().square().sum() + yc.float().sum()).backward()
+        return [y, yn] + [z.grad for z in xs]
+
+    calls = []
+    real = attention_module.window_attention_cpu
+    monkeypatch.setattr(attention_module, "window_attention_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    exact = run(torch.float32)
+    assert not calls  # fp32: torch's attention
+    fused = run(torch.bfloat16)
+    assert len(calls) == 3  # the clip, then the clean frames and their copies of forward_paired
+    monkeypatch.setattr(attention_module, "_attention_kernel_usable", False)
+    torch_bf16 = run(torch.bfloat16)
+    assert len(calls) == 3
+    for f, tb, e in zip(fused, torch_bf16, exact):
+        assert rel_err(f, e) < max(2 * rel_err(tb, e), 1e-2)
+    monkeypatch.setattr(attention_module, "_attention_kernel_usable", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        _, cache = m(x[:, :4], pos[:, :4], update="copy")  # a first piece: the kernel
+        assert len(calls) == 4
+        m(x[:, 4:], pos[:, 4:], cache)  # a piece after cached frames, compression: torch's attention
+        m(x, pos, keep=torch.rand(2, 12, 16) < 0.5)
+    assert len(calls) == 4

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ssm_gym.model import cpu_kernel
+from ssm_gym.model.attention import attention_kernel
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -64,12 +65,16 @@ def test_ssm_scan_benchmark(as_json, capsys):
         if fused:
             assert row["fused_max_rel_err"] < 1e-5
         assert {r["backend"] for r in result["train"]} == ({"torch", "cpu"} if fused else {"torch"})
+        kernel = attention_kernel() is not None  # (then every bf16 step runs with and without it)
         copies = [r for r in result["train"] if r["objective"] == "noised copies"]
-        assert len(copies) == 2 and all(r["loss_frames_per_s"] == r["frames_per_s"] for r in copies)
+        assert len(copies) == (3 if kernel else 2) and all(r["loss_frames_per_s"] == r["frames_per_s"] for r in copies)
         plain = [r for r in result["train"] if r["objective"] == "diffusion forcing"]
         assert copies[0]["gflop_per_step"] > plain[0]["gflop_per_step"]
         attn = result["attention"]
-        assert [r["precision"] for r in attn] == ["fp32", "bf16"] and attn[0]["gflop"] == attn[1]["gflop"] > 0
+        assert [(r["precision"], r["attention"]) for r in attn] == (
+            [("fp32", "torch"), ("bf16", "torch")] + ([("bf16", "fused")] if kernel else []))
+        assert len({r["gflop"] for r in attn}) == 1 and attn[0]["gflop"] > 0
+        assert {r["attention"] for r in result["train"]} == ({"torch", "fused"} if kernel else {"torch"})
         # an attention layer is part of the step: the six of them take a share of it below 1
         assert all(0 < r["share_of_train_step"] < 1 for r in attn)
     else:
@@ -127,3 +132,27 @@ def test_flop_counter_counts_cpu_attention():
     with flop_counter() as c:
         F.scaled_dot_product_attention(qs, ks, vs)
     assert c.get_total_flops() == 4 * b * h * q * k * d
+
+
+@pytest.mark.skipif(attention_kernel() is None, reason="no AVX-512 BF16 attention kernel on this machine")
+def test_flop_counter_counts_fused_attention_by_the_keys_attended():
+    """The fused kernel is counted by the keys each query frame sees (no masked ones): forward
+    4 n d keys per (batch*head, frame), backward 2.5x that (torch's convention for attention)."""
+    import torch
+
+    from ssm_gym.model.attention import window_attention_cpu
+    from ssm_gym.model.flops import flop_counter
+
+    bh, t, n, d, window = 2, 5, 16, 32, 3
+    keys = sum(min(window, f + 1) for f in range(t)) * n  # 1, 2, 3, 3, 3 frames
+    copy_keys = sum(min(window - 1, f) + 1 for f in range(t)) * n  # 1, 2, 3, 3, 3 frames (the own one last)
+    q, k, v = (torch.randn(bh, t, n, d).bfloat16().requires_grad_(True) for _ in range(3))
+    with flop_counter() as c:
+        y = window_attention_cpu(q, k, v, window)
+    assert c.get_total_flops() == 4 * bh * n * d * keys
+    with flop_counter() as c:
+        y.float().sum().backward()
+    assert c.get_total_flops() == 10 * bh * n * d * keys
+    with flop_counter() as c:
+        window_attention_cpu(q, k, v, window, k.detach(), v.detach())
+    assert c.get_total_flops() == 4 * bh * n * d * copy_keys

@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ssm_gym.model.ssm as ssm_module
+from ssm_gym.model import native
 from ssm_gym.model.ssm import (
     HAS_MAMBA_SSM,
     BlockwiseSSM,
@@ -371,7 +372,7 @@ def test_fused_cpu_dispatch_bf16_autocast_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="initial_state"):
         ssd_fused_cpu(x, dt, A, B, C, initial_state=s0[..., :-1])
     # without the kernel (no compiler, or SSM_GYM_CPU_KERNEL=0): auto falls back, "cpu" says why
-    monkeypatch.setattr(ssm_module, "_cpu_kernel", False)
+    monkeypatch.setattr(ssm_module.SSD_KERNEL, "module", False)
     assert torch.allclose(ssd(x, dt, A, B, C, D, s0, chunk_size=8, backend="auto")[0], y2)
     with pytest.raises(RuntimeError, match="fused CPU SSD kernel is not available"):
         ssd(x, dt, A, B, C, D, s0, backend="cpu")
@@ -382,9 +383,9 @@ def test_cpu_kernel_load_survives_a_stale_build_lock(monkeypatch):
     """A build killed half-way leaves torch's lock file behind; the next load must not wait on it."""
     from torch.utils import cpp_extension
 
-    build_dir = Path(cpp_extension._get_build_directory(f"ssm_gym_ssd_cpu_{ssm_module._cpu_tag()}", False))
+    build_dir = Path(cpp_extension._get_build_directory(f"ssm_gym_ssd_cpu_{native.cpu_tag()}", False))
     (build_dir / "lock").touch()
-    monkeypatch.setattr(ssm_module, "_cpu_kernel", None)
+    monkeypatch.setattr(ssm_module.SSD_KERNEL, "module", None)
     assert ssm_module.cpu_kernel() is not None
     assert not (build_dir / "lock").exists()
 

@@ -25,11 +25,14 @@ Three forms, one module:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ssm_gym.model import native
 
 
 def tensor_bytes(*xs: Tensor) -> int:
@@ -223,6 +226,98 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused CPU kernel for training in bf16 (csrc/attention_cpu.cpp): frame-window attention of a
+# whole clip, forward and backward, on the AVX-512 BF16 units with no score tensor in memory.
+# Used by FrameLocalAttention._clip where it applies (see _fused_applies); torch's attention
+# (the reference it is tested against) everywhere else.
+# ---------------------------------------------------------------------------------------------
+ATTENTION_KERNEL = native.Kernel("ssm_gym_attention_cpu", "attention_cpu.cpp", "fused CPU attention kernel",
+                                 "using torch's attention", switch="SSM_GYM_CPU_ATTENTION")
+FUSED_SIZES = (16, 32, 64)  # tokens per frame and head_dim the kernel takes
+
+
+_attention_kernel_usable: bool | None = None  # (a plain global once known: torch.compile traces its read)
+
+
+def attention_kernel():
+    """The compiled kernel where this CPU and compiler have AVX-512 BF16, else None."""
+    global _attention_kernel_usable
+    if _attention_kernel_usable is None:
+        kernel = ATTENTION_KERNEL.get()
+        _attention_kernel_usable = kernel is not None and bool(kernel.available())
+    return ATTENTION_KERNEL.module if _attention_kernel_usable else None
+
+
+def attention_kernel_ready() -> bool:
+    return attention_kernel() is not None
+
+
+@contextlib.contextmanager
+def fused_attention(enabled: bool):
+    """Within the block, use the fused kernel where it applies (``True``, the default outside) or
+    torch's attention everywhere (``False``): for comparisons and benchmarks."""
+    global _attention_kernel_usable
+    attention_kernel()  # (settles whether this machine has it at all)
+    before = _attention_kernel_usable
+    _attention_kernel_usable = before and enabled
+    try:
+        yield
+    finally:
+        _attention_kernel_usable = before
+
+
+@torch.library.custom_op("ssm_gym::window_attention_forward", mutates_args=())
+def _window_attention_forward(q: Tensor, k: Tensor, v: Tensor, kx: Tensor | None, vx: Tensor | None,
+                              window: int) -> tuple[Tensor, Tensor]:
+    out, lse = attention_kernel().forward(q, k, v, kx, vx, window)
+    return out, lse
+
+
+@_window_attention_forward.register_fake
+def _(q, k, v, kx, vx, window):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ssm_gym::window_attention_backward", mutates_args=())
+def _window_attention_backward(q: Tensor, k: Tensor, v: Tensor, kx: Tensor | None, vx: Tensor | None, out: Tensor,
+                               lse: Tensor, dout: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dkx, dvx = attention_kernel().backward(q, k, v, kx, vx, out, lse, dout, window)
+    return dq, dk, dv, dkx, dvx
+
+
+@_window_attention_backward.register_fake
+def _(q, k, v, kx, vx, out, lse, dout, window):
+    extra = q.shape if kx is not None else (0,)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(extra), q.new_empty(extra)
+
+
+def _window_attention_setup_context(ctx, inputs, output):
+    q, k, v, kx, vx, window = inputs
+    ctx.save_for_backward(q, k, v, kx, vx, *output)
+    ctx.window = window
+
+
+def _window_attention_autograd(ctx, dout, dlse):
+    q, k, v, kx, vx, out, lse = ctx.saved_tensors
+    dq, dk, dv, dkx, dvx = _window_attention_backward(q, k, v, kx, vx, out, lse, dout.contiguous(), ctx.window)
+    return dq, dk, dv, (dkx if kx is not None else None), (dvx if vx is not None else None), None
+
+
+torch.library.register_autograd("ssm_gym::window_attention_forward", _window_attention_autograd,
+                                setup_context=_window_attention_setup_context)
+
+
+def window_attention_cpu(q: Tensor, k: Tensor, v: Tensor, window: int, kx: Tensor | None = None,
+                         vx: Tensor | None = None) -> Tensor:
+    """Frame-window attention with the fused kernel. q, k, v (and kx, vx): (batch*heads, frames,
+    tokens, head_dim) bf16 CPU tensors. Query frame t attends to the tokens of key frames
+    t-window+1 .. t; with ``kx, vx`` (a clip's noised copies) to key frames t-window+1 .. t-1 and
+    to frame t of kx/vx. Scale 1/sqrt(head_dim), as torch's attention."""
+    args = [x.contiguous() for x in (q, k, v)] + [None if x is None else x.contiguous() for x in (kx, vx)]
+    return _window_attention_forward(*args, window)[0]
+
+
 class FrameLocalAttention(nn.Module):
     def __init__(
         self,
@@ -346,6 +441,20 @@ class FrameLocalAttention(nn.Module):
                 ck, cv, cpos, ckeep = ck[:, :used], cv[:, :used], cpos[:, :used], ckeep[:, :used]
             past = cpos.shape[1] > 0
 
+        if self._fused_applies(q, past, keep):  # whole clip at once (bf16 on a CPU with AVX-512 BF16)
+            def seq(z):  # (B, T, N, h, hd) -> (B*heads, T, N, hd)
+                return z.permute(0, 3, 1, 2, 4).reshape(b * h, t, n, hd)
+
+            def unseq(y):
+                return y.reshape(b, h, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, h * hd)
+
+            ks, vs = seq(k), seq(v)
+            y = unseq(window_attention_cpu(seq(q), ks, vs, self.window))
+            if noisy is None:
+                return y
+            qn, kn, vn = noisy
+            return y, unseq(window_attention_cpu(seq(qn), ks, vs, self.window, seq(kn), seq(vn)))
+
         def heads(z):  # (B, T, N, h, hd) -> (B, heads, frames*N, hd)
             return z.permute(0, 3, 1, 2, 4).reshape(b, h, -1, hd)
 
@@ -390,6 +499,13 @@ class FrameLocalAttention(nn.Module):
             return torch.cat(parts, dim=2).reshape(b, h, t, n, hd).permute(0, 2, 3, 1, 4).reshape(b, t, n, h * hd)
 
         return tokens(outs) if noisy is None else (tokens(outs), tokens(outs_n))
+
+    def _fused_applies(self, q: Tensor, past: bool, keep: Tensor | None) -> bool:
+        """The fused kernel computes a clip with no past frames and no compression, in bf16 (under
+        autocast) on a CPU, for the token and head sizes it takes; torch's attention the rest."""
+        return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not past and keep is None
+                and self.window is not None and self.n_tok in FUSED_SIZES and self.head_dim in FUSED_SIZES
+                and attention_kernel_ready())
 
     # -- step: one frame against the ring, in place --------------------------------------------
     def _step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, cache: KVCache, update: str,

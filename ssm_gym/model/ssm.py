@@ -25,20 +25,13 @@ with ``A < 0`` a scalar per head and ``dt_t > 0`` a per-token, per-head step siz
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
-import os
-import platform
-import shutil
-import sys
-import threading
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ssm_gym.model import native
 
 try:  # optional CUDA kernels (pip install ssm-gym[cuda])
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -215,99 +208,23 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
 # ---------------------------------------------------------------------------------------------
 # 3. the fused CPU kernel (C++, compiled on first use)
 # ---------------------------------------------------------------------------------------------
-CPU_KERNEL_SOURCE = Path(__file__).with_name("csrc") / "ssd_cpu.cpp"
+SSD_KERNEL = native.Kernel("ssm_gym_ssd_cpu", "ssd_cpu.cpp", "fused CPU SSD kernel", "using the pure-PyTorch scan",
+                           switch="SSM_GYM_CPU_KERNEL")
 CPU_KERNEL_CKPT = 16  # the forward keeps the state every this many tokens for the backward
-CPU_KERNEL_BUILD_WAIT_S = 600  # how long a process waits for another one's build before giving up
-_cpu_kernel = None  # the loaded extension; False once building it failed or it is switched off
-_cpu_kernel_lock = threading.Lock()
 
 
 def cpu_kernel():
     """The compiled fused CPU scan, or None where it cannot be built (no C++ compiler) or
-    ``SSM_GYM_CPU_KERNEL=0`` switches it off. Built once per machine into torch's extension
-    cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); later processes load
-    it in well under a second."""
-    global _cpu_kernel
-    with _cpu_kernel_lock:  # (threads asking during the build wait for it, not for None)
-        if _cpu_kernel is None:
-            _cpu_kernel = False
-            if os.environ.get("SSM_GYM_CPU_KERNEL", "1") != "0":
-                _cpu_kernel = _build_cpu_kernel() or False
-    return _cpu_kernel or None
+    ``SSM_GYM_CPU_KERNEL=0`` switches it off (see ``native``: built once per machine)."""
+    return SSD_KERNEL.get()
 
 
 def cpu_kernel_ready() -> bool:
     """Whether the fused kernel can be used; loads it on first use. Once loaded, a plain read of
-    the module's global (which torch.compile can trace; the lock in ``cpu_kernel`` it cannot)."""
-    if _cpu_kernel is not None:
-        return bool(_cpu_kernel)
+    an attribute (which torch.compile can trace; the lock in ``cpu_kernel`` it cannot)."""
+    if SSD_KERNEL.module is not None:
+        return bool(SSD_KERNEL.module)
     return cpu_kernel() is not None
-
-
-def _build_cpu_kernel():
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:  # the ninja wheel's binary, in a venv that is not activated
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    name = f"ssm_gym_ssd_cpu_{_cpu_tag()}"
-    flags = ["-O3", "-fopenmp"]
-    if platform.machine() in ("x86_64", "AMD64"):  # (x86 options; elsewhere the compiler's defaults)
-        flags += ["-march=native", "-mprefer-vector-width=512"]
-    t0 = time.perf_counter()
-    try:
-        build_dir = Path(cpp_extension._get_build_directory(name, False))
-        if not any(build_dir.glob(f"{name}*.so")):
-            print("ssm-gym: building the fused CPU SSD kernel (once per machine, about half a minute) ...",
-                  file=sys.stderr)
-        with _build_lock(build_dir):
-            kernel = cpp_extension.load(name=name, sources=[str(CPU_KERNEL_SOURCE)], extra_cflags=flags,
-                                        extra_ldflags=["-fopenmp"])
-    except Exception as e:  # noqa: BLE001 (no compiler, a failed build, a wait that ran out: the torch path works)
-        print(f"ssm-gym: could not build the fused CPU SSD kernel ({type(e).__name__}: {str(e)[:300]}); "
-              "using the pure-PyTorch scan", file=sys.stderr)
-        return None
-    if time.perf_counter() - t0 > 5:
-        print(f"ssm-gym: fused CPU SSD kernel ready after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return kernel
-
-
-@contextlib.contextmanager
-def _build_lock(build_dir: Path):
-    """Serialise builds across processes with an OS lock, which dies with its process. torch's own
-    lock is a plain file: a build killed half-way leaves it behind and every later process would
-    wait on it forever. Holding this lock, any such file is stale, so it is removed."""
-    try:
-        import fcntl
-    except ImportError:  # (not POSIX: torch's lock alone)
-        yield
-        return
-    with open(build_dir.parent / f"{build_dir.name}.ssm_gym_lock", "w") as f:
-        deadline = time.monotonic() + CPU_KERNEL_BUILD_WAIT_S
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"another process has been building the kernel in {build_dir} for "
-                                       f"{CPU_KERNEL_BUILD_WAIT_S} s") from None
-                time.sleep(0.5)
-        try:
-            (build_dir / "lock").unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _cpu_tag() -> str:
-    """A short hash of this CPU's instruction-set flags: the kernel is built with -march=native, so
-    a cache shared between machines (a network home directory) keeps one build per kind of CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:8]
 
 
 # The kernel as torch custom ops (with shapes for tracing and an autograd formula), so that
@@ -453,10 +370,21 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
 # ---------------------------------------------------------------------------------------------
 # 5. the Mamba-2 layer with the block-wise scan
 # ---------------------------------------------------------------------------------------------
+def same_dtype(*xs: Tensor) -> list[Tensor]:
+    """The tensors in their promoted dtype. Under bf16 autocast the projections give bf16 while the
+    scan and parameters stay fp32; an elementwise op on mixed dtypes takes torch's unvectorised
+    casting loop on a CPU (5-10x slower than on one dtype), so they are made one first."""
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return [x.to(dtype) for x in xs]
+
+
 def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Depthwise 1-D convolution without padding: x (b, c, L + k - 1), weight (c, k) -> (b, c, L).
     Written as k shifted multiply-adds: on CPU this is much faster than ``F.conv1d(groups=c)``
     in the backward pass, and identical in value."""
+    x, weight = same_dtype(x, weight)
     k = weight.shape[-1]
     length = x.shape[-1] - k + 1
     y = x[..., :length] * weight[:, 0, None]
@@ -474,6 +402,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        y, z = same_dtype(y, z)
         y = y * F.silu(z)
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 

@@ -44,6 +44,7 @@ from ssm_gym.model.checkpoint import (
     write_folder_atomically,
 )
 from ssm_gym.model.compression import clip_compression, get_compression
+from ssm_gym.model.attention import attention_kernel
 from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, open_loop_history, sample_clip_sigmas
 from ssm_gym.model.ssm import cpu_kernel
 from ssm_gym.model.world_model import WorldModel
@@ -347,7 +348,8 @@ def train(cfg: TrainConfig) -> Path:
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
     if cfg.compile:
-        cpu_kernel()  # (loaded, or found missing, before tracing: a build cannot happen inside a trace)
+        cpu_kernel()  # (kernels loaded, or found missing, before tracing: a build cannot happen inside a trace)
+        attention_kernel()
         net = torch.compile(net)
 
     timed = cfg.time_budget_s is not None
