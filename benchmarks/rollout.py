@@ -18,6 +18,8 @@ JSON keys (same figures as the tables):
 With --action-guidance w each throughput row also has "guided_env_steps_per_s" and
 "guided_ms_per_step" (classifier-free action guidance at weight w, same run; a model without the
 null action gets one added, zero, for timing: speed does not depend on the weights).
+With --bf16 each throughput row also has "bf16_env_steps_per_s" and "bf16_ms_per_step" (the engine's
+precision="bf16", same run).
 With --cuda-graph (cuda only) each throughput row also has "graph_env_steps_per_s" and
 "graph_ms_per_step" (the engine's CUDA-graph step, same run), and "flops" has
 "achieved_gflops_graph" (the eager step's FLOP count over the graphed step's time).
@@ -66,6 +68,9 @@ class Args:
     """Also time the throughput rows with the engine's CUDA-graph step (cuda only), in the same run."""
     action_guidance: Optional[float] = None
     """Also time the throughput rows with action guidance at this weight (one more pass per denoising step)."""
+    bf16: bool = False
+    """Also time the throughput rows with the engine's precision="bf16" (bf16 autocast, bf16 attention
+    ring; on a CPU with AVX-512 BF16 the fused attention kernel), in the same run."""
     json: bool = False
 
 
@@ -147,12 +152,12 @@ def main(args: Args) -> dict:
     warmup = max(2, model.config.window or 0)
     engines = {}
 
-    def seconds_per_step(n: int, cuda_graph: bool, guidance: Optional[float] = None) -> float:
+    def seconds_per_step(n: int, cuda_graph: bool, guidance: Optional[float] = None, precision: str = "fp32") -> float:
         eng = RolloutEngine(model if guidance is None else guided, n, device=args.device, sampling_steps=steps,
-                            cuda_graph=cuda_graph, action_guidance=guidance)
+                            cuda_graph=cuda_graph, action_guidance=guidance, precision=precision)
         eng.reset(torch.ones(n, dtype=torch.bool), frames[:n])
         sec = time_steps(eng, args.seconds, warmup=warmup)
-        if not cuda_graph and guidance is None and n == max(args.num_envs):  # (kept for the FLOP count)
+        if not cuda_graph and guidance is None and precision == "fp32" and n == max(args.num_envs):  # (FLOP count)
             engines[n] = eng
         return sec
 
@@ -166,6 +171,9 @@ def main(args: Args) -> dict:
         if guided is not None:
             sec = seconds_per_step(n, False, args.action_guidance)
             row.update(guided_env_steps_per_s=round(n / sec, 1), guided_ms_per_step=round(1000 * sec, 2))
+        if args.bf16:
+            sec = seconds_per_step(n, False, precision="bf16")
+            row.update(bf16_env_steps_per_s=round(n / sec, 1), bf16_ms_per_step=round(1000 * sec, 2))
         rows.append(row)
     out["throughput"] = rows
 
@@ -203,13 +211,15 @@ def main(args: Args) -> dict:
         return out
     print(f"Rollout engine, {model.config.variant} model ({model.num_params() / 1e6:.2f}M params), "
           f"{steps} denoising steps + 1 state update per env-step, {out['threads']} threads")
-    g, w = args.cuda_graph, guided is not None
+    g, w, h = args.cuda_graph, guided is not None, args.bf16
     print(f"{'num_envs':>8} | {'env-steps/s':>11} | {'ms/step':>8}" + (f" | {'graph env-steps/s':>17} | {'ms/step':>8}" if g else "")
-          + (f" | {'guided env-steps/s':>18} | {'ms/step':>8}" if w else ""))
+          + (f" | {'guided env-steps/s':>18} | {'ms/step':>8}" if w else "")
+          + (f" | {'bf16 env-steps/s':>16} | {'ms/step':>8}" if h else ""))
     for r in rows:
         print(f"{r['num_envs']:>8} | {r['env_steps_per_s']:>11,.1f} | {r['ms_per_step']:>8.1f}"
               + (f" | {r['graph_env_steps_per_s']:>17,.1f} | {r['graph_ms_per_step']:>8.2f}" if g else "")
-              + (f" | {r['guided_env_steps_per_s']:>18,.1f} | {r['guided_ms_per_step']:>8.1f}" if w else ""))
+              + (f" | {r['guided_env_steps_per_s']:>18,.1f} | {r['guided_ms_per_step']:>8.1f}" if w else "")
+              + (f" | {r['bf16_env_steps_per_s']:>16,.1f} | {r['bf16_ms_per_step']:>8.1f}" if h else ""))
     if flat:  # (no --episode-steps given: throughput only)
         print("\nstep time vs episode step (num_envs=1)")
         print(f"{'variant':>10} | {'episode step':>12} | {'ms/step':>8} | {'state bytes/env':>15}")

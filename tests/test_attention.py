@@ -296,3 +296,68 @@ def test_module_fused_path_is_as_accurate_as_torch_bf16(window, monkeypatch):
         m(x[:, 4:], pos[:, 4:], cache)  # a piece after cached frames, compression: torch's attention
         m(x, pos, keep=torch.rand(2, 12, 16) < 0.5)
     assert len(calls) == 4
+
+
+@needs_attention_kernel
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), slots=st.integers(1, 10), n=st.sampled_from([16, 32, 64]), h=st.integers(1, 3),
+       hd=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**16))
+def test_fused_step_kernel_equals_reference(b, slots, n, h, hd, seed):
+    """One frame against a bf16 ring (inference): == fp32 attention over the visible slots' tokens."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, hd, generator=g).bfloat16()
+    k, v = (torch.randn(b, slots, n, h, hd, generator=g).bfloat16() for _ in range(2))
+    visible = torch.rand(b, slots, generator=g) < 0.6
+    visible[torch.arange(b), torch.randint(0, slots, (b,), generator=g)] = True  # (its own slot, at least)
+    y = attention_module.attention_kernel().step_forward(q, k, v, visible)
+    for i in range(b):
+        keys, vals = (z[i][visible[i]].reshape(-1, h, hd).transpose(0, 1).float() for z in (k, v))
+        ref = F.scaled_dot_product_attention(q[i].transpose(0, 1).float(), keys, vals).transpose(0, 1)
+        assert rel_err(y[i], ref) < 1e-2
+
+
+@needs_attention_kernel
+def test_step_takes_the_fused_kernel_in_bf16_as_accurately_as_torch(monkeypatch):
+    """Frame-by-frame inference under bf16 autocast over a bf16 ring takes the kernel (not with
+    an fp32 ring, nor with dropped tokens); against fp32 it errs no more than torch's bf16 path."""
+    torch.manual_seed(0)
+    m = FrameLocalAttention(64, 2, 16, window=4)
+    x = torch.randn(2, 9, 16, 64)
+    pos = torch.arange(9)[None].expand(2, 9)
+    calls = []
+    real = attention_module.attention_kernel()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def step_forward(self, *a):
+            calls.append(1)
+            return real.step_forward(*a)
+
+    monkeypatch.setattr(attention_module.ATTENTION_KERNEL, "module", Spy())
+
+    def steps(fused, dtype=torch.bfloat16, keep=None):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), attention_module.fused_attention(fused):
+            y, _ = frame_by_frame_cache(m, x, pos, m.init_cache(2, dtype=dtype), keep)
+        return y
+
+    with torch.no_grad():
+        exact, _ = m(x, pos)
+    fused = steps(True)
+    assert len(calls) == 9
+    torch_bf16 = steps(False)
+    assert len(calls) == 9
+    assert rel_err(fused, exact) < max(2 * rel_err(torch_bf16, exact), 1e-2)
+    steps(True, dtype=torch.float32)
+    steps(True, keep=torch.rand(2, 9, 16) < 0.5)
+    assert len(calls) == 9
+
+
+def frame_by_frame_cache(m, x, pos, cache, keep=None):
+    ys = []
+    for i in range(x.shape[1]):
+        yi, cache = m(x[:, i:i + 1], pos[:, i:i + 1], cache, update="inplace",
+                      keep=None if keep is None else keep[:, i:i + 1])
+        ys.append(yi)
+    return torch.cat(ys, 1), cache

@@ -530,6 +530,10 @@ class FrameLocalAttention(nn.Module):
         kpos[rows, slot] = t
         own = kpos == t[:, None]
         visible = _visible_frames(kpos, t[:, None], self.window)[:, 0]  # (B, S) frames
+        if self._fused_step_applies(q, cache, keep):  # bf16 on a CPU with AVX-512 BF16: over the ring in place
+            y = attention_kernel().step_forward(q[:, 0].contiguous(), cache.k, cache.v, visible.contiguous())
+            self._step_store(cache, rows, slot, t, update, keep)
+            return y.reshape(b, 1, n, h * hd)
         tok = visible[:, :, None] & (cache.keep | own[:, :, None])  # (B, S, N) tokens
         keys, vals = cache.k.reshape(b, s * n, h, hd), cache.v.reshape(b, s * n, h, hd)  # the ring, no copy
         mask = tok.reshape(b, 1, 1, s * n)
@@ -544,13 +548,26 @@ class FrameLocalAttention(nn.Module):
                 mask = None  # every key visible: SDPA's fastest path
         y = F.scaled_dot_product_attention(q[:, 0].transpose(1, 2), keys.to(q.dtype).transpose(1, 2),
                                            vals.to(q.dtype).transpose(1, 2), attn_mask=mask)
+        self._step_store(cache, rows, slot, t, update, keep)
+        return y.transpose(1, 2).reshape(b, 1, n, h * hd)
+
+    def _step_store(self, cache: KVCache, rows: Tensor, slot: Tensor, t: Tensor, update: str,
+                    keep: Tensor | None) -> None:
+        """After a step: ``update="inplace"`` marks the frame's slot stored (its keys and values are
+        there already) and frees the next frame's slot; "none" leaves the slot as scratch."""
         if update == "inplace":
             cache.pos[rows, slot] = t
             # (a device-side value: a Python scalar here broke CUDA-graph capture with "cannot copy
             # between CPU and CUDA tensors during capture" on torch 2.11)
             cache.keep[rows, slot] = cache.keep.new_ones(()) if keep is None else keep[:, 0]
             _free_next_slot(cache, t)
-        return y.transpose(1, 2).reshape(b, 1, n, h * hd)
+
+    def _fused_step_applies(self, q: Tensor, cache: KVCache, keep: Tensor | None) -> bool:
+        """The fused kernel steps a bf16 frame (under autocast) over a bf16 ring on a CPU when no
+        token is dropped (no compression); torch's attention the rest."""
+        return (q.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16 and q.device.type == "cpu"
+                and cache.k.is_contiguous() and cache.v.is_contiguous() and keep is None and self.n_tok in FUSED_SIZES and self.head_dim in FUSED_SIZES
+                and attention_kernel_ready() and bool(cache.keep.all()))
 
     # -- pool step: one frame against the kept tokens, in place --------------------------------
     def _pool_step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, pool: TokenPool, update: str,

@@ -117,16 +117,39 @@ inline void store_pairs(u32* p, __m512 a, __m512 b) {
   _mm512_storeu_si512(p, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
 }
 
-// x: rows of d bf16 values (n rows). T-packed: out[i * n + row] = word i of the row.
-inline void pack_t(const u16* x, u32* out, int64_t n, int64_t d) {
+// x: n rows of d bf16 values, ld values apart. T-packed: out[i * n + row] = word i of the row.
+inline void pack_t(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld) {
   const u32* w = reinterpret_cast<const u32*>(x);
   for (int64_t row = 0; row < n; ++row)
-    for (int64_t i = 0; i < d / 2; ++i) out[i * n + row] = w[row * (d / 2) + i];
+    for (int64_t i = 0; i < d / 2; ++i) out[i * n + row] = w[row * (ld / 2) + i];
 }
 // R-packed: out[j * d + c] = x[2j][c] | x[2j+1][c] << 16.
-inline void pack_r(const u16* x, u32* out, int64_t n, int64_t d) {
+inline void pack_r(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld) {
   for (int64_t j = 0; j < n / 2; ++j)
-    for (int64_t c = 0; c < d; ++c) out[j * d + c] = u32(x[2 * j * d + c]) | (u32(x[(2 * j + 1) * d + c]) << 16);
+    for (int64_t c = 0; c < d; ++c) out[j * d + c] = u32(x[2 * j * ld + c]) | (u32(x[(2 * j + 1) * ld + c]) << 16);
+}
+
+// Softmax of the n rows of S (n x L fp32 scores, unscaled) at `scale`: P (bf16, row-major) and,
+// where lse is given, each row's log-sum-exp of the scaled scores. S is overwritten.
+inline void softmax_rows(float* S, u16* P, int64_t n, int64_t L, float scale, float* lse) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = S + r * L;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < L; c += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(row + c));
+    const float mx = _mm512_reduce_max_ps(m) * scale;
+    const __m512 vm = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < L; c += 16) {
+      const __m512 p = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(row + c), vs, vm));
+      _mm512_storeu_ps(row + c, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    const __m512 inv = _mm512_set1_ps(1.0f / total);
+    for (int64_t c = 0; c < L; c += 16) store_bf16(P + r * L + c, _mm512_mul_ps(_mm512_loadu_ps(row + c), inv));
+    if (lse) lse[r] = mx + std::log(total);
+  }
 }
 
 // One packing of every frame of a (bh, t, n, d) bf16 tensor: frame (b, f) at word (b*t + f) * n*d/2.
@@ -135,8 +158,8 @@ std::vector<u32> pack_all(const torch::Tensor& x, const Shape& s, bool t_packed)
   const u16* src = reinterpret_cast<const u16*>(x.data_ptr<at::BFloat16>());
   at::parallel_for(0, s.bh * s.t, 1, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
-      if (t_packed) pack_t(src + i * s.frame(), out.data() + i * s.frame() / 2, s.n, s.d);
-      else pack_r(src + i * s.frame(), out.data() + i * s.frame() / 2, s.n, s.d);
+      if (t_packed) pack_t(src + i * s.frame(), out.data() + i * s.frame() / 2, s.n, s.d, s.d);
+      else pack_r(src + i * s.frame(), out.data() + i * s.frame() / 2, s.n, s.d, s.d);
     }
   });
   return out;
@@ -213,23 +236,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
     for (int64_t i = a; i < e; ++i) {
       const int64_t b = i / s.t, f = i % s.t, L = s.keys(f);
       scores(s, qw + i * s.frame() / 2, kt, s.extra ? &kxt : nullptr, b, f, S.data());
-      for (int64_t r = 0; r < s.n; ++r) {  // softmax of the row, P in bf16
-        float* row = S.data() + r * L;
-        __m512 m = _mm512_set1_ps(-INFINITY);
-        for (int64_t c = 0; c < L; c += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(row + c));
-        const float mx = _mm512_reduce_max_ps(m) * scale;
-        const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(mx);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t c = 0; c < L; c += 16) {
-          const __m512 p = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(row + c), vs, vm));
-          _mm512_storeu_ps(row + c, p);
-          sum = _mm512_add_ps(sum, p);
-        }
-        const float total = _mm512_reduce_add_ps(sum);
-        const __m512 inv = _mm512_set1_ps(1.0f / total);
-        for (int64_t c = 0; c < L; c += 16) store_bf16(P.data() + r * L + c, _mm512_mul_ps(_mm512_loadu_ps(row + c), inv));
-        lw[i * s.n + r] = mx + std::log(total);
-      }
+      softmax_rows(S.data(), P.data(), s.n, L, scale, lw + i * s.n);
       frames_product(s, reinterpret_cast<const u32*>(P.data()), L / 2, 1, s.n / 2, vr, s.extra ? &vxr : nullptr,
                      b, f, O.data());
       for (int64_t c = 0; c < s.n * s.d; c += 16) store_bf16(ow + i * s.frame() + c, _mm512_loadu_ps(O.data() + c));
@@ -341,10 +348,67 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
   return {dq, dk, dv, dkx, dvx};
 }
 
+// One frame against the attention ring, for inference: q (b, n, h, d); ring k, v (b, slots, n, h, d);
+// visible (b, slots) bool: the slots (frames) this frame sees, its own included. -> (b, n, h, d).
+torch::Tensor step_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor visible) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 5 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+              k.size(2) == q.size(1) && k.size(3) == q.size(2) && k.size(4) == q.size(3),
+              "step attention: q (b, n, h, d), k and v (b, slots, n, h, d)");
+  for (const auto* x : {&q, &k, &v})
+    TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->is_contiguous() && x->device().is_cpu(),
+                "step attention takes contiguous bf16 CPU tensors");
+  TORCH_CHECK(visible.scalar_type() == at::kBool && visible.is_contiguous() && visible.dim() == 2 &&
+              visible.size(0) == k.size(0) && visible.size(1) == k.size(1), "visible must be (b, slots) bool");
+  const int64_t b = q.size(0), n = q.size(1), h = q.size(2), d = q.size(3), slots = k.size(1);
+  TORCH_CHECK((n == 16 || n == 32 || n == 64) && (d == 16 || d == 32 || d == 64),
+              "step attention takes 16, 32 or 64 tokens per frame and head_dim 16, 32 or 64");
+  auto out = torch::empty_like(q);
+#ifdef SSM_GYM_FUSED_ATTENTION
+  const float scale = 1.0f / std::sqrt(float(d));
+  const u16 *qh = reinterpret_cast<const u16*>(q.data_ptr<at::BFloat16>()),
+            *kh = reinterpret_cast<const u16*>(k.data_ptr<at::BFloat16>()),
+            *vh = reinterpret_cast<const u16*>(v.data_ptr<at::BFloat16>());
+  u16* oh = reinterpret_cast<u16*>(out.data_ptr<at::BFloat16>());
+  const bool* vis = visible.data_ptr<bool>();
+  const int64_t row = h * d, frame = n * row;  // values between tokens, between slots
+  at::parallel_for(0, b * h, 1, [&](int64_t a, int64_t e) {
+    std::vector<u32> kt(slots * n * d / 2), vr(slots * n * d / 2);
+    std::vector<float> S(n * slots * n), O(n * d);
+    std::vector<u16> P(S.size());
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t bi = i / h, hi = i % h;
+      int64_t m = 0;  // visible slots, packed in order
+      for (int64_t sl = 0; sl < slots; ++sl) {
+        if (!vis[bi * slots + sl]) continue;
+        const u16* base = kh + bi * slots * frame + sl * frame + hi * d;
+        pack_t(base, kt.data() + m * n * d / 2, n, d, row);
+        pack_r(vh + (base - kh), vr.data() + m * n * d / 2, n, d, row);
+        ++m;
+      }
+      TORCH_CHECK(m > 0, "step attention: a frame must see at least its own slot");
+      const int64_t L = m * n;
+      const u32* qw = reinterpret_cast<const u32*>(qh + bi * n * row + hi * d);
+      for (int64_t j = 0; j < m; ++j)
+        gemm(qw, row / 2, 1, kt.data() + j * n * d / 2, d / 2, S.data() + j * n, L, n, n, false);
+      softmax_rows(S.data(), P.data(), n, L, scale, nullptr);
+      for (int64_t j = 0; j < m; ++j)
+        gemm(reinterpret_cast<const u32*>(P.data()) + j * n / 2, L / 2, 1, vr.data() + j * n * d / 2, n / 2, O.data(),
+             d, n, d, j > 0);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < d; c += 16) store_bf16(oh + bi * n * row + r * row + hi * d + c, _mm512_loadu_ps(O.data() + r * d + c));
+    }
+  });
+#else
+  TORCH_CHECK(false, "this build of the fused attention has no AVX-512 BF16 code (see available())");
+#endif
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether this build has the AVX-512 BF16 code");
   m.def("forward", &forward, "fused frame-window attention, forward (out, lse)");
   m.def("backward", &backward, "fused frame-window attention, backward (dq, dk, dv, dkx, dvx)");
+  m.def("step_forward", &step_forward, "one frame against the attention ring (inference)");
 }
