@@ -291,11 +291,12 @@ def test_module_fused_path_is_as_accurate_as_torch_bf16(window, monkeypatch):
         assert rel_err(f, e) < max(2 * rel_err(tb, e), 1e-2)
     monkeypatch.setattr(attention_module, "_attention_kernel_usable", True)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        _, cache = m(x[:, :4], pos[:, :4], update="copy")  # a first piece: the kernel
+        _, cache = m(x[:, :4], pos[:, :4], m.init_cache(2), update="copy")  # a first piece (empty ring): the kernel
         assert len(calls) == 4
-        m(x[:, 4:], pos[:, 4:], cache)  # a piece after cached frames, compression: torch's attention
-        m(x, pos, keep=torch.rand(2, 12, 16) < 0.5)
-    assert len(calls) == 4
+        m(x[:, 4:], pos[:, 4:], cache)  # a piece after cached frames: torch's attention (window 1 caches none)
+        assert len(calls) == (5 if window == 1 else 4)
+        m(x, pos, keep=torch.rand(2, 12, 16) < 0.5)  # compression: torch's attention
+    assert len(calls) == (5 if window == 1 else 4)
 
 
 @needs_attention_kernel

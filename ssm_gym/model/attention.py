@@ -441,7 +441,7 @@ class FrameLocalAttention(nn.Module):
                 ck, cv, cpos, ckeep = ck[:, :used], cv[:, :used], cpos[:, :used], ckeep[:, :used]
             past = cpos.shape[1] > 0
 
-        if self._fused_applies(q, past, keep):  # whole clip at once (bf16 on a CPU with AVX-512 BF16)
+        if self._fused_applies(q, cache if past else None, keep):  # whole clip at once (bf16, AVX-512 BF16 CPU)
             def seq(z):  # (B, T, N, h, hd) -> (B*heads, T, N, hd)
                 return z.permute(0, 3, 1, 2, 4).reshape(b * h, t, n, hd)
 
@@ -500,12 +500,13 @@ class FrameLocalAttention(nn.Module):
 
         return tokens(outs) if noisy is None else (tokens(outs), tokens(outs_n))
 
-    def _fused_applies(self, q: Tensor, past: bool, keep: Tensor | None) -> bool:
-        """The fused kernel computes a clip with no past frames and no compression, in bf16 (under
-        autocast) on a CPU, for the token and head sizes it takes; torch's attention the rest."""
-        return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not past and keep is None
+    def _fused_applies(self, q: Tensor, cache: KVCache | None, keep: Tensor | None) -> bool:
+        """The fused kernel computes a clip with no past frames (no cache, or one still empty, as
+        after a reset) and no compression, in bf16 (under autocast) on a CPU, for the token and head
+        sizes it takes; torch's attention the rest (pieces after cached frames included)."""
+        return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and keep is None
                 and self.window is not None and self.n_tok in FUSED_SIZES and self.head_dim in FUSED_SIZES
-                and attention_kernel_ready())
+                and attention_kernel_ready() and (cache is None or not bool((cache.pos >= 0).any())))
 
     # -- step: one frame against the ring, in place --------------------------------------------
     def _step(self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, cache: KVCache, update: str,
