@@ -264,10 +264,13 @@ def _ssd_cpu_setup_context(ctx, inputs, output):
     x, dt, A, B, C, initial_state, ckpt_every = inputs
     ctx.save_for_backward(x, dt, A, B, C, output[2])
     ctx.has_initial_state, ctx.ckpt_every = initial_state is not None, ckpt_every
+    ctx.set_materialize_grads(False)  # (an unused output's gradient comes as None, not a tensor of zeros)
 
 
 def _ssd_cpu_autograd(ctx, gy, gfinal, gckpt):
     x, dt, A, B, C, ckpt = ctx.saved_tensors
+    if gy is None:  # (only the final state or the checkpoints are used)
+        gy = torch.zeros_like(x)
     gx, gdt, gA, gB, gC, ginit = _ssd_cpu_backward(x, dt, A, B, C, ckpt, gy.contiguous(),
                                                    None if gfinal is None else gfinal.contiguous(),
                                                    None if gckpt is None else gckpt.contiguous(), ctx.ckpt_every)
@@ -381,9 +384,11 @@ def same_dtype(*xs: Tensor) -> list[Tensor]:
 
 
 def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Depthwise 1-D convolution without padding: x (b, c, L + k - 1), weight (c, k) -> (b, c, L).
-    Written as k shifted multiply-adds: on CPU this is much faster than ``F.conv1d(groups=c)``
-    in the backward pass, and identical in value."""
+    """Depthwise 1-D convolution without padding: x (b, c, L + k - 1), weight (c, k) -> (b, c, L),
+    in the promoted dtype of x and weight (fp32 under bf16 autocast, as the scan it feeds).
+    Written as k shifted multiply-adds: with torch 2.13 on this CPU, forward + backward, that is
+    2.4x faster than ``F.conv1d(groups=c)`` on the noised copies' many short sequences (L = 4) and
+    1.3-1.4x slower on long ones (L = 64-2,048); identical in value."""
     x, weight = same_dtype(x, weight)
     k = weight.shape[-1]
     length = x.shape[-1] - k + 1
