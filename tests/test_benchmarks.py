@@ -90,9 +90,11 @@ def test_maze_sim_benchmark():
 
 def test_rollout_benchmark_throughput_only(tiny_checkpoint, capsys):
     bench = load("rollout")
-    out = bench.main(bench.Args(checkpoint=tiny_checkpoint, num_envs=(1,), episode_steps=(), seconds=0.05))
+    out = bench.main(bench.Args(checkpoint=tiny_checkpoint, num_envs=(1,), episode_steps=(), seconds=0.05, bf16=True))
     assert out["flat"] == [] and out["throughput"][0]["env_steps_per_s"] > 0
-    assert "step time vs episode step" not in capsys.readouterr().out
+    assert out["throughput"][0]["bf16_env_steps_per_s"] > 0
+    text = capsys.readouterr().out
+    assert "step time vs episode step" not in text and "bf16 env-steps/s" in text
 
 
 def test_imagined_frames_grid(tiny_checkpoint, tmp_path):
