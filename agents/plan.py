@@ -59,7 +59,7 @@ def cem_plan(engine, env: int, horizon: int, population: int, elites: int, itera
 @dataclass
 class Args:
     checkpoint: Optional[Path] = None
-    """World model: a folder or a shipped model's name (default: the shipped maze-cpu)."""
+    """World model: a folder or a shipped model's name (default: the shipped default model, ssm_gym.checkpoints.DEFAULT)."""
     episodes: int = 4
     max_steps: int = 200
     first_seed: int = 3_000_000

@@ -34,7 +34,7 @@ from ssm_gym.envs.sb3 import SB3VecEnv
 class Args:
     env: Literal["imagination", "real"] = "imagination"
     checkpoint: Optional[Path] = None
-    """World model for --env imagination: a folder or a shipped model's name (default: the shipped maze-cpu)."""
+    """World model for --env imagination: a folder or a shipped model's name (default: the shipped default model, ssm_gym.checkpoints.DEFAULT)."""
     total_steps: int = 100_000
     num_envs: int = 16
     max_episode_steps: int = 200

@@ -38,7 +38,7 @@ class Args:
     agents: tuple[Path, ...] = ()
     """Saved SB3 agents (.zip); a random policy is always scored beside them."""
     checkpoint: Optional[Path] = None
-    """World model for the imagined frames: a folder or a shipped model's name (default: the shipped maze-cpu)."""
+    """World model for the imagined frames: a folder or a shipped model's name (default: the shipped default model, ssm_gym.checkpoints.DEFAULT)."""
     context_data: Path = Path("data/maze")
     """Recorded episodes to start from (a `training.collect` folder)."""
     context_len: int = 16

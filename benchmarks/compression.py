@@ -44,7 +44,7 @@ TARGETS = {"state_memory_reduction": 2.0}
 @dataclass
 class Args:
     checkpoint: Optional[Path] = None
-    """Checkpoint folder or a shipped model's name (default: the shipped maze-cpu)."""
+    """Checkpoint folder or a shipped model's name (default: the shipped default model, ssm_gym.checkpoints.DEFAULT)."""
     settings: tuple[str, ...] = tuple(SETTINGS)
     num_envs: int = 16
     context: int = 200

@@ -55,7 +55,7 @@ TARGETS = {"env_steps_per_s_at_64": 1000, "flat_within": 0.10, "matmul_fraction"
 @dataclass
 class Args:
     checkpoint: Optional[Path] = None
-    """Checkpoint folder or a shipped model's name (default: the shipped maze-cpu)."""
+    """Checkpoint folder or a shipped model's name (default: the shipped default model, ssm_gym.checkpoints.DEFAULT)."""
     num_envs: tuple[int, ...] = (1, 16, 64, 256)
     episode_steps: tuple[int, ...] = (64, 1024, 8192)
     sampling_steps: Optional[int] = None

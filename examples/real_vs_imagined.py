@@ -28,7 +28,7 @@ from ssm_gym.maze.policies import ExplorePolicy
 @dataclass
 class Args:
     checkpoint: Optional[Path] = None
-    """World-model checkpoint folder or a shipped model's name (default: the shipped maze-cpu)."""
+    """World-model checkpoint folder or a shipped model's name (default: the shipped default model, ssm_gym.checkpoints.DEFAULT)."""
     steps: int = 200
     context: int = 16
     """Real frames the model sees before imagining."""

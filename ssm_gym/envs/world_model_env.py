@@ -189,7 +189,7 @@ class WorldModelEnv(gym.Env):
 
     ## Arguments
     - `checkpoint`: folder with config.json + model.safetensors, or a shipped model's name
-      (`"maze-cpu"`, the default, or `"maze-latent"`; see ssm_gym/checkpoints/).
+      (`"maze-latent-ol"`, the default; `"maze-latent"`, `"maze-cpu"`; see ssm_gym/checkpoints/).
     - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
     - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
     - `reward_baseline` (None): per-action numbers subtracted from the expected reward (above).
