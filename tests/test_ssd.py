@@ -406,3 +406,81 @@ def test_fused_cpu_traces_whole_under_torch_compile():
     assert torch.equal(lc, le)
     for gc, ge in zip(torch.autograd.grad(lc, args), torch.autograd.grad(le, args)):
         assert torch.equal(gc, ge)
+
+
+conv_shapes = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**20), "n": st.integers(1, 5), "l": st.integers(1, 40), "k": st.integers(1, 5),
+    "c": st.integers(1, 70), "bias": st.booleans()})
+
+
+def conv_inputs(s, dtype):
+    gen = torch.Generator().manual_seed(s["seed"])
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = (3 * torch.randn(s["n"], s["l"] + s["k"] - 1, s["c"], generator=gen, dtype=torch.float64)).to(dtype)
+    w = torch.randn(s["c"], s["k"], generator=gen, dtype=wdtype)
+    b = torch.randn(s["c"], generator=gen, dtype=wdtype) if s["bias"] else None
+    return [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+
+@needs_cpu_kernel
+@settings(max_examples=40, deadline=None)
+@given(conv_shapes, st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+@example({"seed": 0, "n": 2, "l": 1024, "k": 4, "c": 288, "bias": True}, torch.bfloat16)  # the default layer's
+def test_fused_conv_silu_equals_reference_values_and_gradients(s, dtype):
+    """The compiled convolution + SiLU == silu(causal_depthwise_conv) in fp64 on the same inputs:
+    to 1e-12 in fp64, fp32 rounding in fp32 and for bf16 tokens (fp32 arithmetic), bf16 rounding
+    for the gradient of bf16 tokens (it is returned in their dtype)."""
+    args = conv_inputs(s, dtype)
+    ref_args = [a.detach().double().requires_grad_() for a in args]
+    y = ssm_module.conv_silu(*args, fused=True) if s["bias"] else ssm_module.conv_silu(*args, None, fused=True)
+    y_ref = (ssm_module.conv_silu(*ref_args, fused=False) if s["bias"] else
+             ssm_module.conv_silu(*ref_args, None, fused=False))
+    assert y.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(y, args, gy.to(y.dtype))
+    grads_ref = torch.autograd.grad(y_ref, ref_args, gy)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(y.double(), y_ref) < tol
+    assert grads[0].dtype == dtype
+    assert rel_err(grads[0].double(), grads_ref[0]) < (1e-2 if dtype == torch.bfloat16 else tol)
+    for g, r in zip(grads[1:], grads_ref[1:]):
+        assert rel_err(g.double(), r) < tol
+
+
+@needs_cpu_kernel
+def test_fused_conv_silu_errors_and_dispatch(monkeypatch):
+    x = torch.randn(2, 7, 5)
+    w = torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match="w must be"):
+        ssm_module.cpu_kernel().conv_forward(x, w.t().contiguous()[:, :3].contiguous(), None)
+    with pytest.raises(RuntimeError, match="fp32"):
+        ssm_module.cpu_kernel().conv_forward(x, w.t().double().contiguous(), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ssm_module.cpu_kernel().conv_forward(x, w.t().contiguous(), torch.zeros(4))
+    with pytest.raises(RuntimeError, match="grad of y"):
+        ssm_module.cpu_kernel().conv_backward(x, w.t().contiguous(), None, torch.zeros(2, 3, 5))
+    # fp16 tokens are promoted; without the kernel the reference runs
+    y = ssm_module.conv_silu(x, w, None)
+    assert torch.allclose(ssm_module.conv_silu(x.half(), w, None), ssm_module.conv_silu(x.half().float(), w, None))
+    monkeypatch.setattr(ssm_module.SSD_KERNEL, "module", False)
+    assert torch.allclose(ssm_module.conv_silu(x, w, None), y, atol=1e-6)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("block,d_conv", [((2, 2), 4), (None, 4), ((2, 4), 1)])
+def test_blockwise_ssm_cpu_backend_equals_torch_backend_with_gradients(block, d_conv):
+    """The layer on the compiled kernels (scan and convolution) == on torch's ops, forward and
+    paired, values and every parameter's gradient (fp64)."""
+    torch.manual_seed(0)
+    m_cpu = BlockwiseSSM(16, (4, 4), block, d_state=8, headdim=8, d_conv=d_conv, chunk_size=8, backend="cpu").double()
+    m_torch = BlockwiseSSM(16, (4, 4), block, d_state=8, headdim=8, d_conv=d_conv, chunk_size=8,
+                           backend="torch").double()
+    m_torch.load_state_dict(m_cpu.state_dict())
+    x, xn = torch.randn(2, 3, 4, 4, 16, dtype=torch.float64), torch.randn(2, 3, 4, 4, 16, dtype=torch.float64)
+    start = tuple(z + torch.randn_like(z) for z in m_cpu.init_state(2, dtype=torch.float64))
+    for m in (m_cpu, m_torch):
+        y, yn, (conv, state) = m.forward_paired(x, xn, start)
+        y2, _ = m(x, start)
+        (y.sin().sum() + yn.square().sum() + y2.cos().sum() + state.square().sum()).backward()
+    for (name, p_cpu), p_torch in zip(m_cpu.named_parameters(), m_torch.parameters()):
+        assert rel_err(p_cpu.grad, p_torch.grad) < 1e-10, name

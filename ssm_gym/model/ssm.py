@@ -384,18 +384,70 @@ def same_dtype(*xs: Tensor) -> list[Tensor]:
 
 
 def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Depthwise 1-D convolution without padding: x (b, c, L + k - 1), weight (c, k) -> (b, c, L),
-    in the promoted dtype of x and weight (fp32 under bf16 autocast, as the scan it feeds).
-    Written as k shifted multiply-adds: with torch 2.13 on this CPU, forward + backward, that is
-    2.4x faster than ``F.conv1d(groups=c)`` on the noised copies' many short sequences (L = 4) and
-    1.3-1.4x slower on long ones (L = 64-2,048); identical in value."""
+    """The reference short convolution, channels last and without padding: x (n, L + k - 1, c),
+    weight (c, k) -> (n, L, c), in the promoted dtype of x and weight (fp32 under bf16 autocast,
+    as the scan it feeds). Written as k shifted multiply-adds: with torch 2.13 on this CPU that is
+    2.4x faster than ``F.conv1d(groups=c)`` on the noised copies' many short sequences (L = 4)."""
     x, weight = same_dtype(x, weight)
     k = weight.shape[-1]
-    length = x.shape[-1] - k + 1
-    y = x[..., :length] * weight[:, 0, None]
+    length = x.shape[1] - k + 1
+    y = x[:, :length] * weight[:, 0]
     for i in range(1, k):
-        y = y + x[..., i:i + length] * weight[:, i, None]
-    return y if bias is None else y + bias[:, None]
+        y = y + x[:, i:i + length] * weight[:, i]
+    return y if bias is None else y + bias
+
+
+@torch.library.custom_op("ssm_gym::conv_silu_cpu_forward", mutates_args=())
+def _conv_silu_cpu_forward(xp: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    return cpu_kernel().conv_forward(xp, w, bias)
+
+
+@_conv_silu_cpu_forward.register_fake
+def _(xp, w, bias):
+    return w.new_empty(xp.shape[0], xp.shape[1] - w.shape[0] + 1, xp.shape[2])
+
+
+@torch.library.custom_op("ssm_gym::conv_silu_cpu_backward", mutates_args=())
+def _conv_silu_cpu_backward(xp: Tensor, w: Tensor, bias: Tensor | None, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    gxp, gw, gb = cpu_kernel().conv_backward(xp, w, bias, gy)
+    return gxp, gw, gb
+
+
+@_conv_silu_cpu_backward.register_fake
+def _(xp, w, bias, gy):
+    return xp.new_empty(xp.shape), w.new_empty(w.shape), w.new_empty(w.shape[1])
+
+
+def _conv_silu_setup_context(ctx, inputs, output):
+    xp, w, bias = inputs
+    ctx.save_for_backward(xp, w, bias)
+    ctx.has_bias = bias is not None
+
+
+def _conv_silu_autograd(ctx, gy):
+    xp, w, bias = ctx.saved_tensors
+    gxp, gw, gb = _conv_silu_cpu_backward(xp, w, bias if ctx.has_bias else None, gy.contiguous())
+    return gxp, gw, gb if ctx.has_bias else None
+
+
+torch.library.register_autograd("ssm_gym::conv_silu_cpu_forward", _conv_silu_autograd,
+                                setup_context=_conv_silu_setup_context)
+
+
+def conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, fused: bool = True) -> Tensor:
+    """silu(causal_depthwise_conv(x, weight, bias)), the mixer's convolution and the activation
+    after it: x (n, L + k - 1, c) -> (n, L, c) in the promoted dtype of x and weight (at least
+    fp32). ``fused``: on CPU tensors, one pass of the compiled kernel forward and one backward
+    (``csrc/ssd_cpu.cpp``; 1 + k + 2 passes over memory each way in torch), where it builds;
+    :func:`causal_depthwise_conv` with ``F.silu`` is the reference it is tested against."""
+    acc = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    if not (fused and x.device.type == "cpu" and cpu_kernel_ready()):
+        return F.silu(causal_depthwise_conv(x, weight, bias))
+    if not (x.dtype == acc or (x.dtype == torch.bfloat16 and acc == torch.float32)):
+        x = x.to(acc)  # (the kernel reads fp32, fp64 or bf16 tokens)
+    with torch.autocast("cpu", enabled=False):
+        return _conv_silu_cpu_forward(x.contiguous(), weight.to(acc).t().contiguous(),
+                                      None if bias is None else bias.to(acc).contiguous())
 
 
 class GatedRMSNorm(nn.Module):
@@ -525,12 +577,14 @@ class BlockwiseSSM(nn.Module):
         xBC, new_conv, padded = self._conv(xBC, conv_state, b)
         if self.d_conv > 0:  # each copy's convolution window: the k clean tokens before its frame, then itself
             k, bnb = self.d_conv - 1, xBCn.shape[0]
-            win = xBCn.reshape(bnb, t, f, self.conv_dim).transpose(2, 3)  # (bnb, T, conv_dim, f)
+            win = xBCn.reshape(bnb, t, f, self.conv_dim)
             if k > 0:
-                before = padded.unfold(-1, k, f)[:, :, :t].permute(0, 2, 1, 3)  # (bnb, T, conv_dim, k)
-                win = torch.cat([before, win], -1)
-            xBCn = causal_depthwise_conv(win.reshape(bnb * t, self.conv_dim, k + f), self.conv1d.weight[:, 0],
-                                         self.conv1d.bias).transpose(1, 2)
+                before = padded.unfold(1, k, f)[:, :t].transpose(2, 3)  # (bnb, T, k, conv_dim)
+                win = torch.cat([before, win], 2)
+            xBCn = conv_silu(win.reshape(bnb * t, k + f, self.conv_dim), self.conv1d.weight[:, 0], self.conv1d.bias,
+                             fused=self.backend in ("auto", "cpu"))
+        else:
+            xBCn = F.silu(xBCn)
         xs, Bm, Cm, dt = self._scan_inputs(xBC, dt)
         A = self._A()
         init = None if ssm_state is None else ssm_state.reshape(-1, self.nheads, self.headdim, self.d_state)
@@ -554,24 +608,24 @@ class BlockwiseSSM(nn.Module):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
     def _conv(self, xBC: Tensor, conv_state: Tensor | None, b: int):
-        """Short causal convolution over the block sequences, continuing from ``conv_state``.
-        Returns (xBC after the conv, the new conv state, the padded input (B*nb, conv_dim, k + L))."""
+        """Short causal convolution and SiLU over the block sequences (B*nb, L, conv_dim),
+        continuing from ``conv_state``. Returns (the activated xBC, the new conv state, the padded
+        input (B*nb, k + L, conv_dim))."""
         if self.d_conv == 0:
-            return xBC, conv_state, None
+            return F.silu(xBC), conv_state, None
         k = self.d_conv - 1
         bnb = xBC.shape[0]
-        xBC = xBC.transpose(1, 2)  # (b*nb, conv_dim, L)
-        prev = (xBC.new_zeros(bnb, self.conv_dim, k) if conv_state is None
-                else conv_state.reshape(bnb, self.conv_dim, k).to(xBC.dtype))
-        padded = torch.cat([prev, xBC], dim=-1)
-        new_conv = padded[..., padded.shape[-1] - k:].reshape(b, self.nblocks, self.conv_dim, k)
-        return causal_depthwise_conv(padded, self.conv1d.weight[:, 0], self.conv1d.bias).transpose(1, 2), new_conv, padded
+        prev = (xBC.new_zeros(bnb, k, self.conv_dim) if conv_state is None
+                else conv_state.reshape(bnb, self.conv_dim, k).transpose(1, 2).to(xBC.dtype))
+        padded = torch.cat([prev, xBC], dim=1)
+        new_conv = padded[:, padded.shape[1] - k:].transpose(1, 2).reshape(b, self.nblocks, self.conv_dim, k)
+        y = conv_silu(padded, self.conv1d.weight[:, 0], self.conv1d.bias, fused=self.backend in ("auto", "cpu"))
+        return y, new_conv, padded
 
     def _scan_inputs(self, xBC: Tensor, dt: Tensor):
-        """(x, B, C, dt) of the scan from the convolved xBC (n, L, conv_dim) and raw dt (n, L, heads)."""
+        """(x, B, C, dt) of the scan from the activated xBC (n, L, conv_dim) and raw dt (n, L, heads)."""
         n, L = xBC.shape[:2]
-        xs, Bm, Cm = torch.split(F.silu(xBC), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
-                                 dim=-1)
+        xs, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         return (xs.reshape(n, L, self.nheads, self.headdim), Bm.reshape(n, L, self.ngroups, self.d_state),
                 Cm.reshape(n, L, self.ngroups, self.d_state), F.softplus(dt + self.dt_bias))
 

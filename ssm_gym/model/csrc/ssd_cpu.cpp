@@ -17,10 +17,18 @@
 // states of one such segment at a time from its checkpoint (memory L / ckpt_every states).
 // The checkpoints double as an output (the state entering every ckpt_every-th token, which
 // training with noised copies of frames reads); their gradient, if given, joins the adjoint.
+//
+// Also here: the mixer's short causal depthwise convolution fused with the SiLU after it
+// (conv_forward / conv_backward). Channels last, so every inner loop runs over contiguous
+// channels; one pass over the tokens forward and one backward, where torch needs a multiply and
+// an add per tap, a transpose, a SiLU and their gradients, each a pass over memory.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -243,6 +251,143 @@ Dims check_inputs(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
   return d;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The short causal convolution + SiLU, channels last:
+//     pre[i, l, c] = bias[c] + sum_j w[j, c] xp[i, l + j, c]      y = silu(pre)
+// xp (n, L + K - 1, C) holds the K - 1 tokens before each sequence (the conv state) and then the
+// sequence; w is (K, C), the transpose of nn.Conv1d's (C, 1, K) weight.
+
+// exp written so that the compiler vectorises it (std::exp is a library call per element):
+// 2^k 2^f with k = round(x log2 e) and exp on the remainder by a degree-6 polynomial
+// (relative error about 2e-7, fp32's rounding).
+inline float exp_vectorisable(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (floorf does not vectorise)
+  const float f = x - k * 0.693359375f + k * 2.12194440e-4f;  // x - k ln2, ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_vectorisable(double x) { return std::exp(x); }  // (fp64: the tests' precision)
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + exp_vectorisable(-x)); }
+
+// A row of accumulators out to the input's dtype; bf16 rounded to nearest even as torch rounds,
+// written with integer operations that vectorise (c10's conversion is a scalar call per element).
+template <typename T>
+inline void store_row(const T* src, T* dst, int64_t C) { std::copy(src, src + C, dst); }
+inline void store_row(const float* src, c10::BFloat16* dst, int64_t C) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    uint32_t bits;
+    std::memcpy(&bits, src + c, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    out[c] = (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);  // (NaN stays NaN)
+  }
+}
+
+template <typename in_t, typename acc_t>
+inline void conv_row(const in_t* xp, const acc_t* w, const acc_t* bias, acc_t* pre, int64_t K, int64_t C) {
+  // pre (C) of one token, whose window starts at xp
+  for (int64_t c = 0; c < C; ++c) pre[c] = bias ? bias[c] : acc_t(0);
+  for (int64_t j = 0; j < K; ++j) {
+    const in_t* xr = xp + j * C;
+    const acc_t* wr = w + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) pre[c] += wr[c] * static_cast<acc_t>(xr[c]);
+  }
+}
+
+template <typename in_t, typename acc_t>
+void conv_forward_kernel(const in_t* xp, const acc_t* w, const acc_t* bias, acc_t* y, int64_t n, int64_t L,
+                         int64_t K, int64_t C) {
+  const int64_t Lp = L + K - 1;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t l = 0; l < L; ++l) {
+        acc_t* out = y + (i * L + l) * C;
+        conv_row(xp + (i * Lp + l) * C, w, bias, out, K, C);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) out[c] = out[c] * sigmoid(out[c]);
+      }
+    }
+  });
+}
+
+// Backward, one pass over the tokens of a sequence: the gradient at the pre-activation,
+// g = gy silu'(pre) (pre recomputed), goes to the weight and bias (per-thread partial sums) and to
+// the K input tokens of its window; an input token's gradient is complete once the token ending
+// at it is done, so only K rows of it are accumulated at a time (a ring), then written out.
+template <typename in_t, typename acc_t>
+void conv_backward_kernel(const in_t* xp, const acc_t* w, const acc_t* bias, const acc_t* gy, in_t* gxp,
+                          acc_t* partial, int64_t n, int64_t L, int64_t K, int64_t C) {
+  const int64_t Lp = L + K - 1;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    acc_t* gwb = partial + at::get_thread_num() * (K + 1) * C;  // this thread's (gw (K, C), gb (C))
+    std::vector<acc_t> g(C), ring(K * C);
+    for (int64_t i = begin; i < end; ++i) {
+      const in_t* xs = xp + i * Lp * C;
+      in_t* gxs = gxp + i * Lp * C;
+      std::fill(ring.begin(), ring.end(), acc_t(0));
+      for (int64_t l = 0; l < L; ++l) {
+        conv_row(xs + l * C, w, bias, g.data(), K, C);
+        const acc_t* gyr = gy + (i * L + l) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t s = sigmoid(g[c]);
+          g[c] = gyr[c] * s * (acc_t(1) + g[c] * (acc_t(1) - s));
+        }
+        for (int64_t j = 0; j < K; ++j) {  // input token l + j: ring slot (l + j) % K
+          const in_t* xr = xs + (l + j) * C;
+          acc_t* gw = gwb + j * C;
+          acc_t* gx = ring.data() + ((l + j) % K) * C;
+          const acc_t* wr = w + j * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            gw[c] += g[c] * static_cast<acc_t>(xr[c]);
+            gx[c] += g[c] * wr[c];
+          }
+        }
+        acc_t* gb = gwb + K * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gb[c] += g[c];
+        acc_t* done = ring.data() + (l % K) * C;  // input token l has all its terms now
+        store_row(done, gxs + l * C, C);
+        std::fill(done, done + C, acc_t(0));
+      }
+      for (int64_t m = L; m < Lp; ++m) {  // the last K - 1 input tokens
+        store_row(ring.data() + (m % K) * C, gxs + m * C, C);
+      }
+    }
+  });
+}
+
+void check_conv_inputs(const at::Tensor& xp, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(xp.dim() == 3, "conv: xp must be (sequences, K - 1 + length, channels)");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == xp.size(2) && w.size(0) >= 1 && xp.size(1) >= w.size(0),
+              "conv: w must be (K, channels) with K <= the padded length");
+  TORCH_CHECK(xp.device().is_cpu() && xp.is_contiguous() && w.device().is_cpu() && w.is_contiguous(),
+              "conv: xp and w must be contiguous CPU tensors");
+  const auto acc = xp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(w.scalar_type() == acc, "conv: w must be fp64 for fp64 xp, else fp32");
+  TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble || xp.scalar_type() == at::kBFloat16,
+              "conv: xp must be fp32, fp64 or bf16");
+  if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == xp.size(2) && bias->is_contiguous() &&
+                            bias->device().is_cpu() && bias->scalar_type() == acc,
+                        "conv: bias must be a contiguous CPU tensor (channels,) of w's dtype");
+}
+
 }  // namespace
 
 std::vector<at::Tensor> ssd_forward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
@@ -304,7 +449,41 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, 
   return {gx, gdt, gA, gB, gC, ginit};
 }
 
+
+at::Tensor conv_forward(const at::Tensor& xp, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  check_conv_inputs(xp, w, bias);
+  const int64_t n = xp.size(0), K = w.size(0), C = xp.size(2), L = xp.size(1) - K + 1;
+  auto y = at::empty({n, L, C}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xp.scalar_type(), "conv_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    conv_forward_kernel<scalar_t, acc_t>(xp.data_ptr<scalar_t>(), w.data_ptr<acc_t>(),
+                                         bias ? bias->data_ptr<acc_t>() : nullptr, y.data_ptr<acc_t>(), n, L, K, C);
+  });
+  return y;
+}
+
+std::vector<at::Tensor> conv_backward(const at::Tensor& xp, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& gy) {
+  check_conv_inputs(xp, w, bias);
+  const int64_t n = xp.size(0), K = w.size(0), C = xp.size(2), L = xp.size(1) - K + 1;
+  TORCH_CHECK(gy.sizes() == at::IntArrayRef({n, L, C}) && gy.is_contiguous() && gy.device().is_cpu() &&
+                  gy.scalar_type() == w.scalar_type(),
+              "conv_backward: grad of y must be a contiguous CPU tensor (sequences, length, channels) of w's dtype");
+  auto gxp = at::empty_like(xp);
+  auto partial = at::zeros({at::get_num_threads(), K + 1, C}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xp.scalar_type(), "conv_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    conv_backward_kernel<scalar_t, acc_t>(xp.data_ptr<scalar_t>(), w.data_ptr<acc_t>(),
+                                          bias ? bias->data_ptr<acc_t>() : nullptr, gy.data_ptr<acc_t>(),
+                                          gxp.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), n, L, K, C);
+  });
+  // (separate tensors: a custom op's outputs may not alias each other)
+  return {gxp, partial.narrow(1, 0, K).sum(0), partial.select(1, K).sum(0)};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &ssd_forward, "fused SSD recurrence, forward (y, final_state, checkpoints)");
+  m.def("conv_forward", &conv_forward, "causal depthwise conv + SiLU, channels last: y (n, L, C)");
+  m.def("conv_backward", &conv_backward, "its backward: (gxp, gw (K, C), gbias (C))");
   m.def("backward", &ssd_backward, "fused SSD recurrence, backward (gx, gdt, gA per (b,h), gB, gC per head, ginit)");
 }
