@@ -2,6 +2,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI must not pass or fail by chance);
+# HYPOTHESIS_PROFILE=explore draws new ones, to look for failures while developing.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Tests use tiny tensors, and on a busy 2-core machine several threads per process make OpenMP
 # spin-wait (10x slower): one thread here and in the subprocesses the tests start.

@@ -362,3 +362,39 @@ def frame_by_frame_cache(m, x, pos, cache, keep=None):
                       keep=None if keep is None else keep[:, i:i + 1])
         ys.append(yi)
     return torch.cat(ys, 1), cache
+
+
+@needs_attention_kernel
+def test_fused_backward_runs_whatever_the_switch_says_at_backward_time():
+    """A forward that took the kernel gets the kernel's gradient even where the backward runs
+    inside ``fused_attention(False)`` (a benchmark or a comparison switching between the two)."""
+    q, k, v = (torch.randn(2, 3, 16, 16).bfloat16().requires_grad_() for _ in range(3))
+    y = attention_module.window_attention_cpu(q, k, v, 2)
+    with attention_module.fused_attention(False):
+        y.float().square().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad.float()).all()
+
+
+@needs_attention_kernel
+def test_fused_window_past_the_clip_equals_the_clip_length():
+    """A window longer than the clip (up to 'all frames') sees what a window of the clip's length
+    sees; the kernel sizes its buffers by the window, so an enormous one must not reach it."""
+    q, k, v = (torch.randn(2, 3, 16, 16).bfloat16() for _ in range(3))
+    y = attention_module.window_attention_cpu(q, k, v, 10**9)
+    assert torch.equal(y, attention_module.window_attention_cpu(q, k, v, 3))
+
+
+@needs_attention_kernel
+def test_step_with_a_mixed_dtype_ring_falls_back_to_torch():
+    """A bf16 key ring with an fp32 value ring is not the kernel's to take: torch's attention runs."""
+    torch.manual_seed(0)
+    m = FrameLocalAttention(64, 2, 16, window=4)
+    x = torch.randn(1, 3, 16, 64)
+    pos = torch.arange(3)[None]
+    cache = m.init_cache(1, dtype=torch.bfloat16)
+    cache.v = cache.v.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = frame_by_frame_cache(m, x, pos, cache)
+    with torch.no_grad():
+        exact, _ = m(x, pos)
+    assert rel_err(y, exact) < 5e-2

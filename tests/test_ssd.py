@@ -81,14 +81,22 @@ def test_chunked_equals_sequential_float64(s):
 # was 1.4e-5 off while its decay was a difference of two cumulative sums (now summed from the end)
 @example({"seed": 1027712, "b": 2, "l": 29, "hg": (1, 1), "p": 4, "n": 1, "chunk": 29, "with_init": False,
           "with_D": False, "dt_scale": 3.0})
+# found by hypothesis (session 20): a final state of 1.6e-4 left by terms of 0.06 that cancel; the
+# fp32 recurrence itself is 1.9e-5 off there, so the bound is the recurrence's own fp32 error
+@example({"seed": 6, "b": 1, "l": 6, "hg": (1, 1), "p": 1, "n": 1, "chunk": 3, "with_init": False,
+          "with_D": False, "dt_scale": 3.0})
 def test_chunked_float32_matches_float64_reference(s):
+    """fp32 chunked scan within 1e-5 of the fp64 reference, or, where the outputs are sums that
+    cancel (ill-conditioned), within 3x the fp32 recurrence's own error: chunking loses no
+    accuracy that fp32 arithmetic does not lose anyway."""
     args64 = inputs_for(s)
     y_ref, f_ref = ssd_sequential(*args64)
     args32 = [None if a is None else a.float() for a in args64]
     x, dt, A, B, C, D, s0 = args32
     y, f = ssd_chunked(x, dt, A, B, C, chunk_size=s["chunk"], D=D, initial_state=s0)
-    assert rel_err(y.double(), y_ref) < 1e-5
-    assert rel_err(f.double(), f_ref) < 1e-5
+    y32, f32 = ssd_sequential(*args32)
+    assert rel_err(y.double(), y_ref) < max(1e-5, 3 * rel_err(y32.double(), y_ref))
+    assert rel_err(f.double(), f_ref) < max(1e-5, 3 * rel_err(f32.double(), f_ref))
 
 
 @pytest.mark.parametrize("cuts", [[0, 64], [0, 1, 64], [0, 17, 40, 41, 64], list(range(0, 65, 8))])
@@ -322,9 +330,12 @@ def test_fused_cpu_equals_sequential_values_and_gradients_float64(s):
 def test_fused_cpu_float32_matches_float64_reference(s):
     args64 = inputs_for(s)
     y_ref, f_ref = ssd_sequential(*args64)
-    y, f = ssd_fused_cpu(*[None if a is None else a.float() for a in args64])
+    args32 = [None if a is None else a.float() for a in args64]
+    y, f = ssd_fused_cpu(*args32)
     assert y.dtype == torch.float32
-    assert rel_err(y.double(), y_ref) < 1e-5 and rel_err(f.double(), f_ref) < 1e-5
+    y32, f32 = ssd_sequential(*args32)  # (the bound where outputs cancel: see the chunked test)
+    assert rel_err(y.double(), y_ref) < max(1e-5, 3 * rel_err(y32.double(), y_ref))
+    assert rel_err(f.double(), f_ref) < max(1e-5, 3 * rel_err(f32.double(), f_ref))
 
 
 @needs_cpu_kernel
@@ -484,3 +495,86 @@ def test_blockwise_ssm_cpu_backend_equals_torch_backend_with_gradients(block, d_
         (y.sin().sum() + yn.square().sum() + y2.cos().sum() + state.square().sum()).backward()
     for (name, p_cpu), p_torch in zip(m_cpu.named_parameters(), m_torch.parameters()):
         assert rel_err(p_cpu.grad, p_torch.grad) < 1e-10, name
+
+
+@needs_cpu_kernel
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**20), st.integers(1, 40), st.integers(8, 300),  # (dim 1: the gradient cancels to ~0)
+       st.sampled_from([(torch.float64, False), (torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]))
+@example(0, 64, 256, (torch.bfloat16, True))  # the default layer's rows under bf16 autocast
+def test_fused_gated_norm_equals_reference_values_and_gradients(seed, rows, dim, case):
+    """The compiled gated RMSNorm == the torch expression in fp64 on the same inputs (fp64 to 1e-12,
+    fp32 rounding in fp32; bf16 rounding where z or, under bf16 autocast, the output is bf16)."""
+    from ssm_gym.model.ssm import GatedRMSNorm
+
+    zdtype, autocast = case
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.float64 if zdtype == torch.float64 else torch.float32
+    norm = GatedRMSNorm(dim).to(wide)
+    norm.weight.data = torch.randn(dim, generator=gen, dtype=wide)
+    y = torch.randn(2, rows, dim, generator=gen, dtype=wide).requires_grad_()
+    z = (2 * torch.randn(2, rows, dim, generator=gen, dtype=wide)).to(zdtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = norm(y, z, fused=True)
+    assert out.dtype == (torch.bfloat16 if autocast else wide)
+    ref = GatedRMSNorm(dim).double()
+    ref.weight.data = norm.weight.data.double()
+    yr, zr = y.detach().double().requires_grad_(), z.detach().double().requires_grad_()
+    out_ref = ref(yr, zr)
+    go = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)  # (bf16 where the output is)
+    grads = torch.autograd.grad(out, [y, z, norm.weight], go)
+    grads_ref = torch.autograd.grad(out_ref, [yr, zr, ref.weight], go.double())
+    tol = 1e-12 if zdtype == torch.float64 else 1e-5
+    assert rel_err(out.double(), out_ref) < (1e-2 if autocast else tol)
+    assert [g.dtype for g in grads] == [wide, zdtype, wide]
+    assert rel_err(grads[0].double(), grads_ref[0]) < tol
+    assert rel_err(grads[1].double(), grads_ref[1]) < (1e-2 if zdtype == torch.bfloat16 else tol)
+    assert rel_err(grads[2].double(), grads_ref[2]) < tol
+
+
+@needs_cpu_kernel
+def test_fused_gated_norm_errors():
+    k = ssm_module.cpu_kernel()
+    y, z, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="must be \\(rows, channels\\)"):
+        k.gated_norm_forward(y, z[:, :4].contiguous(), w, 1e-5, False)
+    with pytest.raises(RuntimeError, match="w must have y's dtype"):
+        k.gated_norm_forward(y, z, w.double(), 1e-5, False)
+    with pytest.raises(RuntimeError, match="fp32"):
+        k.gated_norm_forward(y.double(), z, w.double(), 1e-5, False)
+    out, rstd = k.gated_norm_forward(y, z, w, 1e-5, False)
+    with pytest.raises(RuntimeError, match="rstd"):
+        k.gated_norm_backward(out, y, z, w, rstd[:2].contiguous())
+
+
+@needs_cpu_kernel
+@settings(max_examples=30, deadline=None)
+@given(st.fixed_dictionaries({"seed": st.integers(0, 2**20), "b": st.integers(1, 3), "frames": st.integers(1, 5),
+                              "f": st.integers(1, 20), "hg": st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+                              "p": st.integers(1, 9), "n": st.integers(1, 6), "with_init": st.booleans(),
+                              "with_D": st.booleans()}))
+def test_ssd_paired_fused_equals_reference_values_and_gradients(s):
+    """ssd_paired on the fused kernel (states kept in its layout between the scans) == the
+    reference composition (ssd with state_every, then the copies from those states), fp64."""
+    h, g = s["hg"]
+    b, frames, f = s["b"], s["frames"], s["f"]
+    x, dt, A, B, C, D, s0 = make_inputs(s["seed"], b, frames * f, h, g, s["p"], s["n"], torch.float64,
+                                        s["with_init"], s["with_D"])
+    xn, dtn, _, Bn, Cn, _, _ = make_inputs(s["seed"] + 1, b * frames, f, h, g, s["p"], s["n"], torch.float64)
+    args = [t for t in (x, dt, A, B, C, xn, dtn, Bn, Cn, D, s0)]
+    leaves = [t.requires_grad_() for t in args if t is not None]
+    outs = {}
+    for backend in ("cpu", "sequential"):
+        y, final, yn = ssm_module.ssd_paired(*args[:9], D=D, initial_state=s0, chunk_size=4, backend=backend)
+        loss = y.sin().sum() + yn.cos().sum() + final.square().sum()
+        outs[backend] = (y, final, yn, torch.autograd.grad(loss, leaves))
+    for a, r in zip(outs["cpu"][:3], outs["sequential"][:3]):
+        assert rel_err(a, r) < 1e-10
+    for a, r in zip(outs["cpu"][3], outs["sequential"][3]):
+        assert rel_err(a, r) < 1e-10
+
+
+def test_ssd_paired_rejects_copies_that_do_not_match_the_frames():
+    x, dt, A, B, C, D, s0 = make_inputs(0, 2, 12, 2, 1, 3, 4, torch.float64)
+    with pytest.raises(ValueError, match="one per frame"):
+        ssm_module.ssd_paired(x, dt, A, B, C, x[:, :5], dt[:, :5], B[:, :5], C[:, :5], backend="torch")

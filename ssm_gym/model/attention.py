@@ -270,7 +270,9 @@ def fused_attention(enabled: bool):
 @torch.library.custom_op("ssm_gym::window_attention_forward", mutates_args=())
 def _window_attention_forward(q: Tensor, k: Tensor, v: Tensor, kx: Tensor | None, vx: Tensor | None,
                               window: int) -> tuple[Tensor, Tensor]:
-    out, lse = attention_kernel().forward(q, k, v, kx, vx, window)
+    # (the loaded module itself: fused_attention(False) around a backward must not hide it from
+    # the gradient of a forward that took it)
+    out, lse = ATTENTION_KERNEL.module.forward(q, k, v, kx, vx, window)
     return out, lse
 
 
@@ -282,7 +284,7 @@ def _(q, k, v, kx, vx, window):
 @torch.library.custom_op("ssm_gym::window_attention_backward", mutates_args=())
 def _window_attention_backward(q: Tensor, k: Tensor, v: Tensor, kx: Tensor | None, vx: Tensor | None, out: Tensor,
                                lse: Tensor, dout: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dkx, dvx = attention_kernel().backward(q, k, v, kx, vx, out, lse, dout, window)
+    dq, dk, dv, dkx, dvx = ATTENTION_KERNEL.module.backward(q, k, v, kx, vx, out, lse, dout, window)
     return dq, dk, dv, dkx, dvx
 
 
@@ -315,7 +317,9 @@ def window_attention_cpu(q: Tensor, k: Tensor, v: Tensor, window: int, kx: Tenso
     t-window+1 .. t; with ``kx, vx`` (a clip's noised copies) to key frames t-window+1 .. t-1 and
     to frame t of kx/vx. Scale 1/sqrt(head_dim), as torch's attention."""
     args = [x.contiguous() for x in (q, k, v)] + [None if x is None else x.contiguous() for x in (kx, vx)]
-    return _window_attention_forward(*args, window)[0]
+    # (a window past the clip sees the same frames as one of the clip's length; the kernel sizes
+    # its buffers by the window)
+    return _window_attention_forward(*args, max(1, min(window, q.shape[1])))[0]
 
 
 class FrameLocalAttention(nn.Module):
@@ -566,7 +570,8 @@ class FrameLocalAttention(nn.Module):
     def _fused_step_applies(self, q: Tensor, cache: KVCache, keep: Tensor | None) -> bool:
         """The fused kernel steps a bf16 frame (under autocast) over a bf16 ring on a CPU when no
         token is dropped (no compression); torch's attention the rest."""
-        return (q.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16 and q.device.type == "cpu"
+        return (q.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16 and cache.v.dtype == torch.bfloat16
+                and q.device.type == "cpu"
                 and cache.k.is_contiguous() and cache.v.is_contiguous() and keep is None and self.n_tok in FUSED_SIZES and self.head_dim in FUSED_SIZES
                 and attention_kernel_ready() and bool(cache.keep.all()))
 

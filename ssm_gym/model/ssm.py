@@ -231,13 +231,13 @@ def cpu_kernel_ready() -> bool:
 # torch.compile traces through the scan instead of breaking its graph there.
 @torch.library.custom_op("ssm_gym::ssd_cpu_forward", mutates_args=())
 def _ssd_cpu_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None,
-                     ckpt_every: int) -> tuple[Tensor, Tensor, Tensor]:
-    y, final, ckpt = cpu_kernel().forward(x, dt, A, B, C, initial_state, ckpt_every)
+                     ckpt_every: int, init_frames: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    y, final, ckpt = cpu_kernel().forward(x, dt, A, B, C, initial_state, ckpt_every, init_frames)
     return y, final, ckpt
 
 
 @_ssd_cpu_forward.register_fake
-def _(x, dt, A, B, C, initial_state, ckpt_every):
+def _(x, dt, A, B, C, initial_state, ckpt_every, init_frames=0):
     b, l, h, p = x.shape
     n = B.shape[-1]
     nck = -(-l // ckpt_every) if ckpt_every > 0 else 0
@@ -247,23 +247,25 @@ def _(x, dt, A, B, C, initial_state, ckpt_every):
 @torch.library.custom_op("ssm_gym::ssd_cpu_backward", mutates_args=())
 def _ssd_cpu_backward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ckpt: Tensor, gy: Tensor,
                       gfinal: Tensor | None, gckpt: Tensor | None,
-                      ckpt_every: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gx, gdt, gA, gB, gC, ginit = cpu_kernel().backward(x, dt, A, B, C, ckpt, gy, gfinal, gckpt, ckpt_every)
+                      ckpt_every: int, init_frames: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gx, gdt, gA, gB, gC, ginit = cpu_kernel().backward(x, dt, A, B, C, ckpt, gy, gfinal, gckpt, ckpt_every,
+                                                       init_frames)
     return gx, gdt, gA, gB, gC, ginit
 
 
 @_ssd_cpu_backward.register_fake
-def _(x, dt, A, B, C, ckpt, gy, gfinal, gckpt, ckpt_every):
+def _(x, dt, A, B, C, ckpt, gy, gfinal, gckpt, ckpt_every, init_frames=0):
     b, l, h, p = x.shape
     n = B.shape[-1]
+    f = init_frames
     return (x.new_empty(x.shape), dt.new_empty(dt.shape), x.new_empty(b, h), x.new_empty(b, l, h, n),
-            x.new_empty(b, l, h, n), x.new_empty(b, h, p, n))
+            x.new_empty(b, l, h, n), x.new_empty((b // f, h, f, n, p) if f > 0 else (b, h, p, n)))
 
 
 def _ssd_cpu_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, initial_state, ckpt_every = inputs
+    x, dt, A, B, C, initial_state, ckpt_every, init_frames = inputs
     ctx.save_for_backward(x, dt, A, B, C, output[2])
-    ctx.has_initial_state, ctx.ckpt_every = initial_state is not None, ckpt_every
+    ctx.has_initial_state, ctx.ckpt_every, ctx.init_frames = initial_state is not None, ckpt_every, init_frames
     ctx.set_materialize_grads(False)  # (an unused output's gradient comes as None, not a tensor of zeros)
 
 
@@ -273,11 +275,12 @@ def _ssd_cpu_autograd(ctx, gy, gfinal, gckpt):
         gy = torch.zeros_like(x)
     gx, gdt, gA, gB, gC, ginit = _ssd_cpu_backward(x, dt, A, B, C, ckpt, gy.contiguous(),
                                                    None if gfinal is None else gfinal.contiguous(),
-                                                   None if gckpt is None else gckpt.contiguous(), ctx.ckpt_every)
+                                                   None if gckpt is None else gckpt.contiguous(), ctx.ckpt_every,
+                                                   ctx.init_frames)
     b, l, h, n = gB.shape
     g = B.shape[2]  # heads of one group share B and C: their gradients add up
     gB, gC = gB.view(b, l, g, h // g, n).sum(3), gC.view(b, l, g, h // g, n).sum(3)
-    return gx, gdt, gA.sum(0), gB, gC, ginit if ctx.has_initial_state else None, None
+    return gx, gdt, gA.sum(0), gB, gC, ginit if ctx.has_initial_state else None, None, None
 
 
 torch.library.register_autograd("ssm_gym::ssd_cpu_forward", _ssd_cpu_autograd, setup_context=_ssd_cpu_setup_context)
@@ -370,6 +373,51 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64, backen
     raise ValueError(f"unknown SSD backend {backend!r}")
 
 
+def ssd_paired(x, dt, A, B, C, xn, dtn, Bn, Cn, D=None, initial_state=None, chunk_size: int = 64,
+               backend: str = "auto"):
+    """The scan of a sequence of frames and of a one-frame copy of each frame that starts from the
+    state the sequence enters that frame with: what training with noised copies computes
+    (:meth:`BlockwiseSSM.forward_paired`). x, dt, B, C as for :func:`ssd`, their length T frames of
+    f tokens; xn, dtn, Bn, Cn the copies, (b * T, f, ...), copy ``i * T + t`` = frame t of
+    sequence i. Returns ``(y, final_state, yn)``.
+
+    Equal to ``ssd(..., state_every=f)`` followed by :func:`ssd` over the copies from those
+    states (the reference, and every backend but the fused CPU kernel). On that kernel the
+    states stay in its own layout between the two scans: the copies' scan reads its initial
+    states in place from the first scan's checkpoints and writes their gradient the same way, where going through the
+    public (headdim, d_state) layout costs transposing copies of every state each way (the
+    states of every frame: 17 MB per layer of the default model's training step)."""
+    f = xn.shape[1]
+    if f < 1 or x.shape[1] % f or xn.shape[0] != x.shape[0] * (x.shape[1] // f):
+        raise ValueError(f"copies {tuple(xn.shape)} are not one per frame of f tokens of x {tuple(x.shape)}")
+    fused = backend == "cpu" or (backend == "auto" and x.device.type == "cpu" and cpu_kernel_ready())
+    if not fused:
+        y, final, states = ssd(x, dt, A, B, C, D=D, initial_state=initial_state, chunk_size=chunk_size,
+                               backend=backend, state_every=f)
+        yn, _ = ssd(xn, dtn, A, Bn, Cn, D=D, initial_state=states.reshape(-1, *states.shape[2:]),
+                    chunk_size=chunk_size, backend=backend)
+        return y, final, yn
+    if not cpu_kernel_ready():
+        raise RuntimeError("the fused CPU SSD kernel is not available (it needs a C++ compiler; "
+                           "SSM_GYM_CPU_KERNEL=0 switches it off): use backend='torch'")
+    dtype = torch.promote_types(x.dtype, torch.float32)  # (the scan runs in fp32 under autocast, as in ssd)
+
+    def prep(*ts):
+        return [t.to(dtype).contiguous() for t in ts]
+
+    b, l, h, p = x.shape
+    n, frames = B.shape[-1], l // f
+    with torch.autocast(x.device.type, enabled=False):
+        init = None if initial_state is None else initial_state.to(dtype).contiguous()
+        y, final, ckpt = _ssd_cpu_forward(*prep(x, dt, A, B, C), init, f)
+        starts = ckpt.view(b, h, frames, n, p)  # (read in place: copy i * frames + t starts from [i, :, t])
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (xn, dtn, A, Bn, Cn, starts))
+        yn, _, _ = _ssd_cpu_forward(*prep(xn, dtn, A, Bn, Cn), starts, CPU_KERNEL_CKPT if grad else 0, frames)
+        Dd = None if D is None else D.to(dtype)
+        y, yn = _add_skip(y, x.to(dtype), Dd), _add_skip(yn, xn.to(dtype), Dd)
+    return y.to(x.dtype), final, yn.to(xn.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. the Mamba-2 layer with the block-wise scan
 # ---------------------------------------------------------------------------------------------
@@ -450,18 +498,76 @@ def conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, fused: bool = True
                                       None if bias is None else bias.to(acc).contiguous())
 
 
+@torch.library.custom_op("ssm_gym::gated_norm_cpu_forward", mutates_args=())
+def _gated_norm_cpu_forward(y: Tensor, z: Tensor, w: Tensor, eps: float, out_bf16: bool) -> tuple[Tensor, Tensor]:
+    out, rstd = cpu_kernel().gated_norm_forward(y, z, w, eps, out_bf16)
+    return out, rstd
+
+
+@_gated_norm_cpu_forward.register_fake
+def _(y, z, w, eps, out_bf16):
+    return y.new_empty(y.shape, dtype=torch.bfloat16 if out_bf16 else y.dtype), y.new_empty(y.shape[0])
+
+
+@torch.library.custom_op("ssm_gym::gated_norm_cpu_backward", mutates_args=())
+def _gated_norm_cpu_backward(go: Tensor, y: Tensor, z: Tensor, w: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    gy, gz, gw = cpu_kernel().gated_norm_backward(go, y, z, w, rstd)
+    return gy, gz, gw
+
+
+@_gated_norm_cpu_backward.register_fake
+def _(go, y, z, w, rstd):
+    return y.new_empty(y.shape), z.new_empty(z.shape), w.new_empty(w.shape)
+
+
+def _gated_norm_setup_context(ctx, inputs, output):
+    y, z, w, _, _ = inputs
+    ctx.save_for_backward(y, z, w, output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _gated_norm_autograd(ctx, gout, grstd):
+    y, z, w, rstd = ctx.saved_tensors
+    if gout is None:  # (only rstd used: it carries no gradient of its own)
+        return None, None, None, None, None
+    gy, gz, gw = _gated_norm_cpu_backward(gout.contiguous(), y, z, w, rstd)
+    return gy, gz, gw, None, None
+
+
+torch.library.register_autograd("ssm_gym::gated_norm_cpu_forward", _gated_norm_autograd,
+                                setup_context=_gated_norm_setup_context)
+
+
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) * weight, as in Mamba-2's output norm."""
+    """RMSNorm(y * silu(z)) * weight, as in Mamba-2's output norm. ``fused``: on CPU tensors the
+    compiled kernel (``csrc/ssd_cpu.cpp``: one pass forward and one backward, where torch makes
+    eleven), where it builds; under CPU bf16 autocast it then returns bf16 at once (the
+    out-projection after it would cast to that). The torch expression is the reference."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+    def forward(self, y: Tensor, z: Tensor, fused: bool = False) -> Tensor:
+        if fused and y.device.type == "cpu" and cpu_kernel_ready():
+            return self._fused(y, z)
         y, z = same_dtype(y, z)
         y = y * F.silu(z)
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    def _fused(self, y: Tensor, z: Tensor) -> Tensor:
+        acc = torch.promote_types(torch.promote_types(y.dtype, self.weight.dtype), torch.float32)
+        if not (z.dtype == acc or (z.dtype == torch.bfloat16 and acc == torch.float32)):
+            z = z.to(acc)
+        out_bf16 = (acc == torch.float32 and torch.is_autocast_enabled("cpu")
+                    and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        shape = y.shape
+        with torch.autocast("cpu", enabled=False):
+            out, _ = _gated_norm_cpu_forward(y.to(acc).reshape(-1, shape[-1]).contiguous(),
+                                             z.reshape(-1, shape[-1]).contiguous(), self.weight.to(acc).contiguous(),
+                                             self.eps, out_bf16)
+        return out.reshape(shape)
 
 
 def to_blocks(x: Tensor, block: tuple[int, int]) -> Tensor:
@@ -588,12 +694,10 @@ class BlockwiseSSM(nn.Module):
         xs, Bm, Cm, dt = self._scan_inputs(xBC, dt)
         A = self._A()
         init = None if ssm_state is None else ssm_state.reshape(-1, self.nheads, self.headdim, self.d_state)
-        y, final, states = ssd(xs, dt, A, Bm, Cm, D=self.D, initial_state=init, chunk_size=self.chunk_size,
-                               backend=self.backend, state_every=f)
         # every copy is a sequence of one frame's tokens, starting from its clean state
         xsn, Bn, Cn, dtn = self._scan_inputs(xBCn.reshape(-1, f, self.conv_dim), dtn.reshape(-1, f, self.nheads))
-        yn, _ = ssd(xsn, dtn, A, Bn, Cn, D=self.D, initial_state=states.reshape(-1, *states.shape[2:]),
-                    chunk_size=self.chunk_size, backend=self.backend)
+        y, final, yn = ssd_paired(xs, dt, A, Bm, Cm, xsn, dtn, Bn, Cn, D=self.D, initial_state=init,
+                                  chunk_size=self.chunk_size, backend=self.backend)
         new_ssm = final.reshape(b, self.nblocks, self.nheads, self.headdim, self.d_state)
         return (self._output(y, z, b, t), self._output(yn.reshape(y.shape), zn, b, t), (new_conv, new_ssm))
 
@@ -631,6 +735,6 @@ class BlockwiseSSM(nn.Module):
 
     def _output(self, y: Tensor, z: Tensor, b: int, t: int) -> Tensor:
         """Scan output (B*nb, L, heads, headdim) -> gated norm, out-projection, back to (B, T, H, W, D)."""
-        y = self.norm(y.reshape(*z.shape[:2], self.d_inner), z)
+        y = self.norm(y.reshape(*z.shape[:2], self.d_inner), z, fused=self.backend in ("auto", "cpu"))
         y = self.out_proj(y).reshape(b, self.nblocks, -1, self.d_model)
         return from_blocks(y, self.grid, self.block)

@@ -18,10 +18,12 @@
 // The checkpoints double as an output (the state entering every ckpt_every-th token, which
 // training with noised copies of frames reads); their gradient, if given, joins the adjoint.
 //
-// Also here: the mixer's short causal depthwise convolution fused with the SiLU after it
-// (conv_forward / conv_backward). Channels last, so every inner loop runs over contiguous
-// channels; one pass over the tokens forward and one backward, where torch needs a multiply and
-// an add per tap, a transpose, a SiLU and their gradients, each a pass over memory.
+// Also here, the mixer's elementwise work around the scan, each fused into one pass forward and
+// one backward where torch makes a pass over memory per operation: the short causal depthwise
+// convolution with the SiLU after it (conv_forward / conv_backward; a multiply and an add per
+// tap, the SiLU and their gradients in torch), and the gated RMSNorm after the scan
+// (gated_norm_forward / gated_norm_backward; eleven passes in torch). Rows of contiguous channels,
+// so every inner loop vectorises.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -53,14 +55,32 @@ struct Seq {
 
 // The Python layout keeps a state as (headdim, d_state); the kernels keep it as d_state rows of
 // headdim values. These convert one state (src null: a zero state).
+// already_rows: the caller's state is in the kernel's layout (the checkpoints' layout, which the
+// noised copies' scans start from), so it is copied as it is: no transposes either way.
+//
+// Where the initial states are another scan's checkpoints (init_frames F > 0), they are read in
+// place: sequence j of this scan starts from checkpoint j % F of sequence j / F, laid out as
+// (batch / F, heads, F, d_state, headdim); their gradient is written in that layout too.
+inline int64_t init_offset(const Dims& d, int64_t bi, int64_t hi, int64_t np, int64_t init_frames) {
+  if (init_frames <= 0) return (bi * d.h + hi) * np;
+  return (((bi / init_frames) * d.h + hi) * init_frames + bi % init_frames) * np;
+}
 template <typename T>
-inline void to_rows(const T* src, T* rows, int64_t n, int64_t p) {
+inline void to_rows(const T* src, T* rows, int64_t n, int64_t p, bool already_rows = false) {
+  if (src && already_rows) {
+    std::copy(src, src + n * p, rows);
+    return;
+  }
   for (int64_t i = 0; i < p; ++i)
     for (int64_t k = 0; k < n; ++k) rows[k * p + i] = src ? src[i * n + k] : T(0);
 }
 
 template <typename T>
-inline void from_rows(const T* rows, T* dst, int64_t n, int64_t p) {
+inline void from_rows(const T* rows, T* dst, int64_t n, int64_t p, bool already_rows = false) {
+  if (already_rows) {
+    std::copy(rows, rows + n * p, dst);
+    return;
+  }
   for (int64_t i = 0; i < p; ++i)
     for (int64_t k = 0; k < n; ++k) dst[i * n + k] = rows[k * p + i];
 }
@@ -79,7 +99,7 @@ inline void advance(T* S, const T* u, const T* Bt, T a, int64_t n, int64_t p_) {
 
 template <typename T, int64_t PP>
 void forward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C, const T* init, T* y,
-                    T* final_state, T* ckpt, const Dims d, int64_t ckpt_every) {
+                    T* final_state, T* ckpt, const Dims d, int64_t ckpt_every, int64_t init_frames) {
   const int64_t n = d.n, p = PP > 0 ? PP : d.p, np = n * p, nck = ckpt ? (d.l + ckpt_every - 1) / ckpt_every : 0;
   // Parallel over the batch; inside, all heads of a token are stepped together, so x and y are
   // read and written in memory order (their rows hold all heads of one token).
@@ -87,7 +107,8 @@ void forward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C,
     std::vector<T> states(d.h * np), u(p), acc(p), acc2(p);
     for (int64_t bi = begin; bi < end; ++bi) {
       for (int64_t hi = 0; hi < d.h; ++hi)
-        to_rows(init ? init + (bi * d.h + hi) * np : nullptr, states.data() + hi * np, n, p);
+        to_rows(init ? init + init_offset(d, bi, hi, np, init_frames) : nullptr, states.data() + hi * np, n, p,
+                init_frames > 0);
       for (int64_t t = 0; t < d.l; ++t) {
         for (int64_t hi = 0; hi < d.h; ++hi) {
           const Seq s(d, bi, hi);
@@ -143,7 +164,7 @@ void forward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C,
 template <typename T, int64_t PP>
 void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C, const T* ckpt, const T* gy,
                      const T* gfinal, const T* gckpt, T* gx, T* gdt, T* gA, T* gB, T* gC, T* ginit, const Dims d,
-                     int64_t ckpt_every) {
+                     int64_t ckpt_every, int64_t init_frames) {
   const int64_t n = d.n, p = PP > 0 ? PP : d.p, K = ckpt_every, nck = (d.l + K - 1) / K;
   at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
     // states[j] = the state before token t0 + j of the current segment (j = 0..K)
@@ -219,7 +240,7 @@ void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C
         }
       }
       gA[bh] = gA_acc;
-      from_rows(G.data(), ginit + st, n, p);
+      from_rows(G.data(), ginit + init_offset(d, bi, hi, n * p, init_frames), n, p, init_frames > 0);
     }
   });
 }
@@ -233,6 +254,12 @@ void with_headdim(int64_t p, F&& f) {
     case 64: f(std::integral_constant<int64_t, 64>{}); break;
     default: f(std::integral_constant<int64_t, 0>{});
   }
+}
+
+std::vector<int64_t> init_state_shape(const Dims& d, int64_t init_frames) {
+  if (init_frames <= 0) return {d.b, d.h, d.p, d.n};
+  TORCH_CHECK(d.b % init_frames == 0, "init_frames must divide the batch");
+  return {d.b / init_frames, d.h, init_frames, d.n, d.p};
 }
 
 Dims check_inputs(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
@@ -373,6 +400,73 @@ void conv_backward_kernel(const in_t* xp, const acc_t* w, const acc_t* bias, con
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The gated RMSNorm of the mixer's output, rows of D channels:
+//     u = y silu(z)      out = u r w      r = 1 / sqrt(mean(u^2) + eps)
+// Backward (a = go w): gu = r a - r^3 u mean(a u), gy = gu silu(z), gz = gu y silu'(z),
+// gw = sum over rows of go u r. z and out may be bf16 (the projections' dtype under autocast).
+template <typename T> inline float load(const T& v) { return static_cast<float>(v); }
+inline double load(const double& v) { return v; }
+
+template <typename acc_t, typename z_t, typename o_t>
+void gated_norm_forward_kernel(const acc_t* y, const z_t* z, const acc_t* w, o_t* out, acc_t* rstd, int64_t n,
+                               int64_t D, double eps) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> u(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* yr = y + r * D;
+      const z_t* zr = z + r * D;
+      acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < D; ++c) {
+        const acc_t zc = load(zr[c]);
+        u[c] = yr[c] * zc * sigmoid(zc);
+        ss += u[c] * u[c];
+      }
+      const acc_t rs = acc_t(1) / std::sqrt(ss / acc_t(D) + acc_t(eps));
+      rstd[r] = rs;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) u[c] *= rs * w[c];
+      store_row(u.data(), out + r * D, D);
+    }
+  });
+}
+
+template <typename acc_t, typename z_t, typename o_t>
+void gated_norm_backward_kernel(const o_t* go, const acc_t* y, const z_t* z, const acc_t* w, const acc_t* rstd,
+                                acc_t* gy, z_t* gz, acc_t* partial, int64_t n, int64_t D) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    acc_t* gw = partial + at::get_thread_num() * D;
+    std::vector<acc_t> u(D), a(D), gzr(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* yr = y + r * D;
+      const z_t* zr = z + r * D;
+      const o_t* gor = go + r * D;
+      const acc_t rs = rstd[r];
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < D; ++c) {
+        const acc_t zc = load(zr[c]), g = load(gor[c]);
+        u[c] = yr[c] * zc * sigmoid(zc);
+        a[c] = g * w[c];
+        gw[c] += g * u[c] * rs;
+        dot += a[c] * u[c];
+      }
+      const acc_t k = rs * rs * rs * dot / acc_t(D);
+      acc_t* gyr = gy + r * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        const acc_t zc = load(zr[c]), sg = sigmoid(zc);
+        const acc_t gu = rs * a[c] - k * u[c];
+        gyr[c] = gu * zc * sg;
+        gzr[c] = gu * yr[c] * sg * (acc_t(1) + zc * (acc_t(1) - sg));
+      }
+      store_row(gzr.data(), gz + r * D, D);
+    }
+  });
+}
+
 void check_conv_inputs(const at::Tensor& xp, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(xp.dim() == 3, "conv: xp must be (sequences, K - 1 + length, channels)");
   TORCH_CHECK(w.dim() == 2 && w.size(1) == xp.size(2) && w.size(0) >= 1 && xp.size(1) >= w.size(0),
@@ -392,11 +486,14 @@ void check_conv_inputs(const at::Tensor& xp, const at::Tensor& w, const c10::opt
 
 std::vector<at::Tensor> ssd_forward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& init,
-                                    int64_t ckpt_every) {
+                                    int64_t ckpt_every, int64_t init_frames) {
   const Dims d = check_inputs(x, dt, A, B, C);
-  if (init) TORCH_CHECK(init->sizes() == at::IntArrayRef({d.b, d.h, d.p, d.n}) && init->is_contiguous() &&
+  const std::vector<int64_t> init_shape = init_state_shape(d, init_frames);
+  if (init) TORCH_CHECK(init->sizes() == at::IntArrayRef(init_shape) && init->is_contiguous() &&
                             init->device().is_cpu() && init->scalar_type() == x.scalar_type(),
-                        "initial_state must be a contiguous CPU tensor (batch, heads, headdim, d_state) of x's dtype");
+                        "initial_state must be a contiguous CPU tensor ",
+                        init_frames > 0 ? "(batch / F, heads, F, d_state, headdim) (another scan's checkpoints)"
+                                        : "(batch, heads, headdim, d_state)", " of x's dtype");
   auto y = at::empty_like(x);
   auto final_state = at::empty({d.b, d.h, d.p, d.n}, x.options());
   const int64_t nck = ckpt_every > 0 ? (d.l + ckpt_every - 1) / ckpt_every : 0;
@@ -407,7 +504,7 @@ std::vector<at::Tensor> ssd_forward(const at::Tensor& x, const at::Tensor& dt, c
                              B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(),
                              init ? init->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
                              final_state.data_ptr<scalar_t>(), ckpt_every > 0 ? ckpt.data_ptr<scalar_t>() : nullptr,
-                             d, ckpt_every);
+                             d, ckpt_every, init_frames);
     });
   });
   return {y, final_state, ckpt};
@@ -416,7 +513,7 @@ std::vector<at::Tensor> ssd_forward(const at::Tensor& x, const at::Tensor& dt, c
 std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const at::Tensor& ckpt,
                                      const at::Tensor& gy, const c10::optional<at::Tensor>& gfinal,
-                                     const c10::optional<at::Tensor>& gckpt, int64_t ckpt_every) {
+                                     const c10::optional<at::Tensor>& gckpt, int64_t ckpt_every, int64_t init_frames) {
   const Dims d = check_inputs(x, dt, A, B, C);
   TORCH_CHECK(ckpt_every > 0 && ckpt.numel() == d.b * d.h * ((d.l + ckpt_every - 1) / ckpt_every) * d.n * d.p,
               "ssd_backward: checkpoints do not match the inputs");
@@ -435,7 +532,7 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, 
   auto gA = at::empty({d.b, d.h}, x.options());
   auto gB = at::empty({d.b, d.l, d.h, d.n}, x.options());
   auto gC = at::empty({d.b, d.l, d.h, d.n}, x.options());
-  auto ginit = at::empty({d.b, d.h, d.p, d.n}, x.options());
+  auto ginit = at::empty(init_state_shape(d, init_frames), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_backward", [&] {
     with_headdim(d.p, [&](auto PP) {
     backward_kernel<scalar_t, decltype(PP)::value>(x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
@@ -443,7 +540,7 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& x, const at::Tensor& dt, 
                               gy.data_ptr<scalar_t>(), gfinal ? gfinal->data_ptr<scalar_t>() : nullptr,
                               gckpt ? gckpt->data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>(), gdt.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
                               gB.data_ptr<scalar_t>(), gC.data_ptr<scalar_t>(), ginit.data_ptr<scalar_t>(), d,
-                              ckpt_every);
+                              ckpt_every, init_frames);
     });
   });
   return {gx, gdt, gA, gB, gC, ginit};
@@ -481,9 +578,76 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& xp, const at::Tensor& w,
   return {gxp, partial.narrow(1, 0, K).sum(0), partial.select(1, K).sum(0)};
 }
 
+// z_t and o_t each the accumulator's dtype or bf16 (fp32 accumulators only)
+template <typename F>
+void with_norm_types(at::ScalarType acc, at::ScalarType zt, at::ScalarType ot, F&& f) {
+  const char* msg = "gated_norm: y and w must be fp32 (z and the output fp32 or bf16) or all fp64";
+  if (acc == at::kDouble) {
+    TORCH_CHECK(zt == at::kDouble && ot == at::kDouble, msg);
+    f(double(), double(), double());
+    return;
+  }
+  TORCH_CHECK(acc == at::kFloat && (zt == at::kFloat || zt == at::kBFloat16) &&
+                  (ot == at::kFloat || ot == at::kBFloat16), msg);
+  const bool zb = zt == at::kBFloat16, ob = ot == at::kBFloat16;
+  if (zb && ob) f(float(), c10::BFloat16(), c10::BFloat16());
+  else if (zb) f(float(), c10::BFloat16(), float());
+  else if (ob) f(float(), float(), c10::BFloat16());
+  else f(float(), float(), float());
+}
+
+void check_norm_inputs(const at::Tensor& y, const at::Tensor& z, const at::Tensor& w) {
+  TORCH_CHECK(y.dim() == 2 && z.sizes() == y.sizes() && w.dim() == 1 && w.size(0) == y.size(1),
+              "gated_norm: y and z must be (rows, channels), w (channels,)");
+  for (const auto* t : {&y, &z, &w})
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "gated_norm: inputs must be contiguous CPU tensors");
+  TORCH_CHECK(w.scalar_type() == y.scalar_type(), "gated_norm: w must have y's dtype");
+}
+
+std::vector<at::Tensor> gated_norm_forward(const at::Tensor& y, const at::Tensor& z, const at::Tensor& w, double eps,
+                                           bool out_bf16) {
+  check_norm_inputs(y, z, w);
+  const int64_t n = y.size(0), D = y.size(1);
+  auto out = at::empty({n, D}, y.options().dtype(out_bf16 ? at::kBFloat16 : y.scalar_type()));
+  auto rstd = at::empty({n}, y.options());
+  with_norm_types(y.scalar_type(), z.scalar_type(), out.scalar_type(), [&](auto a, auto zz, auto o) {
+    using acc_t = decltype(a);
+    using z_t = decltype(zz);
+    using o_t = decltype(o);
+    gated_norm_forward_kernel<acc_t, z_t, o_t>(y.data_ptr<acc_t>(), z.data_ptr<z_t>(), w.data_ptr<acc_t>(),
+                                               out.data_ptr<o_t>(), rstd.data_ptr<acc_t>(), n, D, eps);
+  });
+  return {out, rstd};
+}
+
+std::vector<at::Tensor> gated_norm_backward(const at::Tensor& go, const at::Tensor& y, const at::Tensor& z,
+                                            const at::Tensor& w, const at::Tensor& rstd) {
+  check_norm_inputs(y, z, w);
+  const int64_t n = y.size(0), D = y.size(1);
+  TORCH_CHECK(go.sizes() == y.sizes() && go.is_contiguous() && go.device().is_cpu(),
+              "gated_norm_backward: grad of out must be a contiguous CPU tensor shaped like y");
+  TORCH_CHECK(rstd.sizes() == at::IntArrayRef({n}) && rstd.is_contiguous() && rstd.scalar_type() == y.scalar_type(),
+              "gated_norm_backward: rstd must be (rows,) of y's dtype");
+  auto gy = at::empty_like(y);
+  auto gz = at::empty_like(z);
+  auto partial = at::zeros({at::get_num_threads(), D}, y.options());
+  with_norm_types(y.scalar_type(), z.scalar_type(), go.scalar_type(), [&](auto a, auto zz, auto o) {
+    using acc_t = decltype(a);
+    using z_t = decltype(zz);
+    using o_t = decltype(o);
+    gated_norm_backward_kernel<acc_t, z_t, o_t>(go.data_ptr<o_t>(), y.data_ptr<acc_t>(), z.data_ptr<z_t>(),
+                                                w.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), gy.data_ptr<acc_t>(),
+                                                gz.data_ptr<z_t>(), partial.data_ptr<acc_t>(), n, D);
+  });
+  return {gy, gz, partial.sum(0)};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &ssd_forward, "fused SSD recurrence, forward (y, final_state, checkpoints)");
+  m.def("forward", &ssd_forward, "fused SSD recurrence, forward (y, final_state, checkpoints); init_frames F > 0: the initial "
+        "states are another scan's checkpoints (batch / F, heads, F, d_state, headdim)");
   m.def("conv_forward", &conv_forward, "causal depthwise conv + SiLU, channels last: y (n, L, C)");
   m.def("conv_backward", &conv_backward, "its backward: (gxp, gw (K, C), gbias (C))");
-  m.def("backward", &ssd_backward, "fused SSD recurrence, backward (gx, gdt, gA per (b,h), gB, gC per head, ginit)");
+  m.def("gated_norm_forward", &gated_norm_forward, "gated RMSNorm: (out, rstd)");
+  m.def("gated_norm_backward", &gated_norm_backward, "its backward: (gy, gz, gw)");
+  m.def("backward", &ssd_backward, "fused SSD recurrence, backward (gx, gdt, gA per (b,h), gB, gC per head, ginit in init's layout)");
 }
