@@ -394,7 +394,7 @@ def test_cpu_kernel_load_survives_a_stale_build_lock(monkeypatch):
     """A build killed half-way leaves torch's lock file behind; the next load must not wait on it."""
     from torch.utils import cpp_extension
 
-    build_dir = Path(cpp_extension._get_build_directory(f"ssm_gym_ssd_cpu_{native.cpu_tag()}", False))
+    build_dir = Path(cpp_extension._get_build_directory(native.extension_name("ssm_gym_ssd_cpu"), False))
     (build_dir / "lock").touch()
     monkeypatch.setattr(ssm_module.SSD_KERNEL, "module", None)
     assert ssm_module.cpu_kernel() is not None

@@ -25,7 +25,7 @@ def build(name: str, source: Path, what: str, fallback: str):
 
     if shutil.which("ninja") is None:  # the ninja wheel's binary, in a venv that is not activated
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    name = f"{name}_{cpu_tag()}"
+    name = extension_name(name)
     flags = ["-O3", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):  # (x86 options; elsewhere the compiler's defaults)
         flags += ["-march=native", "-mprefer-vector-width=512"]
@@ -73,6 +73,21 @@ def build_lock(build_dir: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def extension_name(name: str) -> str:
+    """The name a kernel is built and cached under: one build per kind of CPU and headers."""
+    return f"{name}_{cpu_tag()}_{headers_tag()}"
+
+
+def headers_tag() -> str:
+    """A short hash of the shared headers (``csrc/*.h``): torch rebuilds an extension when its
+    source file changes but does not look at the headers it includes, so a header's edit makes a
+    new name (and so a new build)."""
+    digest = hashlib.sha1()
+    for h in sorted(CSRC.glob("*.h")):
+        digest.update(h.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def cpu_tag() -> str:

@@ -35,6 +35,7 @@ from .autoencoder import FrameAutoencoder
 from .attention import FrameLocalAttention, KVCache, TokenPool, tensor_bytes
 from .compression import ClipCompression, CompressionState, NOVEL, get_compression, truncate_ssm_
 from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
+from .pointwise import gelu_tanh
 from .ssm import BlockwiseSSM
 
 VARIANTS = ("full", "attn_local", "ssm_flat", "attn_full")
@@ -318,7 +319,7 @@ class MLP(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class Layer(nn.Module):

@@ -34,6 +34,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_math.h"
+
+using vec_math::exp_vectorisable;
+using vec_math::sigmoid;
+using vec_math::store_row;
+
 namespace {
 
 struct Dims {
@@ -284,45 +290,6 @@ Dims check_inputs(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
 //     pre[i, l, c] = bias[c] + sum_j w[j, c] xp[i, l + j, c]      y = silu(pre)
 // xp (n, L + K - 1, C) holds the K - 1 tokens before each sequence (the conv state) and then the
 // sequence; w is (K, C), the transpose of nn.Conv1d's (C, 1, K) weight.
-
-// exp written so that the compiler vectorises it (std::exp is a library call per element):
-// 2^k 2^f with k = round(x log2 e) and exp on the remainder by a degree-6 polynomial
-// (relative error about 2e-7, fp32's rounding).
-inline float exp_vectorisable(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (floorf does not vectorise)
-  const float f = x - k * 0.693359375f + k * 2.12194440e-4f;  // x - k ln2, ln2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  p = p * f * f + f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-inline double exp_vectorisable(double x) { return std::exp(x); }  // (fp64: the tests' precision)
-
-template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + exp_vectorisable(-x)); }
-
-// A row of accumulators out to the input's dtype; bf16 rounded to nearest even as torch rounds,
-// written with integer operations that vectorise (c10's conversion is a scalar call per element).
-template <typename T>
-inline void store_row(const T* src, T* dst, int64_t C) { std::copy(src, src + C, dst); }
-inline void store_row(const float* src, c10::BFloat16* dst, int64_t C) {
-  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    uint32_t bits;
-    std::memcpy(&bits, src + c, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    out[c] = (bits & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded);  // (NaN stays NaN)
-  }
-}
 
 template <typename in_t, typename acc_t>
 inline void conv_row(const in_t* xp, const acc_t* w, const acc_t* bias, acc_t* pre, int64_t K, int64_t C) {
