@@ -16,36 +16,40 @@ namespace {
 constexpr int64_t CHUNK = 4096;  // elements per inner pass (a small buffer that stays in L1)
 constexpr float K0 = 0.7978845608028654f, K1 = 0.044715f;
 
-template <typename T>
-void gelu_forward_kernel(const T* x, T* y, int64_t n) {
+// Calls f(offset, count, buffer) for chunks of n elements in parallel; f writes its results to
+// the fp32 buffer, which is then stored to out (rounded where out is bf16).
+template <typename T, typename F>
+void by_chunks(int64_t n, T* out, F&& f) {
   at::parallel_for(0, (n + CHUNK - 1) / CHUNK, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(CHUNK);
     for (int64_t c = begin; c < end; ++c) {
       const int64_t o = c * CHUNK, m = std::min(CHUNK, n - o);
+      f(o, m, buf.data());
+      vec_math::store_row(buf.data(), out + o, m);
+    }
+  });
+}
+
+template <typename T>
+void gelu_forward_kernel(const T* x, T* y, int64_t n) {
+  by_chunks(n, y, [&](int64_t o, int64_t m, float* buf) {
 #pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        const float v = static_cast<float>(x[o + i]);
-        buf[i] = v * vec_math::sigmoid(2.0f * K0 * (v + K1 * v * v * v));
-      }
-      vec_math::store_row(buf.data(), y + o, m);
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = static_cast<float>(x[o + i]);
+      buf[i] = v * vec_math::sigmoid(2.0f * K0 * (v + K1 * v * v * v));
     }
   });
 }
 
 template <typename T>
 void gelu_backward_kernel(const T* x, const T* gy, T* gx, int64_t n) {
-  at::parallel_for(0, (n + CHUNK - 1) / CHUNK, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(CHUNK);
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t o = c * CHUNK, m = std::min(CHUNK, n - o);
+  by_chunks(n, gx, [&](int64_t o, int64_t m, float* buf) {
 #pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        const float v = static_cast<float>(x[o + i]);
-        const float s = vec_math::sigmoid(2.0f * K0 * (v + K1 * v * v * v));
-        const float du = K0 * (1.0f + 3.0f * K1 * v * v);
-        buf[i] = static_cast<float>(gy[o + i]) * (s + 2.0f * v * s * (1.0f - s) * du);
-      }
-      vec_math::store_row(buf.data(), gx + o, m);
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = static_cast<float>(x[o + i]);
+      const float s = vec_math::sigmoid(2.0f * K0 * (v + K1 * v * v * v));
+      const float du = K0 * (1.0f + 3.0f * K1 * v * v);
+      buf[i] = static_cast<float>(gy[o + i]) * (s + 2.0f * v * s * (1.0f - s) * du);
     }
   });
 }
