@@ -5,6 +5,11 @@ random policy and the shortest-path oracle.
 
 Seeds are held out from training data (`--first-seed`, default 3,000,000). Every episode has the
 same length (`--max-steps`), so returns are comparable across agents.
+
+`--view model --checkpoint M`: the agent still acts in the real maze and is paid by it, but sees,
+at every step, world model M's prediction of the real frame from the real history before it (M
+re-synced on every real frame): the kind of frame an agent trained in M's imagination learned
+from, where the real maze's sharp frames are new to it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,35 @@ def real_returns(act: ActFn, seeds: list[int], max_steps: int) -> np.ndarray:
     starts = np.ones(len(seeds), dtype=bool)
     for _ in range(max_steps):
         obs, rewards, _, _, _ = venv.step(np.asarray(act(obs, starts)).reshape(len(seeds)))
+        total += rewards
+        starts[:] = False
+    return total
+
+
+def model_view_returns(act: ActFn, seeds: list[int], max_steps: int, checkpoint, precision: str = "fp32",
+                       sampling_steps: Optional[int] = None) -> np.ndarray:
+    """``real_returns`` with the agent seeing the world model's prediction of each real frame
+    (after the first, which it sees as it is): predict from the real history and the action,
+    step the real maze, observe its frame."""
+    import torch
+
+    from ssm_gym.checkpoints import load_world_model
+    from ssm_gym.rollout.engine import RolloutEngine
+
+    n = len(seeds)
+    model = load_world_model(checkpoint, "cpu")
+    engine = RolloutEngine(model, n, sampling_steps=sampling_steps, seed=seeds[0], precision=precision)
+    venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=n, max_episode_steps=max_steps)
+    view, _ = venv.reset(seed=list(seeds))
+    engine.reset(torch.ones(n, dtype=torch.bool), torch.from_numpy(view))
+    total = np.zeros(n)
+    starts = np.ones(n, dtype=bool)
+    for _ in range(max_steps):
+        actions = np.asarray(act(view, starts)).reshape(n)
+        predicted = engine.predict(torch.from_numpy(actions)).cpu().numpy()
+        obs, rewards, _, _, _ = venv.step(actions)
+        engine.observe(torch.from_numpy(obs), torch.from_numpy(actions))
+        view = predicted
         total += rewards
         starts[:] = False
     return total
@@ -97,17 +131,31 @@ class Args:
     max_steps: int = 500
     first_seed: int = 3_000_000
     deterministic: bool = False
+    view: str = "real"
+    """What the agent sees: "real" (the real maze's frames) or "model" (the world model's
+    prediction of each real frame, re-synced on every real frame; needs --checkpoint)."""
+    checkpoint: Optional[str] = None
+    """World model for --view model (a shipped name or a checkpoint folder)."""
+    precision: str = "bf16"
+    """The world model's precision for --view model ("fp32" or "bf16")."""
     out: Optional[Path] = None
     """Write the results as JSON here."""
 
 
 def main(args: Args) -> dict:
+    if args.view not in ("real", "model"):
+        raise SystemExit(f"--view must be 'real' or 'model', got {args.view!r}")
+    if args.view == "model" and (args.checkpoint is None or args.agent is None):
+        raise SystemExit("--view model needs --agent and the world model to see through (--checkpoint)")
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
     res = {"random": summary(scripted_returns("random", seeds, args.max_steps)),
            "oracle": summary(scripted_returns("oracle", seeds, args.max_steps))}
     if args.agent is not None:
-        res["agent"] = summary(real_returns(sb3_act_fn(load_agent(args.agent), args.deterministic), seeds, args.max_steps))
-    print(f"real maze, {args.episodes} seeds from {args.first_seed}, {args.max_steps} steps per episode")
+        act = sb3_act_fn(load_agent(args.agent), args.deterministic)
+        res["agent"] = summary(real_returns(act, seeds, args.max_steps) if args.view == "real" else
+                               model_view_returns(act, seeds, args.max_steps, args.checkpoint, args.precision))
+    view = "" if args.view == "real" else f", the agent seeing {args.checkpoint}'s view of it"
+    print(f"real maze, {args.episodes} seeds from {args.first_seed}, {args.max_steps} steps per episode{view}")
     for name, s in res.items():
         print(f"  {name:>7}: return {s['mean']:.2f} +- {s['stderr']:.2f}")
     if args.out:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.evaluate import load_agent, real_returns, sb3_act_fn, scripted_returns, summary
+from agents.evaluate import load_agent, model_view_returns, real_returns, sb3_act_fn, scripted_returns, summary
 from agents.plan import cem_plan
 from agents.ppo import Args as PPOArgs
 from agents.ppo import train as train_ppo
@@ -83,6 +83,15 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(agent.policy.state_dict().values(), again.policy.state_dict().values()))
     returns = real_returns(sb3_act_fn(agent), [3_000_000, 3_000_001], 20)
     assert returns.shape == (2,) and np.isfinite(returns).all()
+    # --view model: the same real maze, the agent seeing the model's prediction of each real frame
+    seen, real_seen = [], []
+    act = sb3_act_fn(agent)
+    model_view_returns(lambda obs, starts: (seen.append(obs.copy()), act(obs, starts))[1], [3_000_000, 3_000_001], 4,
+                       ckpt, precision="fp32")
+    real_returns(lambda obs, starts: (real_seen.append(obs.copy()), np.ones(2, dtype=np.int64))[1],
+                 [3_000_000, 3_000_001], 1)
+    assert len(seen) == 4 and np.array_equal(seen[0], real_seen[0]), "the first frame is the real one"
+    assert all(s.shape == (2, 64, 64, 3) and s.dtype == np.uint8 for s in seen)
     with pytest.raises(FileNotFoundError, match="no saved agent"):
         load_agent(tmp_path / "missing.zip")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):

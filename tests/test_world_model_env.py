@@ -485,3 +485,26 @@ def test_engine_bf16_precision_is_close_to_fp32_deterministic_and_checked(model)
     assert env.unwrapped.engine.precision == "bf16"
     env.reset(seed=0)
     env.step(1)
+
+
+def test_engine_predict_is_step_without_advancing(model):
+    """predict gives the frame step would generate (same noise stream) and leaves state, frames
+    and step counts alone; then observing the real frame keeps the model in sync."""
+    eng = RolloutEngine(model, 2, seed=3)
+    eng.reset(torch.ones(2, dtype=torch.bool), real_first_frames([0, 1]))
+    twin = eng.fork(torch.arange(2))
+    frames_before, steps_before = eng.frames.clone(), eng.steps.clone()
+    predicted = eng.predict(torch.tensor([1, 3]))
+    assert torch.equal(eng.frames, frames_before) and torch.equal(eng.steps, steps_before)
+    assert torch.equal(predicted, twin.step(torch.tensor([1, 3]))[0])
+    real = real_first_frames([5, 6])
+    eng.observe(real, torch.tensor([1, 3]))  # the state after the real frame, as a warm-up on both
+    warm = RolloutEngine(model, 2)
+    warm.reset(torch.ones(2, dtype=torch.bool), torch.stack([real_first_frames([0, 1]), real], 1),
+               context_actions=torch.tensor([[1], [3]]))
+    for x, y in zip(eng.state.ssm, warm.state.ssm):
+        if x is not None:
+            for u, v in zip(x, y):
+                torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        eng.predict(torch.tensor([1, 2, 3]))

@@ -186,6 +186,23 @@ class RolloutEngine:
         return frames, rewards, terminated
 
     @torch.inference_mode()
+    def predict(self, actions) -> Tensor:
+        """The frame each env would imagine after `actions` (N,), without advancing anything (state,
+        frames, step counts; the noise streams do move on). For observers that then `observe` the
+        real frame: an agent that acts in the real maze seeing the model's view of it."""
+        a = self.check_actions(actions, (self.num_envs,), "actions")
+        noise = torch.stack([torch.randn((1, *self.model.config.space_shape), generator=g, device=self.device)
+                             for g in self.generators])
+        out = torch.empty_like(self.frames)
+
+        def predict(state: WorldModelState, rows: slice) -> None:
+            out[rows] = self.model.predict(state, a[rows], steps=self.sampling_steps, noise=noise[rows],
+                                           action_guidance=self.action_guidance)[0]
+
+        self._update(predict)
+        return out
+
+    @torch.inference_mode()
     def observe(self, frames: Tensor, actions) -> Tensor:
         """Advance every env on a *real* frame (N, H, W, C) uint8 reached by `actions` (N,) instead
         of a generated one: keeps the model in sync with a real environment (planners)."""
