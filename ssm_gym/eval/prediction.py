@@ -299,7 +299,7 @@ class Args:
     denoise_sigmas: tuple[float, ...] = DENOISE_SIGMAS
     """Noise levels of the denoising curve (empty = skip it)."""
     denoise_positions: int = 4
-    """Steps per clip at which the denoising curve is measured (at most --horizon)."""
+    """Steps per clip at which the denoising curve is measured (at most --horizon; 0 = skip it)."""
     json: Optional[Path] = None
     """Also write the rows as JSON here."""
 
@@ -325,7 +325,7 @@ def main(args: Args) -> list[dict]:
             m = reward_metrics(teacher_forced_rewards(model, whole, whole_prev), whole_r.numpy())
             rows.append({"checkpoint": str(ckpt), "rewards": "head on real frames", "frames": whole_r.numel(), **r3(m)})
             print(json.dumps(rows[-1]), flush=True)
-        if args.denoise_sigmas:
+        if args.denoise_sigmas and args.denoise_positions > 0:
             curve = denoising_curve(model, frames, prev, args.context, args.denoise_sigmas,
                                     min(args.denoise_positions, args.horizon), args.seed)
             rows.append({"checkpoint": str(ckpt), "denoising_psnr": {k: r3(v) for k, v in curve.items()}})

@@ -174,7 +174,7 @@ void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C
   const int64_t n = d.n, p = PP > 0 ? PP : d.p, K = ckpt_every, nck = (d.l + K - 1) / K;
   at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
     // states[j] = the state before token t0 + j of the current segment (j = 0..K)
-    std::vector<T> states((K + 1) * n * p), G(n * p), u(p), du(p);
+    std::vector<T> states((K + 1) * n * p), G(n * p), u(p), du(p), gav(p);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / d.h, hi = bh % d.h;
       const Seq s(d, bi, hi);
@@ -209,26 +209,31 @@ void backward_kernel(const T* x, const T* dt, const T* A, const T* B, const T* C
             u[i] = dtt * xt[i];
             du[i] = T(0);
           }
-          T ga = 0;  // dLoss / d(decay)
+          // dLoss / d(decay) = sum over the state of G_t * S_{t-1}: summed per headdim lane over
+          // the rows and reduced once per token (a reduction per row costs as much as the row)
+#pragma omp simd
+          for (int64_t i = 0; i < p; ++i) gav[i] = T(0);
           for (int64_t k = 0; k < n; ++k) {
             const T bk = Bt[k], ck = Ct[k];
             T* g = G.data() + k * p;
             const T* srow = S_t + k * p;
             const T* sprev = S_prev + k * p;
-            T gc = 0, gb = 0, gak = 0;
-#pragma omp simd reduction(+ : gc, gb, gak)
+            T gc = 0, gb = 0;
+#pragma omp simd reduction(+ : gc, gb)
             for (int64_t i = 0; i < p; ++i) {
               gc += srow[i] * gyt[i];
               const T gi = g[i] + ck * gyt[i];  // G_t = C_t gy_t^T + (carried adjoint)
               gb += gi * u[i];
               du[i] += gi * bk;
-              gak += gi * sprev[i];
+              gav[i] += gi * sprev[i];
               g[i] = a * gi;  // carried to token t-1
             }
             gC[gbc + t * gbc_step + k] = gc;
             gB[gbc + t * gbc_step + k] = gb;
-            ga += gak;
           }
+          T ga = 0;
+#pragma omp simd reduction(+ : ga)
+          for (int64_t i = 0; i < p; ++i) ga += gav[i];
           T gdt_acc = ga * a * Ah;
           T* gxt = gx + s.x + t * s.x_step;
 #pragma omp simd reduction(+ : gdt_acc)
