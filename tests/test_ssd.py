@@ -578,3 +578,24 @@ def test_ssd_paired_rejects_copies_that_do_not_match_the_frames():
     x, dt, A, B, C, D, s0 = make_inputs(0, 2, 12, 2, 1, 3, 4, torch.float64)
     with pytest.raises(ValueError, match="one per frame"):
         ssm_module.ssd_paired(x, dt, A, B, C, x[:, :5], dt[:, :5], B[:, :5], C[:, :5], backend="torch")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("p,n", [(32, 16), (16, 16), (64, 16), (32, 32), (48, 16), (16, 48), (8, 16)])
+def test_fused_cpu_state_layout_changes_in_tiles(p, n):
+    """The states' layout change (transposed in 16 x 16 register tiles where both sizes are
+    multiples of 16, in plain loops elsewhere): the initial state in, the final state out, and
+    their gradients, fp32 against the fp64 recurrence, for one- and few-token sequences (the
+    rollout step's) and a longer one."""
+    for length in (1, 3, 40):
+        args64 = list(make_inputs(7, 3, length, 2, 1, p, n, torch.float64))
+        y_ref, f_ref = ssd_sequential(*args64)
+        args32 = [a.float().requires_grad_() for a in args64]
+        y, f = ssd_fused_cpu(*args32)
+        assert rel_err(y.double(), y_ref) < 1e-5 and rel_err(f.double(), f_ref) < 1e-5
+        x, dt, A, B, C, D, s0 = args32
+        g_final = torch.autograd.grad(f.square().sum(), s0)[0]
+        s0_ref = args64[-1].clone().requires_grad_()
+        _, f_ref2 = ssd_sequential(*args64[:-1], s0_ref)
+        g_ref = torch.autograd.grad(f_ref2.square().sum(), s0_ref)[0]
+        assert rel_err(g_final.double(), g_ref) < 1e-5
