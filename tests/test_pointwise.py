@@ -63,3 +63,48 @@ def test_gelu_extremes_and_fallbacks(monkeypatch):
     monkeypatch.setattr(pointwise.POINTWISE_KERNEL, "module", False)  # (no compiler: torch's GELU)
     x = torch.randn(7)
     assert torch.equal(pointwise.gelu_tanh(x), F.gelu(x, approximate="tanh"))
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 20), st.integers(8, 70),  # (d < 8: x's gradient cancels to ~0)
+       st.sampled_from([(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)]),
+       st.integers(0, 2**16))
+@example(4, 16, 64, 128, (torch.bfloat16, True), 0)  # the default model's shapes under bf16 autocast
+def test_norm_modulate_equals_reference_values_and_gradients(b, t, n, d, case, seed):
+    """The compiled modulated LayerNorm == modulate(layer_norm(x)) in fp64 on the same inputs:
+    fp32 rounding, or bf16 rounding where the output (under autocast) or the modulation is bf16."""
+    mdtype, autocast = case
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(b, t, n, d, generator=g) + torch.randn(b, t, 1, d, generator=g)).requires_grad_()
+    shift, scale = ((0.5 * torch.randn(b, t, 1, d, generator=g)).to(mdtype).requires_grad_() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = pointwise.norm_modulate(x, shift, scale, 1e-6)
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32) and y.shape == x.shape
+    gy = torch.randn(y.shape, generator=g).to(y.dtype)
+    grads = torch.autograd.grad(y, [x, shift, scale], gy)
+    ref_in = [z.detach().double().requires_grad_() for z in (x, shift, scale)]
+    y_ref = pointwise.modulate(F.layer_norm(ref_in[0], (d,), eps=1e-6), ref_in[1], ref_in[2])
+    grads_ref = torch.autograd.grad(y_ref, ref_in, gy.double())
+    low = autocast or mdtype == torch.bfloat16
+    assert rel_err(y, y_ref) < (1e-2 if autocast else 1e-5)
+    assert [z.dtype for z in grads] == [torch.float32, mdtype, mdtype]
+    for a, r, name in zip(grads, grads_ref, ("x", "shift", "scale")):
+        assert rel_err(a, r) < (1e-2 if low else 1e-4), name
+
+
+@needs_kernel
+def test_norm_modulate_falls_back_and_checks():
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    shift, scale = torch.randn(2, 3, 1, 8, dtype=torch.float64), torch.randn(2, 3, 1, 8, dtype=torch.float64)
+    ref = pointwise.modulate(F.layer_norm(x, (8,), eps=1e-6), shift, scale)
+    assert torch.equal(pointwise.norm_modulate(x, shift, scale, 1e-6), ref)  # (fp64: the torch path)
+    per_token = torch.randn(2, 3, 4, 8)  # (a shift per token, not per frame: the torch path too)
+    x32 = x.float()
+    assert torch.allclose(pointwise.norm_modulate(x32, per_token, per_token, 1e-6),
+                          pointwise.modulate(F.layer_norm(x32, (8,), eps=1e-6), per_token, per_token), atol=1e-6)
+    k = pointwise.POINTWISE_KERNEL.module
+    with pytest.raises(RuntimeError, match="whole frames"):
+        k.norm_modulate_forward(torch.randn(5, 8), torch.randn(2, 8), torch.randn(2, 8), 2, 1e-6, False)
+    with pytest.raises(RuntimeError, match="shift and scale"):
+        k.norm_modulate_forward(torch.randn(4, 8), torch.randn(2, 8), torch.randn(3, 8), 2, 1e-6, False)

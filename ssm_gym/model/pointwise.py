@@ -1,8 +1,9 @@
-"""The transformer block's GELU (tanh form) on a compiled CPU kernel (``csrc/pointwise_cpu.cpp``),
-for fp32 and bf16 tensors: torch 2.13's CPU GELU runs this model's MLP activations at about
-1.7 ns per bf16 element on this machine, the vectorised kernel several times faster (see
-benchmarks/ssm_scan.py). ``F.gelu(x, approximate="tanh")`` is the reference and the path
-everywhere else (other dtypes, CUDA, no compiler, ``SSM_GYM_CPU_POINTWISE=0``)."""
+"""The transformer block's elementwise operations: adaLN's modulation and residual gate, the
+modulated LayerNorm and the MLP's GELU (tanh form). The last two run on a compiled CPU kernel
+(``csrc/pointwise_cpu.cpp``) for fp32 and bf16 tensors, one pass over memory each way where torch
+makes several (torch 2.13's CPU GELU alone runs at about 1.7 ns per bf16 element on this
+machine). The torch expressions are the reference and the path everywhere else (other dtypes,
+CUDA, no compiler, ``SSM_GYM_CPU_POINTWISE=0``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,20 @@ from torch import Tensor
 
 from . import native
 
-POINTWISE_KERNEL = native.Kernel("ssm_gym_pointwise_cpu", "pointwise_cpu.cpp", "fused CPU GELU kernel",
-                                 "using torch's GELU", switch="SSM_GYM_CPU_POINTWISE")
+POINTWISE_KERNEL = native.Kernel("ssm_gym_pointwise_cpu", "pointwise_cpu.cpp", "fused CPU GELU and norm kernels",
+                                 "using torch's GELU and LayerNorm", switch="SSM_GYM_CPU_POINTWISE")
+
+
+# Both in x's dtype: under bf16 autocast the residual stream and its norms are fp32 while the
+# modulations and the sublayers' outputs come out of bf16 products, and torch's CPU kernels on
+# mixed dtypes are slower than casting first (addcmul 2.2x, forward and backward).
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return torch.addcmul(shift.to(x.dtype), x, 1 + scale.to(x.dtype))  # x * (1 + scale) + shift in one pass
+
+
+def residual(x: Tensor, gate: Tensor, h: Tensor) -> Tensor:
+    """x + gate * h in one pass."""
+    return torch.addcmul(x, gate.to(x.dtype), h.to(x.dtype))
 
 
 def pointwise_kernel_ready() -> bool:
@@ -63,3 +76,63 @@ def gelu_tanh(x: Tensor, fused: bool = True) -> Tensor:
             and pointwise_kernel_ready()):
         return _gelu_tanh_cpu(x.contiguous())
     return F.gelu(x, approximate="tanh")
+
+
+@torch.library.custom_op("ssm_gym::norm_modulate_cpu", mutates_args=())
+def _norm_modulate_cpu(x: Tensor, shift: Tensor, scale: Tensor, rows_per_frame: int, eps: float,
+                       out_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(POINTWISE_KERNEL.module.norm_modulate_forward(x, shift, scale, rows_per_frame, eps, out_bf16))
+
+
+@_norm_modulate_cpu.register_fake
+def _(x, shift, scale, rows_per_frame, eps, out_bf16):
+    return (x.new_empty(x.shape, dtype=torch.bfloat16 if out_bf16 else x.dtype), x.new_empty(x.shape[0]),
+            x.new_empty(x.shape[0]))
+
+
+@torch.library.custom_op("ssm_gym::norm_modulate_cpu_backward", mutates_args=())
+def _norm_modulate_cpu_backward(gy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+                                rows_per_frame: int) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(POINTWISE_KERNEL.module.norm_modulate_backward(gy, x, scale, mean, rstd, rows_per_frame))
+
+
+_norm_modulate_cpu_backward.register_fake(
+    lambda gy, x, scale, mean, rstd, rows_per_frame: (torch.empty_like(x), torch.empty_like(scale),
+                                                      torch.empty_like(scale)))
+
+
+def _norm_modulate_setup_context(ctx, inputs, output):
+    x, _, scale, rows_per_frame, _, _ = inputs
+    ctx.save_for_backward(x, scale, output[1], output[2])
+    ctx.rows_per_frame = rows_per_frame
+    ctx.set_materialize_grads(False)
+
+
+def _norm_modulate_backward(ctx, gy, gmean, grstd):
+    if gy is None:  # (mean and rstd carry no gradient of their own)
+        return None, None, None, None, None, None
+    x, scale, mean, rstd = ctx.saved_tensors
+    gx, gshift, gscale = _norm_modulate_cpu_backward(gy.contiguous(), x, scale, mean, rstd, ctx.rows_per_frame)
+    return gx, gshift, gscale, None, None, None
+
+
+torch.library.register_autograd("ssm_gym::norm_modulate_cpu", _norm_modulate_backward,
+                                setup_context=_norm_modulate_setup_context)
+
+
+def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, fused: bool = True) -> Tensor:
+    """adaLN's pre-norm: ``modulate(F.layer_norm(x), shift, scale)`` for tokens x (..., N, D) and a
+    shift and scale (..., 1, D) per frame. On the compiled kernel (fp32 x on a CPU, ``fused`` and
+    where it builds) in one pass each way; its output is then bf16 under CPU bf16 autocast (what
+    the projection after it would cast to), else x's dtype."""
+    d = x.shape[-1]
+    frame_shape = (*x.shape[:-2], 1, d)
+    if (fused and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2
+            and shift.dtype in (torch.float32, torch.bfloat16) and scale.dtype == shift.dtype
+            and tuple(shift.shape) == frame_shape and tuple(scale.shape) == frame_shape and pointwise_kernel_ready()):
+        out_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            y, _, _ = _norm_modulate_cpu(x.reshape(-1, d).contiguous(), shift.reshape(-1, d).contiguous(),
+                                         scale.reshape(-1, d).contiguous(), x.shape[-2], eps, out_bf16)
+        return y.reshape(x.shape)
+    return modulate(F.layer_norm(x, (d,), eps=eps), shift, scale)

@@ -35,7 +35,7 @@ from .autoencoder import FrameAutoencoder
 from .attention import FrameLocalAttention, KVCache, TokenPool, tensor_bytes
 from .compression import ClipCompression, CompressionState, NOVEL, get_compression, truncate_ssm_
 from .diffusion import edm_scalings, float_to_frames, frames_to_float, sample
-from .pointwise import gelu_tanh
+from .pointwise import gelu_tanh, modulate, norm_modulate, residual
 from .ssm import BlockwiseSSM
 
 VARIANTS = ("full", "attn_local", "ssm_flat", "attn_full")
@@ -300,18 +300,6 @@ def _pad_cache(c: KVCache, slots: int) -> KVCache:
     return KVCache(pad(c.k, 0), pad(c.v, 0), pad(c.pos, -1), pad(c.keep, True))
 
 
-# Both in x's dtype: under bf16 autocast the residual stream and its norms are fp32 while the
-# modulations and the sublayers' outputs come out of bf16 products, and torch's CPU kernels on
-# mixed dtypes are slower than casting first (addcmul 2.2x, forward and backward).
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return torch.addcmul(shift.to(x.dtype), x, 1 + scale.to(x.dtype))  # x * (1 + scale) + shift in one pass
-
-
-def residual(x: Tensor, gate: Tensor, h: Tensor) -> Tensor:
-    """x + gate * h in one pass."""
-    return torch.addcmul(x, gate.to(x.dtype), h.to(x.dtype))
-
-
 class MLP(nn.Module):
     def __init__(self, d: int, ratio: float):
         super().__init__()
@@ -342,8 +330,9 @@ class Layer(nn.Module):
         nn.init.zeros_(self.ada.weight), nn.init.zeros_(self.ada.bias)
         self.eps = 1e-6
 
-    def _norm(self, x):
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+    def _norm(self, x, shift, scale):
+        """The modulated pre-norm (adaLN) of tokens x (B, T, N, D) with a frame's shift and scale."""
+        return norm_modulate(x, shift, scale, self.eps)
 
     def forward(self, x, cond, pos, ssm_state, kv, update, compress: ClipCompression | None = None):
         # x (B, T, N, D); cond (B, T, D) already SiLU'd
@@ -352,13 +341,13 @@ class Layer(nn.Module):
         new_ssm = None
         i = 0
         if self.ssm is not None:
-            h = modulate(self._norm(x), mods[0], mods[1])
+            h = self._norm(x, mods[0], mods[1])
             sizes = None if compress is None else compress.ssm_sizes(self.ssm.block, self.ssm.d_state)
             h, new_ssm = self.ssm(h.reshape(b, t, *self.ssm.grid, d), ssm_state, sizes)
             x = residual(x, mods[2], h.reshape(b, t, n, d))
             i = 3
         keep = None if compress is None else compress.kv_keep
-        h, kv = self.attn(modulate(self._norm(x), mods[i], mods[i + 1]), pos, kv, update=update, keep=keep)
+        h, kv = self.attn(self._norm(x, mods[i], mods[i + 1]), pos, kv, update=update, keep=keep)
         x = residual(x, mods[i + 2], h)
         return self._mlp(x, mods[i + 3:]), new_ssm, kv
 
@@ -371,21 +360,21 @@ class Layer(nn.Module):
         i = 0
         if self.ssm is not None:
             grid = (b, t, *self.ssm.grid, d)
-            h, hn, new_ssm = self.ssm.forward_paired(modulate(self._norm(x), mods[0], mods[1]).reshape(grid),
-                                                     modulate(self._norm(xn), mods_n[0], mods_n[1]).reshape(grid),
+            h, hn, new_ssm = self.ssm.forward_paired(self._norm(x, mods[0], mods[1]).reshape(grid),
+                                                     self._norm(xn, mods_n[0], mods_n[1]).reshape(grid),
                                                      ssm_state)
             x = residual(x, mods[2], h.reshape(b, t, n, d))
             xn = residual(xn, mods_n[2], hn.reshape(b, t, n, d))
             i = 3
-        h, hn, kv = self.attn.forward_paired(modulate(self._norm(x), mods[i], mods[i + 1]),
-                                             modulate(self._norm(xn), mods_n[i], mods_n[i + 1]), pos, kv, update)
+        h, hn, kv = self.attn.forward_paired(self._norm(x, mods[i], mods[i + 1]),
+                                             self._norm(xn, mods_n[i], mods_n[i + 1]), pos, kv, update)
         x = residual(x, mods[i + 2], h)
         xn = residual(xn, mods_n[i + 2], hn)
         return self._mlp(x, mods[i + 3:]), self._mlp(xn, mods_n[i + 3:]), new_ssm, kv
 
     def _mlp(self, x, mods):
         """x + gate * MLP(modulated norm of x); mods = (shift, scale, gate)."""
-        return residual(x, mods[2], self.mlp(modulate(self._norm(x), mods[0], mods[1])))
+        return residual(x, mods[2], self.mlp(self._norm(x, mods[0], mods[1])))
 
 
 class WorldModel(nn.Module):

@@ -1,9 +1,17 @@
-// The transformer block's GELU (tanh form) for CPUs, forward and backward, fp32 or bf16 tensors
-// with fp32 arithmetic. torch 2.13's CPU GELU takes 1.7 ns per bf16 element here (its tanh is
-// not vectorised as this build runs it); this loop is vectorised whole.
+// The transformer block's elementwise kernels for CPUs, forward and backward, fp32 arithmetic:
+//
+// GELU (tanh form), fp32 or bf16 tensors. torch 2.13's CPU GELU takes 1.7 ns per bf16 element
+// here (its tanh is not vectorised as this build runs it); this loop is vectorised whole.
 //
 //     gelu(x) = x / 2 (1 + tanh(u)) = x sigmoid(2u),   u = sqrt(2 / pi) (x + 0.044715 x^3)
 //     gelu'(x) = s + 2 x s (1 - s) du/dx,   s = sigmoid(2u),   du/dx = sqrt(2 / pi) (1 + 3 0.044715 x^2)
+//
+// adaLN's modulated LayerNorm, y = LN(x) (1 + scale) + shift, with the shift and scale of each
+// frame shared by its N tokens (rows): one pass where torch makes a normalisation, a cast of the
+// modulation, a multiply-add and a cast of the result for the projection after it; the output is
+// bf16 under autocast, fp32 otherwise. Backward (g = gy (1 + scale), xhat = LN(x)):
+//     gx = rstd (g - mean(g) - xhat mean(g xhat))    gscale = sum over the frame's rows of gy xhat
+//     gshift = sum over the frame's rows of gy
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -54,6 +62,81 @@ void gelu_backward_kernel(const T* x, const T* gy, T* gx, int64_t n) {
   });
 }
 
+
+template <typename T> inline float ld(const T& v) { return static_cast<float>(v); }
+
+// rows of D channels, N rows per frame; one frame per work item (its shift and scale, and their
+// gradients' sums, belong to it alone)
+template <typename m_t, typename o_t>
+void norm_modulate_forward_kernel(const float* x, const m_t* shift, const m_t* scale, o_t* y, float* mean,
+                                  float* rstd, int64_t frames, int64_t N, int64_t D, float eps) {
+  at::parallel_for(0, frames, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D), s1(D), sh(D);
+    for (int64_t f = begin; f < end; ++f) {
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        s1[c] = 1.0f + ld(scale[f * D + c]);
+        sh[c] = ld(shift[f * D + c]);
+      }
+      for (int64_t r = f * N; r < (f + 1) * N; ++r) {
+        const float* xr = x + r * D;
+        float sum = 0, sq = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < D; ++c) sum += xr[c];
+        const float mu = sum / float(D);
+#pragma omp simd reduction(+ : sq)
+        for (int64_t c = 0; c < D; ++c) sq += (xr[c] - mu) * (xr[c] - mu);
+        const float rs = 1.0f / std::sqrt(sq / float(D) + eps);
+        mean[r] = mu;
+        rstd[r] = rs;
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) row[c] = (xr[c] - mu) * rs * s1[c] + sh[c];
+        vec_math::store_row(row.data(), y + r * D, D);
+      }
+    }
+  });
+}
+
+template <typename m_t, typename o_t>
+void norm_modulate_backward_kernel(const o_t* gy, const float* x, const m_t* scale, const float* mean,
+                                   const float* rstd, float* gx, m_t* gshift, m_t* gscale, int64_t frames, int64_t N,
+                                   int64_t D) {
+  at::parallel_for(0, frames, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s1(D), g(D), xh(D), gsh(D), gsc(D);
+    for (int64_t f = begin; f < end; ++f) {
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        s1[c] = 1.0f + ld(scale[f * D + c]);
+        gsh[c] = 0.0f;
+        gsc[c] = 0.0f;
+      }
+      for (int64_t r = f * N; r < (f + 1) * N; ++r) {
+        const float* xr = x + r * D;
+        const o_t* gr = gy + r * D;
+        const float mu = mean[r], rs = rstd[r];
+        float mg = 0, mgx = 0;
+#pragma omp simd reduction(+ : mg, mgx)
+        for (int64_t c = 0; c < D; ++c) {
+          const float gyc = ld(gr[c]);
+          xh[c] = (xr[c] - mu) * rs;
+          g[c] = gyc * s1[c];
+          gsh[c] += gyc;
+          gsc[c] += gyc * xh[c];
+          mg += g[c];
+          mgx += g[c] * xh[c];
+        }
+        mg /= float(D);
+        mgx /= float(D);
+        float* gxr = gx + r * D;
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) gxr[c] = rs * (g[c] - mg - xh[c] * mgx);
+      }
+      vec_math::store_row(gsh.data(), gshift + f * D, D);
+      vec_math::store_row(gsc.data(), gscale + f * D, D);
+    }
+  });
+}
+
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
                   (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
@@ -86,7 +169,69 @@ at::Tensor gelu_backward(const at::Tensor& x, const at::Tensor& gy) {
   return gx;
 }
 
+// m_t (the modulation's dtype) and o_t (the output's, or its gradient's) each fp32 or bf16
+template <typename F>
+void with_types(at::ScalarType mt, at::ScalarType ot, F&& f) {
+  const bool mb = mt == at::kBFloat16, ob = ot == at::kBFloat16;
+  if (mb && ob) f(c10::BFloat16(), c10::BFloat16());
+  else if (mb) f(c10::BFloat16(), float());
+  else if (ob) f(float(), c10::BFloat16());
+  else f(float(), float());
+}
+
+void check_norm_modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "norm_modulate: x must be a contiguous fp32 CPU tensor (rows, channels)");
+  check(shift, "shift");
+  check(scale, "scale");
+  TORCH_CHECK(N >= 1 && x.size(0) % N == 0, "norm_modulate: the rows must be whole frames of N rows");
+  TORCH_CHECK(shift.dim() == 2 && shift.sizes() == scale.sizes() && shift.size(0) == x.size(0) / N &&
+                  shift.size(1) == x.size(1) && shift.scalar_type() == scale.scalar_type(),
+              "norm_modulate: shift and scale must be (frames, channels) of one dtype");
+}
+
+std::vector<at::Tensor> norm_modulate_forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                                              int64_t N, double eps, bool out_bf16) {
+  check_norm_modulate(x, shift, scale, N);
+  const int64_t R = x.size(0), D = x.size(1);
+  auto y = at::empty({R, D}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  auto mean = at::empty({R}, x.options());
+  auto rstd = at::empty({R}, x.options());
+  with_types(scale.scalar_type(), y.scalar_type(), [&](auto m, auto o) {
+    using m_t = decltype(m);
+    using o_t = decltype(o);
+    norm_modulate_forward_kernel<m_t, o_t>(x.data_ptr<float>(), shift.data_ptr<m_t>(), scale.data_ptr<m_t>(),
+                                           y.data_ptr<o_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                                           R / N, N, D, static_cast<float>(eps));
+  });
+  return {y, mean, rstd};
+}
+
+std::vector<at::Tensor> norm_modulate_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& scale,
+                                               const at::Tensor& mean, const at::Tensor& rstd, int64_t N) {
+  check_norm_modulate(x, scale, scale, N);
+  check(gy, "grad of y");
+  const int64_t R = x.size(0), D = x.size(1);
+  TORCH_CHECK(gy.sizes() == x.sizes(), "norm_modulate_backward: grad of y must be shaped like x");
+  TORCH_CHECK(mean.numel() == R && rstd.numel() == R && mean.scalar_type() == at::kFloat &&
+                  rstd.scalar_type() == at::kFloat && mean.is_contiguous() && rstd.is_contiguous(),
+              "norm_modulate_backward: mean and rstd must be fp32 (rows,)");
+  auto gx = at::empty_like(x);
+  auto gshift = at::empty_like(scale);
+  auto gscale = at::empty_like(scale);
+  with_types(scale.scalar_type(), gy.scalar_type(), [&](auto m, auto o) {
+    using m_t = decltype(m);
+    using o_t = decltype(o);
+    norm_modulate_backward_kernel<m_t, o_t>(gy.data_ptr<o_t>(), x.data_ptr<float>(), scale.data_ptr<m_t>(),
+                                            mean.data_ptr<float>(), rstd.data_ptr<float>(), gx.data_ptr<float>(),
+                                            gshift.data_ptr<m_t>(), gscale.data_ptr<m_t>(), R / N, N, D);
+  });
+  return {gx, gshift, gscale};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_forward", &gelu_forward, "GELU, tanh form: y like x (fp32 or bf16)");
   m.def("gelu_backward", &gelu_backward, "its backward: grad of x");
+  m.def("norm_modulate_forward", &norm_modulate_forward, "LN(x) (1 + scale) + shift per frame: (y, mean, rstd)");
+  m.def("norm_modulate_backward", &norm_modulate_backward, "its backward: (gx, gshift, gscale)");
 }
