@@ -20,9 +20,11 @@ JSON keys
   ("torch"; "cpu", the fused kernel, too on the CPU; "mamba" too on CUDA with mamba-ssm), with
   the diffusion-forcing objective, then both precisions with noised copies (every frame
   denoised from its clean history, the trainer's ``--noised-copies``) on the last backend; where
-  the fused CPU attention kernel builds, each bf16 step also once with torch's attention:
-  ``objective`` ("diffusion forcing" or "noised copies"), ``precision``, ``attention`` ("fused":
-  the fused bf16 attention kernel, or "torch"), ``backend``,
+  the fused CPU attention kernel builds, each bf16 step also once with torch's attention and
+  torch's elementwise ops (no modulated-norm or GELU kernels; with the "torch" backend the SSM's
+  convolution and gated norm are torch's too): ``objective`` ("diffusion forcing" or "noised
+  copies"), ``precision``, ``attention`` ("fused": the fused bf16 attention kernel and the
+  elementwise kernels, or "torch"), ``backend``,
   ``batch``, ``frames_per_clip``, ``step_s`` (mean seconds per optimizer step, after warm-up),
   ``frames_per_s`` (clip frames), ``loss_frames_per_s`` (frames that carry a denoising loss: the
   noised ones of diffusion forcing, with its default long-context clean prefix; every frame with
@@ -64,6 +66,7 @@ from ssm_gym.model import (
     ssd_sequential,
 )
 from ssm_gym.model.attention import attention_kernel, fused_attention
+from ssm_gym.model.pointwise import fused_pointwise
 from ssm_gym.model.flops import flop_counter
 
 
@@ -201,11 +204,12 @@ def bench_train(args: Args, matmul: dict) -> tuple[list[dict], dict]:
         for layer in model.layers:
             if layer.ssm is not None:
                 layer.ssm.backend = backend
-        precisions = [("fp32", False, False), ("bf16", True, True)]
-        if fused:  # the same bf16 step with torch's attention, for the kernel's share
+        # (fp32 with the elementwise kernels, as it runs; the attention kernel is bf16 only)
+        precisions = [("fp32", False, True), ("bf16", True, True)]
+        if fused:  # the same bf16 step with torch's attention and elementwise ops, for the kernels' share
             precisions.append(("bf16", True, False))
         for name, bf16, use_fused in precisions:
-            with fused_attention(use_fused):
+            with fused_attention(use_fused), fused_pointwise(use_fused):  # ("torch": torch's ops throughout)
                 step(bf16, copies)  # warm-up (one step, as the timed steps follow it)
                 noised.clear()
                 dt = timed_once(lambda: [step(bf16, copies) for _ in range(args.steps)], args.device) / args.steps  # noqa: B023

@@ -108,3 +108,20 @@ def test_norm_modulate_falls_back_and_checks():
         k.norm_modulate_forward(torch.randn(5, 8), torch.randn(2, 8), torch.randn(2, 8), 2, 1e-6, False)
     with pytest.raises(RuntimeError, match="shift and scale"):
         k.norm_modulate_forward(torch.randn(4, 8), torch.randn(2, 8), torch.randn(3, 8), 2, 1e-6, False)
+
+
+@needs_kernel
+def test_fused_pointwise_switch_and_backward_across_it():
+    """fused_pointwise(False) gives torch's operations; a forward that took the kernel gets its
+    gradient from the kernel even where the backward runs inside the switch."""
+    x = torch.randn(64, 33, requires_grad=True)
+    y = pointwise.gelu_tanh(x)
+    assert "gelu_tanh_cpu" in type(y.grad_fn).__name__
+    with pointwise.fused_pointwise(False):
+        assert not pointwise.pointwise_kernel_ready()
+        y_torch = pointwise.gelu_tanh(x)
+        assert "GeluBackward" in type(y_torch.grad_fn).__name__
+        (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_torch,) = torch.autograd.grad(y_torch.sum(), x)
+    assert torch.allclose(gx, gx_torch, atol=1e-5)
+    assert pointwise.pointwise_kernel_ready()

@@ -7,6 +7,8 @@ CUDA, no compiler, ``SSM_GYM_CPU_POINTWISE=0``)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,12 +31,31 @@ def residual(x: Tensor, gate: Tensor, h: Tensor) -> Tensor:
     return torch.addcmul(x, gate.to(x.dtype), h.to(x.dtype))
 
 
+_enabled = True  # (fused_pointwise switches it; a plain global, which torch.compile guards on)
+
+
 def pointwise_kernel_ready() -> bool:
     """Whether the kernel can be used (loads it on first use; later a plain attribute read, which
-    torch.compile can trace)."""
+    torch.compile can trace); False inside ``fused_pointwise(False)``."""
+    if not _enabled:
+        return False
     if POINTWISE_KERNEL.module is not None:
         return bool(POINTWISE_KERNEL.module)
     return POINTWISE_KERNEL.get() is not None
+
+
+@contextlib.contextmanager
+def fused_pointwise(enabled: bool):
+    """Within the block, the kernels where they apply (``True``, the default) or torch's
+    operations everywhere (``False``): for comparisons and benchmarks. A backward runs on
+    whatever its forward took."""
+    global _enabled
+    before = _enabled
+    _enabled = before and enabled
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 @torch.library.custom_op("ssm_gym::gelu_tanh_cpu", mutates_args=())
