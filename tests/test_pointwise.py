@@ -125,3 +125,15 @@ def test_fused_pointwise_switch_and_backward_across_it():
     (gx_torch,) = torch.autograd.grad(y_torch.sum(), x)
     assert torch.allclose(gx, gx_torch, atol=1e-5)
     assert pointwise.pointwise_kernel_ready()
+
+
+@needs_kernel
+def test_gelu_far_negative_inputs_go_to_zero():
+    """sigmoid is exactly 0 far below zero: GELU and its gradient there are 0, not x times exp's
+    clamp (a review found gelu(-3e38) = -1.8 before), and -inf gives NaN as torch's does."""
+    x = torch.tensor([-3e38, -1e12, -200.0], requires_grad=True)
+    y = pointwise.gelu_tanh(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(y.detach().abs(), torch.zeros(3))
+    assert torch.equal(gx[1:].abs(), torch.zeros(2))  # (at -3e38, x^3 overflows: NaN, as torch's gradient)
+    assert torch.isnan(pointwise.gelu_tanh(torch.tensor([float("-inf")]))).all()

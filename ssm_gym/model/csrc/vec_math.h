@@ -33,8 +33,10 @@ inline float exp_vectorisable(float x) {
 }
 inline double exp_vectorisable(double x) { return std::exp(x); }  // (fp64: the tests' precision)
 
+// Exactly 0 below -87, where exp's clamp would leave 6e-39 (x sigmoid(x) of a huge negative x
+// would then be far from 0, and -inf would give -inf where torch gives NaN).
 template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + exp_vectorisable(-x)); }
+inline T sigmoid(T x) { return x < T(-87) ? T(0) : T(1) / (T(1) + exp_vectorisable(-x)); }
 
 // A row of accumulators out to the input's dtype; bf16 rounded to nearest even as torch rounds,
 // written with integer operations that vectorise (c10's conversion is a scalar call per element).
