@@ -25,7 +25,6 @@ Three forms, one module:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -246,25 +245,17 @@ def attention_kernel():
     if _attention_kernel_usable is None:
         kernel = ATTENTION_KERNEL.get()
         _attention_kernel_usable = kernel is not None and bool(kernel.available())
-    return ATTENTION_KERNEL.module if _attention_kernel_usable else None
+    return ATTENTION_KERNEL.module if _attention_kernel_usable and ATTENTION_KERNEL.enabled else None
 
 
 def attention_kernel_ready() -> bool:
     return attention_kernel() is not None
 
 
-@contextlib.contextmanager
 def fused_attention(enabled: bool):
     """Within the block, use the fused kernel where it applies (``True``, the default outside) or
     torch's attention everywhere (``False``): for comparisons and benchmarks."""
-    global _attention_kernel_usable
-    attention_kernel()  # (settles whether this machine has it at all)
-    before = _attention_kernel_usable
-    _attention_kernel_usable = before and enabled
-    try:
-        yield
-    finally:
-        _attention_kernel_usable = before
+    return ATTENTION_KERNEL.switched(enabled)
 
 
 @torch.library.custom_op("ssm_gym::window_attention_forward", mutates_args=())

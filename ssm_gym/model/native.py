@@ -103,14 +103,28 @@ def cpu_tag() -> str:
 
 class Kernel:
     """One kernel, built or loaded on first use (thread-safe); ``get()`` is None where it cannot
-    be built, or where the environment variable ``switch`` is "0"."""
+    be built, or where the environment variable ``switch`` is "0". ``enabled`` (a plain attribute,
+    which torch.compile guards on) is what ``switched(False)`` turns off for a block: callers
+    check it where they choose between the kernel and torch's path."""
 
     def __init__(self, name: str, source: str, what: str, fallback: str, switch: str):
         import threading
 
         self.name, self.source, self.what, self.fallback, self.switch = name, CSRC / source, what, fallback, switch
         self.module = None  # the loaded extension; False once building failed or it is switched off
+        self.enabled = True
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def switched(self, enabled: bool):
+        """Within the block, the kernel where it applies (``True``) or torch's path everywhere
+        (``False``): for comparisons and benchmarks. A backward runs on whatever its forward took."""
+        before = self.enabled
+        self.enabled = before and enabled
+        try:
+            yield
+        finally:
+            self.enabled = before
 
     def get(self):
         with self._lock:  # (threads asking during the build wait for it, not for None)

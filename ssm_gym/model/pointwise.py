@@ -7,8 +7,6 @@ CUDA, no compiler, ``SSM_GYM_CPU_POINTWISE=0``)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,31 +29,37 @@ def residual(x: Tensor, gate: Tensor, h: Tensor) -> Tensor:
     return torch.addcmul(x, gate.to(x.dtype), h.to(x.dtype))
 
 
-_enabled = True  # (fused_pointwise switches it; a plain global, which torch.compile guards on)
+def cpu_autocast_bf16() -> bool:
+    """Whether CPU bf16 autocast is on: a kernel then writes bf16 at once where the projection
+    after it would cast to that."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def kernel_dtypes(x: Tensor, *params: Tensor) -> tuple[Tensor, torch.dtype]:
+    """``(x, acc)``: the accumulator dtype of x with the parameters (at least fp32), and x as the
+    compiled kernels read it (bf16 x stays bf16 with fp32 accumulators; anything else is cast)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    for p in params:
+        acc = torch.promote_types(acc, p.dtype)
+    if not (x.dtype == acc or (x.dtype == torch.bfloat16 and acc == torch.float32)):
+        x = x.to(acc)
+    return x, acc
 
 
 def pointwise_kernel_ready() -> bool:
     """Whether the kernel can be used (loads it on first use; later a plain attribute read, which
     torch.compile can trace); False inside ``fused_pointwise(False)``."""
-    if not _enabled:
+    if not POINTWISE_KERNEL.enabled:
         return False
     if POINTWISE_KERNEL.module is not None:
         return bool(POINTWISE_KERNEL.module)
     return POINTWISE_KERNEL.get() is not None
 
 
-@contextlib.contextmanager
 def fused_pointwise(enabled: bool):
     """Within the block, the kernels where they apply (``True``, the default) or torch's
-    operations everywhere (``False``): for comparisons and benchmarks. A backward runs on
-    whatever its forward took."""
-    global _enabled
-    before = _enabled
-    _enabled = before and enabled
-    try:
-        yield
-    finally:
-        _enabled = before
+    operations everywhere (``False``): for comparisons and benchmarks."""
+    return POINTWISE_KERNEL.switched(enabled)
 
 
 @torch.library.custom_op("ssm_gym::gelu_tanh_cpu", mutates_args=())
@@ -151,7 +155,7 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, fused: bo
     if (fused and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2
             and shift.dtype in (torch.float32, torch.bfloat16) and scale.dtype == shift.dtype
             and tuple(shift.shape) == frame_shape and tuple(scale.shape) == frame_shape and pointwise_kernel_ready()):
-        out_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        out_bf16 = cpu_autocast_bf16()
         with torch.autocast("cpu", enabled=False):
             y, _, _ = _norm_modulate_cpu(x.reshape(-1, d).contiguous(), shift.reshape(-1, d).contiguous(),
                                          scale.reshape(-1, d).contiguous(), x.shape[-2], eps, out_bf16)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssm_gym.model import native
+from ssm_gym.model.pointwise import cpu_autocast_bf16, kernel_dtypes
 
 try:  # optional CUDA kernels (pip install ssm-gym[cuda])
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -488,11 +489,9 @@ def conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None, fused: bool = True
     fp32). ``fused``: on CPU tensors, one pass of the compiled kernel forward and one backward
     (``csrc/ssd_cpu.cpp``; 1 + k + 2 passes over memory each way in torch), where it builds;
     :func:`causal_depthwise_conv` with ``F.silu`` is the reference it is tested against."""
-    acc = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     if not (fused and x.device.type == "cpu" and cpu_kernel_ready()):
         return F.silu(causal_depthwise_conv(x, weight, bias))
-    if not (x.dtype == acc or (x.dtype == torch.bfloat16 and acc == torch.float32)):
-        x = x.to(acc)  # (the kernel reads fp32, fp64 or bf16 tokens)
+    x, acc = kernel_dtypes(x, weight)
     with torch.autocast("cpu", enabled=False):
         return _conv_silu_cpu_forward(x.contiguous(), weight.to(acc).t().contiguous(),
                                       None if bias is None else bias.to(acc).contiguous())
@@ -557,11 +556,8 @@ class GatedRMSNorm(nn.Module):
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
     def _fused(self, y: Tensor, z: Tensor) -> Tensor:
-        acc = torch.promote_types(torch.promote_types(y.dtype, self.weight.dtype), torch.float32)
-        if not (z.dtype == acc or (z.dtype == torch.bfloat16 and acc == torch.float32)):
-            z = z.to(acc)
-        out_bf16 = (acc == torch.float32 and torch.is_autocast_enabled("cpu")
-                    and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        z, acc = kernel_dtypes(z, y, self.weight)
+        out_bf16 = acc == torch.float32 and cpu_autocast_bf16()
         shape = y.shape
         with torch.autocast("cpu", enabled=False):
             out, _ = _gated_norm_cpu_forward(y.to(acc).reshape(-1, shape[-1]).contiguous(),

@@ -158,8 +158,7 @@ class RolloutEngine:
         """Take one action in every env: returns (frames (N, H, W, C) uint8, rewards (N,) float,
         terminated (N,) bool), all on the engine's device."""
         a = self.check_actions(actions, (self.num_envs,), "actions")
-        noise = torch.stack([torch.randn((1, *self.model.config.space_shape), generator=g, device=self.device)
-                             for g in self.generators])
+        noise = self._draw_noise()
         if self.cuda_graph:
             return self._graph_step(a, noise)
         rewards = torch.empty(self.num_envs, device=self.device)
@@ -173,6 +172,11 @@ class RolloutEngine:
         self._update(advance, one_frame=True)
         self.steps += 1
         return self.frames, rewards, terminated
+
+    def _draw_noise(self) -> Tensor:
+        """The next sampling noise of every env, each from its own generator (N, 1, *space_shape)."""
+        return torch.stack([torch.randn((1, *self.model.config.space_shape), generator=g, device=self.device)
+                            for g in self.generators])
 
     def _graph_step(self, a: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # everything the captured kernels read by address or were specialised on
@@ -191,8 +195,7 @@ class RolloutEngine:
         frames, step counts; the noise streams do move on). For observers that then `observe` the
         real frame: an agent that acts in the real maze seeing the model's view of it."""
         a = self.check_actions(actions, (self.num_envs,), "actions")
-        noise = torch.stack([torch.randn((1, *self.model.config.space_shape), generator=g, device=self.device)
-                             for g in self.generators])
+        noise = self._draw_noise()
         out = torch.empty_like(self.frames)
 
         def predict(state: WorldModelState, rows: slice) -> None:

@@ -63,7 +63,7 @@ void gelu_backward_kernel(const T* x, const T* gy, T* gx, int64_t n) {
 }
 
 
-template <typename T> inline float ld(const T& v) { return static_cast<float>(v); }
+using vec_math::load;
 
 // rows of D channels, N rows per frame; one frame per work item (its shift and scale, and their
 // gradients' sums, belong to it alone)
@@ -75,8 +75,8 @@ void norm_modulate_forward_kernel(const float* x, const m_t* shift, const m_t* s
     for (int64_t f = begin; f < end; ++f) {
 #pragma omp simd
       for (int64_t c = 0; c < D; ++c) {
-        s1[c] = 1.0f + ld(scale[f * D + c]);
-        sh[c] = ld(shift[f * D + c]);
+        s1[c] = 1.0f + load(scale[f * D + c]);
+        sh[c] = load(shift[f * D + c]);
       }
       for (int64_t r = f * N; r < (f + 1) * N; ++r) {
         const float* xr = x + r * D;
@@ -106,7 +106,7 @@ void norm_modulate_backward_kernel(const o_t* gy, const float* x, const m_t* sca
     for (int64_t f = begin; f < end; ++f) {
 #pragma omp simd
       for (int64_t c = 0; c < D; ++c) {
-        s1[c] = 1.0f + ld(scale[f * D + c]);
+        s1[c] = 1.0f + load(scale[f * D + c]);
         gsh[c] = 0.0f;
         gsc[c] = 0.0f;
       }
@@ -117,7 +117,7 @@ void norm_modulate_backward_kernel(const o_t* gy, const float* x, const m_t* sca
         float mg = 0, mgx = 0;
 #pragma omp simd reduction(+ : mg, mgx)
         for (int64_t c = 0; c < D; ++c) {
-          const float gyc = ld(gr[c]);
+          const float gyc = load(gr[c]);
           xh[c] = (xr[c] - mu) * rs;
           g[c] = gyc * s1[c];
           gsh[c] += gyc;
@@ -169,16 +169,6 @@ at::Tensor gelu_backward(const at::Tensor& x, const at::Tensor& gy) {
   return gx;
 }
 
-// m_t (the modulation's dtype) and o_t (the output's, or its gradient's) each fp32 or bf16
-template <typename F>
-void with_types(at::ScalarType mt, at::ScalarType ot, F&& f) {
-  const bool mb = mt == at::kBFloat16, ob = ot == at::kBFloat16;
-  if (mb && ob) f(c10::BFloat16(), c10::BFloat16());
-  else if (mb) f(c10::BFloat16(), float());
-  else if (ob) f(float(), c10::BFloat16());
-  else f(float(), float());
-}
-
 void check_norm_modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "norm_modulate: x must be a contiguous fp32 CPU tensor (rows, channels)");
@@ -197,7 +187,8 @@ std::vector<at::Tensor> norm_modulate_forward(const at::Tensor& x, const at::Ten
   auto y = at::empty({R, D}, x.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
   auto mean = at::empty({R}, x.options());
   auto rstd = at::empty({R}, x.options());
-  with_types(scale.scalar_type(), y.scalar_type(), [&](auto m, auto o) {
+  // (m_t: the modulation's dtype, o_t: the output's; each fp32 or bf16)
+  vec_math::with_f32_or_bf16(scale.scalar_type(), y.scalar_type(), [&](auto m, auto o) {
     using m_t = decltype(m);
     using o_t = decltype(o);
     norm_modulate_forward_kernel<m_t, o_t>(x.data_ptr<float>(), shift.data_ptr<m_t>(), scale.data_ptr<m_t>(),
@@ -219,7 +210,7 @@ std::vector<at::Tensor> norm_modulate_backward(const at::Tensor& gy, const at::T
   auto gx = at::empty_like(x);
   auto gshift = at::empty_like(scale);
   auto gscale = at::empty_like(scale);
-  with_types(scale.scalar_type(), gy.scalar_type(), [&](auto m, auto o) {
+  vec_math::with_f32_or_bf16(scale.scalar_type(), gy.scalar_type(), [&](auto m, auto o) {
     using m_t = decltype(m);
     using o_t = decltype(o);
     norm_modulate_backward_kernel<m_t, o_t>(gy.data_ptr<o_t>(), x.data_ptr<float>(), scale.data_ptr<m_t>(),

@@ -41,6 +41,7 @@
 #include "vec_math.h"
 
 using vec_math::exp_vectorisable;
+using vec_math::load;
 using vec_math::sigmoid;
 using vec_math::store_row;
 
@@ -440,8 +441,6 @@ void conv_backward_kernel(const in_t* xp, const acc_t* w, const acc_t* bias, con
 //     u = y silu(z)      out = u r w      r = 1 / sqrt(mean(u^2) + eps)
 // Backward (a = go w): gu = r a - r^3 u mean(a u), gy = gu silu(z), gz = gu y silu'(z),
 // gw = sum over rows of go u r. z and out may be bf16 (the projections' dtype under autocast).
-template <typename T> inline float load(const T& v) { return static_cast<float>(v); }
-inline double load(const double& v) { return v; }
 
 template <typename acc_t, typename z_t, typename o_t>
 void gated_norm_forward_kernel(const acc_t* y, const z_t* z, const acc_t* w, o_t* out, acc_t* rstd, int64_t n,
@@ -623,11 +622,7 @@ void with_norm_types(at::ScalarType acc, at::ScalarType zt, at::ScalarType ot, F
   }
   TORCH_CHECK(acc == at::kFloat && (zt == at::kFloat || zt == at::kBFloat16) &&
                   (ot == at::kFloat || ot == at::kBFloat16), msg);
-  const bool zb = zt == at::kBFloat16, ob = ot == at::kBFloat16;
-  if (zb && ob) f(float(), c10::BFloat16(), c10::BFloat16());
-  else if (zb) f(float(), c10::BFloat16(), float());
-  else if (ob) f(float(), float(), c10::BFloat16());
-  else f(float(), float(), float());
+  vec_math::with_f32_or_bf16(zt, ot, [&](auto z, auto o) { f(float(), z, o); });
 }
 
 void check_norm_inputs(const at::Tensor& y, const at::Tensor& z, const at::Tensor& w) {

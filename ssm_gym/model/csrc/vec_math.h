@@ -53,4 +53,19 @@ inline void store_row(const float* src, c10::BFloat16* dst, int64_t C) {
   }
 }
 
+// An element as its accumulator: bf16 and fp32 to fp32, fp64 as it is.
+template <typename T> inline float load(const T& v) { return static_cast<float>(v); }
+inline double load(const double& v) { return v; }
+
+// Calls f(a, b) with a and b each a float or a c10::BFloat16 value, as the dtypes at and bt say:
+// the four instantiations of a kernel whose two tensor kinds may each be fp32 or bf16.
+template <typename F>
+void with_f32_or_bf16(at::ScalarType at_, at::ScalarType bt, F&& f) {
+  const bool ab = at_ == at::kBFloat16, bb = bt == at::kBFloat16;
+  if (ab && bb) f(c10::BFloat16(), c10::BFloat16());
+  else if (ab) f(c10::BFloat16(), float());
+  else if (bb) f(float(), c10::BFloat16());
+  else f(float(), float());
+}
+
 }  // namespace vec_math
