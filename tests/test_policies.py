@@ -40,6 +40,43 @@ def test_oracle_collects_far_more_reward_than_random(seed):
     assert oracle >= 8 and oracle > 3 * max(rand, 1)
 
 
+def blocked_forward_share(name, seeds, steps):
+    """Share of a policy's forward moves (forward, forward-left, forward-right) that a wall stopped."""
+    moves = blocked = 0
+    for seed in seeds:
+        sim = MazeBatch(1)
+        sim.reset_env(0, np.random.default_rng(seed))
+        policy = make_policy(name)
+        policy.reset(sim, 0, np.random.default_rng(seed))
+        for _ in range(steps):
+            a = policy.act(sim, 0)
+            before = sim.pose[0, :2].copy()
+            sim.step(np.array([a]))
+            if a in (1, 4, 5):
+                moves += 1
+                blocked += bool((sim.pose[0, :2] == before).all())
+    return blocked / moves
+
+
+def test_stumble_walks_into_walls_and_still_explores():
+    """The stumble policy's data shows walls stopping forward moves several times as often as the
+    explore policy's, while it still covers most of the maze; it is deterministic for a seed."""
+    stumble, explore = blocked_forward_share("stumble", [0, 1, 2], 400), blocked_forward_share("explore", [0, 1, 2], 400)
+    assert stumble > 0.1 and stumble > 4 * explore
+    sim, tiles, _ = run_policy("stumble", 3, 800)
+    assert len(tiles) >= 0.8 * (~sim.walls[0]).sum()
+    assert run_policy("stumble", 5, 200)[0].pose.tolist() == run_policy("stumble", 5, 200)[0].pose.tolist()
+
+
+def test_stumble_rejects_bad_settings():
+    from ssm_gym.maze.policies import StumblePolicy
+
+    with pytest.raises(ValueError, match="burst"):
+        StumblePolicy(burst_prob=1.5)
+    with pytest.raises(ValueError, match="burst"):
+        StumblePolicy(burst_len=(5, 2))
+
+
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("teleport")

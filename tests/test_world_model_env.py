@@ -461,6 +461,40 @@ def test_reward_drift_report(checkpoint, dataset, tmp_path):
         main(Args(checkpoint=checkpoint, context_data=dataset, horizon=0))
 
 
+def test_wall_stops_summary_by_hand():
+    """The wall-stop numbers on arrays whose answers are known: two steps blocked (the imagined
+    frame moved 0.5 and 9 grey levels), two free."""
+    from ssm_gym.eval.wall_stops import summarise
+
+    runs = {"blocked": np.array([[True, False], [True, False]]),
+            "imagined_change": np.array([[0.5, 8.0], [9.0, 10.0]]),
+            "real_change": np.array([[0.0, 11.0], [0.0, 13.0]]),
+            "error": np.array([[1.0, 5.0], [20.0, 7.0]])}
+    r = summarise(runs, still_below=2.0)
+    assert r == {"blocked_share": 0.5, "imagined_change_blocked": 4.75, "imagined_change_moving": 9.0,
+                 "real_change_blocked": 0.0, "real_change_moving": 12.0, "still_share_blocked": 0.5,
+                 "error_blocked": 10.5, "error_moving": 6.0}
+    none_blocked = summarise({k: v[:, 1:] for k, v in runs.items()}, 2.0)
+    assert none_blocked["blocked_share"] == 0 and none_blocked["still_share_blocked"] is None
+
+
+def test_wall_stops_report(checkpoint, dataset, tmp_path):
+    """The wall check runs end to end against the real maze beside the imagined one: a blocked
+    forward move leaves the real frame exactly as it was, a free one changes it."""
+    from ssm_gym.eval.wall_stops import Args, main
+
+    out = main(Args(checkpoint=checkpoint, context_data=dataset, context_len=4, horizon=12, num_envs=2,
+                    start_batches=2, json=tmp_path / "walls.json"))
+    assert out["starts"] == 4 and set(out["actions"]) == {"forward", "forward_left", "forward_right"}
+    fwd = out["actions"]["forward"]
+    assert 0 < fwd["blocked_share"] < 1  # 12 steps straight on from recorded moments meet a wall
+    assert fwd["real_change_blocked"] == 0 and fwd["real_change_moving"] > 0
+    assert 0 <= fwd["still_share_blocked"] <= 1
+    assert json.loads((tmp_path / "walls.json").read_text())["actions"] == out["actions"]
+    with pytest.raises(ValueError, match="horizon"):
+        main(Args(checkpoint=checkpoint, context_data=dataset, horizon=0))
+
+
 def test_engine_bf16_precision_is_close_to_fp32_deterministic_and_checked(model):
     """precision="bf16": bf16 autocast and a bf16 attention ring; the first imagined frames stay
     close to fp32's, the rollout is deterministic for a seed, and a bad precision is refused."""

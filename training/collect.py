@@ -33,8 +33,10 @@ class Args:
     """Number of episodes (mazes) to write."""
     episode_len: int = 1000
     """Actions per episode; each file holds episode_len + 1 frames."""
-    policy_mix: dict[str, float] = field(default_factory=lambda: {"explore": 0.8, "oracle": 0.1, "random": 0.1})
-    """Policy name -> weight; each episode draws one policy (names: explore, oracle, random)."""
+    policy_mix: dict[str, float] = field(default_factory=lambda: {"explore": 0.8, "oracle": 0.1, "random": 0.1,
+                                                                        "stumble": 0.0})
+    """Policy name -> weight; each episode draws one policy (names: explore, oracle, random,
+    stumble: see `ssm_gym.maze.policies`)."""
     seed: int = 0
     """Episode i uses maze seed `seed + i`."""
     maze_size: int = 9

@@ -4,6 +4,8 @@
   the maze and revisits happen naturally.
 - `OraclePolicy`: shortest tile path to the current target ball.
 - `RandomPolicy`: uniform random actions.
+- `StumblePolicy`: explores, but now and then walks straight on whatever is ahead, so the data
+  shows walls stopping forward moves all over the maze.
 - `revisit_route`: explore for L steps, then return to earlier poses exactly (shortest path in
   the pose graph) and retrace earlier stretches, so that later frames equal earlier ones.
 
@@ -23,6 +25,7 @@ from ssm_gym.maze.sim import N_ACTIONS, MazeBatch, apply_actions
 
 _NEIGHBORS = ((0, 1), (1, 0), (0, -1), (-1, 0))
 _MOVE_ACTIONS = np.array([1, 2, 3, 4, 5])  # noop never helps navigation
+_FORWARD_ACTIONS = np.array([1, 1, 4, 5])  # a stumble goes straight on half the time
 
 
 def tile_distances(walls: np.ndarray, goal_rc: tuple[int, int]) -> np.ndarray:
@@ -147,7 +150,40 @@ class OraclePolicy(_Navigating):
         return self.step_toward_goal(sim, i)
 
 
-POLICIES = {"explore": ExplorePolicy, "oracle": OraclePolicy, "random": RandomPolicy}
+class StumblePolicy(ExplorePolicy):
+    """Explore, but now and then keep moving forward (straight, or veering left or right) for a
+    few steps whether or not a wall is in the way, as an untrained agent does.
+
+    Why: a world model learns that walls stop the agent only from data where they do. The explore
+    policy's forward moves are blocked about 2% of the time and the oracle's 0.4%; the random
+    policy's 80%, but it hardly leaves its start. A model trained on those kept an imagined agent
+    walking on into a wall (see the lab notebook, session 21), which teaches agents in
+    imagination that walking forward always gets somewhere.
+    """
+
+    name = "stumble"
+
+    def __init__(self, epsilon: float = 0.1, burst_prob: float = 0.06, burst_len: tuple[int, int] = (2, 10)):
+        super().__init__(epsilon)
+        if not 0.0 <= burst_prob <= 1.0 or not 1 <= burst_len[0] <= burst_len[1]:
+            raise ValueError(f"need 0 <= burst_prob <= 1 and 1 <= min <= max burst length, got {burst_prob}, {burst_len}")
+        self.burst_prob, self.burst_len = burst_prob, burst_len
+
+    def reset(self, sim, i, rng):
+        super().reset(sim, i, rng)
+        self.burst_left, self.burst_action = 0, 1
+
+    def act(self, sim, i):
+        if self.burst_left == 0 and self.rng.random() < self.burst_prob:
+            self.burst_left = int(self.rng.integers(self.burst_len[0], self.burst_len[1] + 1))
+            self.burst_action = int(self.rng.choice(_FORWARD_ACTIONS))
+        if self.burst_left > 0:
+            self.burst_left -= 1
+            return self.burst_action
+        return super().act(sim, i)
+
+
+POLICIES = {"explore": ExplorePolicy, "oracle": OraclePolicy, "random": RandomPolicy, "stumble": StumblePolicy}
 
 
 def make_policy(name: str) -> MazePolicy:
