@@ -473,9 +473,10 @@ def test_wall_stops_summary_by_hand():
     r = summarise(runs, still_below=2.0)
     assert r == {"blocked_share": 0.5, "imagined_change_blocked": 4.75, "imagined_change_moving": 9.0,
                  "real_change_blocked": 0.0, "real_change_moving": 12.0, "still_share_blocked": 0.5,
-                 "error_blocked": 10.5, "error_moving": 6.0}
+                 "still_share_moving": 0.0, "error_blocked": 10.5, "error_moving": 6.0}
     none_blocked = summarise({k: v[:, 1:] for k, v in runs.items()}, 2.0)
     assert none_blocked["blocked_share"] == 0 and none_blocked["still_share_blocked"] is None
+    assert none_blocked["still_share_moving"] == 0
 
 
 def test_wall_stops_report(checkpoint, dataset, tmp_path):

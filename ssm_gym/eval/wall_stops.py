@@ -12,7 +12,8 @@ and over those where it was not:
 - the mean change between consecutive imagined frames (grey levels, 0-255); on blocked forward
   steps the real frame does not change at all, so what the imagined one does is *phantom motion*;
 - the share of blocked steps where the imagined frame stays still (changes by less than
-  `--still-below` grey levels), i.e. where the model stops the agent too;
+  `--still-below` grey levels), i.e. where the model stops the agent too, next to the same share
+  on free steps (a model whose imagined world freezes is still on both);
 - the imagined frame's distance from the real one.
 
 A model that walks an imagined agent on through walls pays an agent in imagination for walking
@@ -93,12 +94,15 @@ def summarise(runs: dict[str, np.ndarray], still_below: float) -> dict[str, floa
     def mean(x, m):
         return round(float(x[m].mean()), 2) if m.any() else None
 
+    def still(m):
+        return round(float((runs["imagined_change"][m] < still_below).mean()), 3) if m.any() else None
+
     return {"blocked_share": round(float(b.mean()), 3),
             "imagined_change_blocked": mean(runs["imagined_change"], b),
             "imagined_change_moving": mean(runs["imagined_change"], ~b),
             "real_change_blocked": mean(runs["real_change"], b),
             "real_change_moving": mean(runs["real_change"], ~b),
-            "still_share_blocked": round(float((runs["imagined_change"][b] < still_below).mean()), 3) if b.any() else None,
+            "still_share_blocked": still(b), "still_share_moving": still(~b),
             "error_blocked": mean(runs["error"], b), "error_moving": mean(runs["error"], ~b)}
 
 
@@ -121,13 +125,14 @@ def main(args: Args) -> dict:
     print(f"{out['starts']} real starts from {args.context_data}, each action repeated {args.horizon} steps; "
           "changes between consecutive frames and distances to the real frame in grey levels (0-255)")
     print(f"{'action':>13} | blocked | imagined change: blocked / moving | real: blocked / moving | "
-          f"still when blocked | error: blocked / moving")
+          f"imagined still: blocked / moving | error: blocked / moving")
     fmt = lambda v: "  -  " if v is None else f"{v:5.2f}"  # noqa: E731
+    pct = lambda v: "  -  " if v is None else f"{v:5.1%}"  # noqa: E731
     for name, r in out["actions"].items():
-        still = "  -  " if r["still_share_blocked"] is None else f"{r['still_share_blocked']:5.1%}"
         print(f"{name:>13} | {r['blocked_share']:6.1%} | {fmt(r['imagined_change_blocked']):>15} / "
               f"{fmt(r['imagined_change_moving'])} | {fmt(r['real_change_blocked']):>10} / {fmt(r['real_change_moving'])} | "
-              f"{still:>18} | {fmt(r['error_blocked']):>14} / {fmt(r['error_moving'])}")
+              f"{pct(r['still_share_blocked']):>22} / {pct(r['still_share_moving'])} | "
+              f"{fmt(r['error_blocked']):>14} / {fmt(r['error_moving'])}")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out
