@@ -134,6 +134,30 @@ def test_collect_cli_writes_resumes_and_loader_yields_clips(tmp_path):
         ClipDataset(tmp_path, clip_len=100)
 
 
+def test_several_folders_are_one_dataset(tmp_path, episodes):
+    """Episodes of several folders (e.g. data/maze and data/maze-stumble) are listed in the order
+    given and sampled as one set: clips come from every folder; no folder is a clear error."""
+    for name, ep in (("a", episodes[0]), ("b", episodes[1])):
+        save_episode(tmp_path / name / "ep_000000.npz", ep)
+    listed = list_episodes([tmp_path / "a", tmp_path / "b"])
+    assert [p.parent.name for p, _ in listed] == ["a", "b"] and [t for _, t in listed] == [40, 40]
+    ds = ClipDataset((tmp_path / "a", tmp_path / "b"), clip_len=8, seed=0)
+    rng = np.random.default_rng(0)
+    assert {int(ds.draw(rng)[0]) for _ in range(50)} == {0, 1}
+    with pytest.raises(DatasetError, match="no episode folder"):
+        list_episodes([])
+    with pytest.raises(DatasetError, match="not a directory"):
+        list_episodes([tmp_path / "a", tmp_path / "nope"])
+
+
+def test_collect_stumble_policy(tmp_path):
+    """`--policy-mix.stumble 1` records wall-bumping episodes; the default mix never draws it."""
+    collect(Args(out_dir=tmp_path, num_episodes=2, episode_len=20, batch=2,
+                 policy_mix={"explore": 0.0, "oracle": 0.0, "random": 0.0, "stumble": 1.0}))
+    assert {str(load_episode(f)["policy"]) for f in tmp_path.glob("*.npz")} == {"stumble"}
+    assert Args().policy_mix["stumble"] == 0.0
+
+
 def test_collect_rejects_bad_policy_mix(tmp_path):
     with pytest.raises(ValueError, match="policy_mix"):
         collect(Args(out_dir=tmp_path, policy_mix={"explore": -1.0}))

@@ -211,6 +211,24 @@ def test_tiny_run_end_to_end(data, tmp_path):
         train(tiny(data, out, resume=True, lr=1.0))
 
 
+def test_extra_data_dirs_train_and_resume(data, tmp_path):
+    """A run on two folders of episodes records both, and --resume accepts it; a run made before
+    a config field existed (the field absent from its train_config.json) resumes with the default."""
+    out = tmp_path / "run"
+    train(tiny(data, out, extra_data_dirs=(data / "val",), stage_steps=(1, 1), ckpt_every=1))
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["extra_data_dirs"] == [str(data / "val")]
+    train(tiny(data, out, extra_data_dirs=(data / "val",), stage_steps=(1, 1), ckpt_every=1, resume=True))
+    with pytest.raises(ValueError, match="extra_data_dirs"):
+        train(tiny(data, out, stage_steps=(1, 1), ckpt_every=1, resume=True))
+    del saved["extra_data_dirs"]
+    (out / "train_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="extra_data_dirs"):  # absent = the default (), not the folder given
+        train(tiny(data, out, extra_data_dirs=(data / "val",), stage_steps=(1, 1), ckpt_every=1,
+                   resume=True))
+    train(tiny(data, out, stage_steps=(1, 1), ckpt_every=1, resume=True))
+
+
 def test_resume_after_kill_loses_at_most_one_interval_and_matches(data, tmp_path):
     steps = ["--stage-steps", "15", "15", "--ckpt-every", "5", "--val-every", "100", "--log-every", "1"]
     ref = tmp_path / "ref"

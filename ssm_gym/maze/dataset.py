@@ -28,6 +28,7 @@ import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +133,14 @@ def episode_prev_actions(episode: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([[START_ACTION], episode_actions(episode)]).astype(np.int64)
 
 
-def list_episodes(directory: str | Path) -> list[tuple[Path, int]]:
-    """All episode files of a folder with their lengths; rejects any bad file by name."""
+def list_episodes(directory: str | Path | Sequence[str | Path]) -> list[tuple[Path, int]]:
+    """All episode files of a folder (or of several, in the order given) with their lengths;
+    rejects any bad file by name."""
+    if not isinstance(directory, (str, Path)):
+        folders = list(directory)
+        if not folders:
+            raise DatasetError("no episode folder given")
+        return [ep for d in folders for ep in list_episodes(d)]
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{directory}: not a directory")
@@ -144,7 +151,8 @@ def list_episodes(directory: str | Path) -> list[tuple[Path, int]]:
 
 
 class ClipDataset(torch.utils.data.IterableDataset):
-    """Endless random training clips of `clip_len` consecutive frames from a folder of episodes.
+    """Endless random training clips of `clip_len` consecutive frames from a folder of episodes
+    (or several folders, e.g. `data/maze` and `data/maze-stumble`, sampled as one).
 
     Each item is a dict of tensors: `frames` (L, 64, 64, 3) uint8, `prev_actions` (L,) int64 (the
     action that led to each frame; `START_ACTION` at an episode's first frame), `rewards` and

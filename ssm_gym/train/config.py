@@ -23,6 +23,10 @@ class TrainConfig:
     # -- data and output
     data_dir: Path = Path("data/maze")
     """Folder of training episodes (python -m training.collect)."""
+    extra_data_dirs: tuple[Path, ...] = ()
+    """More folders of training episodes, sampled together with data_dir as one set (clips drawn
+    uniformly over all frames), e.g. `data/maze-stumble` (`--policy-mix.stumble`: walls stopping
+    the agent)."""
     val_dir: Optional[Path] = Path("data/maze-val")
     """Folder of held-out episodes (other maze seeds) for validation; None to skip validation."""
     out_dir: Path = Path("runs/maze-cpu")
@@ -236,4 +240,5 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 def config_to_json(cfg) -> dict:
     """A (flat) dataclass config as JSON-ready fields: paths as strings."""
     d = dataclasses.asdict(cfg)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+    plain = lambda v: str(v) if isinstance(v, Path) else v  # noqa: E731
+    return {k: [plain(x) for x in v] if isinstance(v, (tuple, list)) else plain(v) for k, v in d.items()}

@@ -223,7 +223,10 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
         before = json.loads(cfg_file.read_text())
         config_from_dict(before["model"], str(cfg_file))  # the old model config must still be readable
         ignore = {"resume", "threads"}  # how this process runs, not what it trains
-        diff = sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
+        # a field added to the code since the run began reads as its default there
+        defaults = json.loads(json.dumps(config_to_json(TrainConfig())))
+        diff = sorted(k for k in set(before) | set(now)
+                      if k not in ignore and before.get(k, defaults.get(k)) != now.get(k))
         if diff:
             raise ValueError(f"--resume: config differs from the run in {cfg.out_dir} in {diff}; "
                              f"resume with the same settings or start a new out_dir")
@@ -353,7 +356,8 @@ def train(cfg: TrainConfig) -> Path:
         net = torch.compile(net)
 
     timed = cfg.time_budget_s is not None
-    data = ClipDataset(cfg.data_dir, cfg.stage_clip_lens[cfg.stage_at_progress(cfg.progress(start, elapsed_before))],
+    data = ClipDataset((cfg.data_dir, *cfg.extra_data_dirs),
+                       cfg.stage_clip_lens[cfg.stage_at_progress(cfg.progress(start, elapsed_before))],
                        seed=cfg.seed, cache_size=10**6, reward_clip_prob=cfg.reward_clip_prob)
     if timed:
         data.preload()
@@ -372,7 +376,8 @@ def train(cfg: TrainConfig) -> Path:
         writer = SummaryWriter(str(cfg.out_dir / "tb"), purge_step=start if cfg.resume else None)
         bar = (tqdm(total=round(cfg.time_budget_s), initial=round(elapsed_before), desc="train (s)", unit="s", dynamic_ncols=True)
                if timed else tqdm(total=cfg.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True))
-    meta = {"data_dir": str(cfg.data_dir), "train_config": config_to_json(cfg)}
+    meta = {"data_dir": str(cfg.data_dir), "extra_data_dirs": [str(d) for d in cfg.extra_data_dirs],
+            "train_config": config_to_json(cfg)}
     amp = torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
 
     model.train()
