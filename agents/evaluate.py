@@ -25,19 +25,40 @@ import tyro
 
 import ssm_gym  # noqa: F401
 from ssm_gym.maze.policies import make_policy
-
+from ssm_gym.maze.sim import ACTION_NAMES, FORWARD_ACTIONS, N_ACTIONS
 # act(observations (N, 64, 64, 3) uint8, episode_starts (N,) bool) -> actions (N,)
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def real_returns(act: ActFn, seeds: list[int], max_steps: int) -> np.ndarray:
-    """Return of each episode (one per seed, all run together as a vector env)."""
+def _step(venv, actions: np.ndarray, record: Optional[dict]):
+    """One step of a real vector env; with `record`, append the actions and which of them were
+    forward moves a wall stopped (the agent did not move)."""
+    before = venv.sim.pose[:, :2].copy()
+    out = venv.step(actions)
+    if record is not None:
+        record.setdefault("actions", []).append(actions.copy())
+        record.setdefault("blocked", []).append(np.isin(actions, FORWARD_ACTIONS) & (venv.sim.pose[:, :2] == before).all(1))
+    return out
+
+
+def behaviour(record: dict) -> dict:
+    """How a policy moved: the share of each action, and of its forward moves the share that walked
+    into a wall (cancelled: the agent stays). Agents trained in a world model that lets them walk
+    on through walls press against the first wall of a long real episode."""
+    a, blocked = np.stack(record["actions"]), np.stack(record["blocked"])
+    forward = np.isin(a, FORWARD_ACTIONS)
+    return {"action_share": {ACTION_NAMES[k]: round(float((a == k).mean()), 3) for k in range(N_ACTIONS)},
+            "forward_blocked_share": round(float(blocked.sum() / max(forward.sum(), 1)), 3)}
+
+
+def real_returns(act: ActFn, seeds: list[int], max_steps: int, record: Optional[dict] = None) -> np.ndarray:
+    """Return of each episode (one per seed, all run together as a vector env); `record`: see `_step`."""
     venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=len(seeds), max_episode_steps=max_steps)
     obs, _ = venv.reset(seed=list(seeds))
     total = np.zeros(len(seeds))
     starts = np.ones(len(seeds), dtype=bool)
     for _ in range(max_steps):
-        obs, rewards, _, _, _ = venv.step(np.asarray(act(obs, starts)).reshape(len(seeds)))
+        obs, rewards, _, _, _ = _step(venv, np.asarray(act(obs, starts)).reshape(len(seeds)), record)
         total += rewards
         starts[:] = False
     return total
@@ -72,8 +93,8 @@ def model_view_returns(act: ActFn, seeds: list[int], max_steps: int, checkpoint,
     return total
 
 
-def scripted_returns(name: str, seeds: list[int], max_steps: int) -> np.ndarray:
-    """Return of a scripted policy (random, oracle) that reads the simulator state."""
+def scripted_returns(name: str, seeds: list[int], max_steps: int, record: Optional[dict] = None) -> np.ndarray:
+    """Return of a scripted policy (random, oracle) that reads the simulator state; `record`: see `_step`."""
     venv = gym.make_vec("SSMWorld-MazeReal-v0", num_envs=len(seeds), max_episode_steps=max_steps)
     venv.reset(seed=list(seeds))
     sim = venv.sim
@@ -82,7 +103,7 @@ def scripted_returns(name: str, seeds: list[int], max_steps: int) -> np.ndarray:
         p.reset(sim, i, np.random.default_rng([seeds[i], 3]))
     total = np.zeros(len(seeds))
     for _ in range(max_steps):
-        total += venv.step(np.array([p.act(sim, i) for i, p in enumerate(policies)]))[1]
+        total += _step(venv, np.array([p.act(sim, i) for i, p in enumerate(policies)]), record)[1]
     return total
 
 
@@ -148,16 +169,25 @@ def main(args: Args) -> dict:
     if args.view == "model" and (args.checkpoint is None or args.agent is None):
         raise SystemExit("--view model needs --agent and the world model to see through (--checkpoint)")
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
-    res = {"random": summary(scripted_returns("random", seeds, args.max_steps)),
-           "oracle": summary(scripted_returns("oracle", seeds, args.max_steps))}
+    records = {"random": {}, "oracle": {}}
+    res = {name: summary(scripted_returns(name, seeds, args.max_steps, records[name])) for name in records}
     if args.agent is not None:
         act = sb3_act_fn(load_agent(args.agent), args.deterministic)
-        res["agent"] = summary(real_returns(act, seeds, args.max_steps) if args.view == "real" else
-                               model_view_returns(act, seeds, args.max_steps, args.checkpoint, args.precision))
+        if args.view == "real":
+            records["agent"] = {}
+            res["agent"] = summary(real_returns(act, seeds, args.max_steps, records["agent"]))
+        else:
+            res["agent"] = summary(model_view_returns(act, seeds, args.max_steps, args.checkpoint, args.precision))
+    for name, record in records.items():
+        res[name]["behaviour"] = behaviour(record)
     view = "" if args.view == "real" else f", the agent seeing {args.checkpoint}'s view of it"
     print(f"real maze, {args.episodes} seeds from {args.first_seed}, {args.max_steps} steps per episode{view}")
     for name, s in res.items():
-        print(f"  {name:>7}: return {s['mean']:.2f} +- {s['stderr']:.2f}")
+        b = s.get("behaviour")
+        moves = "" if b is None else (f"; forward moves into a wall {b['forward_blocked_share']:.0%}; most frequent action "
+                                      f"{max(b['action_share'], key=b['action_share'].get)} "
+                                      f"{max(b['action_share'].values()):.0%}")
+        print(f"  {name:>7}: return {s['mean']:.2f} +- {s['stderr']:.2f}{moves}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")

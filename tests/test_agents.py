@@ -65,6 +65,20 @@ def test_scripted_references_and_summary():
     assert s["mean"] == 2.0 and abs(s["stderr"] - 1 / np.sqrt(3)) < 1e-9
 
 
+def test_behaviour_counts_forward_moves_into_walls():
+    """An agent that only walks forward ends pressed to a wall (most of its moves cancelled); the
+    oracle never walks into one; action shares add up to 1."""
+    from agents.evaluate import behaviour
+
+    seeds = [3_000_000, 3_000_001]
+    forward, oracle = {}, {}
+    real_returns(lambda obs, starts: np.ones(len(obs), dtype=np.int64), seeds, 60, forward)
+    scripted_returns("oracle", seeds, 60, oracle)
+    fwd, orc = behaviour(forward), behaviour(oracle)
+    assert fwd["action_share"]["forward"] == 1.0 and fwd["forward_blocked_share"] > 0.5
+    assert orc["forward_blocked_share"] == 0.0 and abs(sum(orc["action_share"].values()) - 1) < 1e-6
+
+
 def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     torch.manual_seed(0)
     ckpt = save_model(tmp_path / "tiny", WorldModel(PRESETS["tiny"][1].model))

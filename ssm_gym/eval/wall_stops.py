@@ -34,9 +34,7 @@ import numpy as np
 import torch
 
 import ssm_gym  # noqa: F401  (registers the envs)
-from ssm_gym.maze.sim import ACTION_NAMES
-
-FORWARD_ACTIONS = (1, 4, 5)  # forward, forward_left, forward_right
+from ssm_gym.maze.sim import ACTION_NAMES, FORWARD_ACTIONS
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ssm_gym.maze.render import FOV_DEG, IMAGE_SIZE, render_first_person, render
 N_ACTIONS = 6
 ACTION_NAMES = ("noop", "forward", "left", "right", "forward_left", "forward_right")
 _FORWARD = np.array([0, 1, 0, 0, 1, 1], dtype=np.int64)
+FORWARD_ACTIONS = tuple(int(a) for a in np.flatnonzero(_FORWARD))  # forward, forward_left, forward_right
 _TURN = np.array([0, 0, -1, 1, -1, 1], dtype=np.int64)  # +1 = clockwise on the map = to the right
 # Forward displacement per heading, in lattice units. round() is odd-symmetric, so heading h+8
 # moves exactly back: a path can be retraced exactly.
