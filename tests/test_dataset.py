@@ -1,5 +1,6 @@
 """Episode files: round trip, replay against the simulator, bad files rejected by name."""
 
+import dataclasses
 import json
 import zipfile
 
@@ -209,3 +210,71 @@ def test_preload_reads_what_single_reads_give_within_the_cache_and_names_a_bad_f
     (tmp_path / "ep_000001.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetError, match="ep_000001.npz"):
         bad.preload()
+
+
+def test_record_episodes_with_a_frame_agent():
+    """A learned agent acts on the frames it is shown, all its envs in one call per step; with
+    epsilon 0 the recorded actions are exactly its own, with epsilon 1 none are (random); the
+    scripted envs beside it record the same episode as without it."""
+    calls = []
+
+    def forward_agent(obs, starts):
+        calls.append((obs.copy(), starts.copy()))
+        return np.ones(len(obs), dtype=np.int64)  # 1 = forward
+
+    eps = record_episodes([5, 6, 7], ["agent", "explore", "agent:x"], steps=12, agent=forward_agent)
+    assert len(calls) == 12 and all(o.shape == (2, 64, 64, 3) for o, _ in calls)
+    assert calls[0][1].all() and not any(s.any() for _, s in calls[1:])  # episode start on the first step only
+    assert np.array_equal(calls[3][0][1], eps[2]["image"][3])  # the frame before the action
+    for e in (eps[0], eps[2]):
+        assert (e["action"][1:].argmax(1) == 1).all()
+    assert np.array_equal(eps[1]["image"], record_episodes([6], ["explore"], steps=12)[0]["image"])
+    noisy = record_episodes([5], ["agent"], steps=50, agent=forward_agent, agent_epsilon=1.0)[0]
+    assert (noisy["action"][1:].argmax(1) != 1).sum() > 20
+    # Bursts: the explorer drives, the agent takes over for 4 steps after 4-12 explore steps, told
+    # an episode starts at each takeover.
+    calls.clear()
+    burst = record_episodes([5], ["agent"], steps=200, agent=forward_agent, agent_burst=4)[0]
+    starts = np.flatnonzero([s[0] for _, s in calls]) + 1  # steps at which a turn begins
+    gaps = np.diff(starts)
+    assert len(starts) > 10 and gaps.min() >= 8 and gaps.max() <= 16
+    for t0 in starts[starts <= 196]:
+        assert (burst["action"][t0:t0 + 4].argmax(1) == 1).all()
+    assert (burst["action"][1:].argmax(1) != 1).sum() > 50  # the explorer's turns
+    with pytest.raises(ValueError, match="no agent"):
+        record_episodes([5], ["agent"], steps=3)
+    with pytest.raises(ValueError, match="must return 1 actions"):
+        record_episodes([5], ["agent"], steps=3, agent=lambda o, s: np.array([9]))
+
+
+def test_collect_with_a_saved_agent(tmp_path):
+    """`--agent A --policy-mix.agent 1`: episodes driven by a saved SB3 agent, named in the file by
+    the agent's content, so another agent's episodes are not taken as done; bad settings fail."""
+    from stable_baselines3 import PPO
+
+    from ssm_gym.envs.sb3 import SB3VecEnv
+
+    def save_agent(path, seed):
+        venv = SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", num_envs=2, max_episode_steps=8,
+                                          autoreset_mode="SameStep"))
+        PPO("CnnPolicy", venv, n_steps=8, batch_size=16, n_epochs=1, seed=seed, device="cpu").save(path)
+        return path
+
+    a, b = save_agent(tmp_path / "a.zip", 0), save_agent(tmp_path / "b.zip", 1)
+    mix = {"explore": 0.0, "oracle": 0.0, "random": 0.0, "stumble": 0.0, "agent": 1.0}
+    args = Args(out_dir=tmp_path / "data", num_episodes=2, episode_len=10, batch=2, policy_mix=mix, agent=a)
+    collect(args)
+    files = sorted((tmp_path / "data").glob("*.npz"))
+    labels = {str(load_episode(f)["policy"]) for f in files}
+    assert len(labels) == 1 and labels.pop().startswith("agent:") and check_episode_file(files[0]) == 10
+    mtime = files[0].stat().st_mtime_ns
+    collect(args)
+    assert files[0].stat().st_mtime_ns == mtime  # same agent: done
+    collect(dataclasses.replace(args, agent=b))
+    assert files[0].stat().st_mtime_ns != mtime  # another agent: redone
+    with pytest.raises(ValueError, match="needs the agent"):
+        collect(dataclasses.replace(args, agent=None))
+    with pytest.raises(ValueError, match="share of the episodes is 0"):
+        collect(dataclasses.replace(args, policy_mix={"explore": 1.0}))
+    with pytest.raises(FileNotFoundError, match="no saved agent"):
+        collect(dataclasses.replace(args, agent=tmp_path / "nope.zip"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -10,6 +11,15 @@ from ssm_gym.maze.dataset import ClipDataset, DatasetError
 from ssm_gym.maze.layout import TILE
 from ssm_gym.maze.policies import make_policy
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch
+
+# act(observations (M, 64, 64, 3) uint8, episode_starts (M,) bool) -> actions (M,): a learned agent
+# that sees only frames (e.g. `agents.evaluate.sb3_act_fn`), called once per step for all its envs.
+FrameAgent = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def is_agent_policy(name: str) -> bool:
+    """Policy names "agent" or "agent:<id>" mean: actions come from a learned `FrameAgent`."""
+    return name == "agent" or name.startswith("agent:")
 
 
 def record_episodes(
@@ -19,28 +29,70 @@ def record_episodes(
     maze_size: int = 9,
     n_objects: int = 3,
     policy_seed: int = 0,
+    agent: Optional[FrameAgent] = None,
+    agent_epsilon: float = 0.0,
+    agent_burst: int = 0,
 ) -> list[dict[str, np.ndarray]]:
     """Run one episode of `steps` actions per (maze seed, policy name), batched in one MazeBatch.
 
     Maze i is exactly the maze of `gym.make("SSMWorld-MazeReal-v0").reset(seed=seeds[i])`; the
-    policy's own randomness comes from `(policy_seed, seeds[i])`. Returns episode dicts in the
+    policy's own randomness comes from `(policy_seed, seeds[i])`. Envs whose policy is an agent
+    name (`is_agent_policy`) act by `agent` on their current frames, all in one call per step, with
+    a uniformly random action instead at probability `agent_epsilon`: data from the states a
+    learned agent visits (Dyna-style: a world model then learns what that agent does).
+    `agent_burst` > 0: the explore policy drives those envs, and the agent takes over for
+    `agent_burst` steps after every stretch of `agent_burst` to `3 * agent_burst` explore steps
+    (told an episode starts there): the agent from the kind of states an imagined episode starts
+    at, when it was trained on short episodes after real context. Returns episode dicts in the
     layout of `ssm_gym.maze.dataset`.
     """
     n = len(seeds)
     if len(policies) != n:
         raise ValueError(f"got {n} seeds but {len(policies)} policies")
+    by_agent = np.array([is_agent_policy(p) for p in policies], dtype=bool)
+    if by_agent.any() and agent is None:
+        raise ValueError("policies name a learned agent ('agent'), but no agent was given")
+    if not 0.0 <= agent_epsilon <= 1.0:
+        raise ValueError(f"agent_epsilon must be in [0, 1], got {agent_epsilon}")
+    if agent_burst < 0:
+        raise ValueError(f"agent_burst must be >= 0, got {agent_burst}")
     sim = MazeBatch(n, maze_size, n_objects)
-    agents = [make_policy(p) for p in policies]
+    scripted = {i: make_policy("explore" if by_agent[i] else p) for i, p in enumerate(policies)
+                if not by_agent[i] or agent_burst}
+    rngs = [np.random.default_rng([policy_seed, s]) for s in seeds]
     for i, s in enumerate(seeds):
         sim.reset_env(i, np.random.default_rng(s))
-        agents[i].reset(sim, i, np.random.default_rng([policy_seed, s]))
+        if i in scripted:
+            scripted[i].reset(sim, i, rngs[i])
+    agent_envs = np.flatnonzero(by_agent)
+    # Steps left of the agent's turn (> 0) or of the explore stretch before it (< 0), per agent env.
+    turn = np.array([-int(rngs[i].integers(agent_burst, 3 * agent_burst + 1)) for i in agent_envs]
+                    if agent_burst else np.ones(len(agent_envs), dtype=np.int64) * (steps + 1))
     images = np.empty((steps + 1, n, 64, 64, 3), dtype=np.uint8)
     actions = np.zeros((steps + 1, n), dtype=np.int64)
     rewards = np.zeros((steps + 1, n), dtype=np.float32)
     infos = [sim.info()]
     images[0] = sim.render()
     for t in range(1, steps + 1):
-        actions[t] = [agent.act(sim, i) for i, agent in enumerate(agents)]
+        for i, policy in scripted.items():
+            actions[t, i] = policy.act(sim, i)  # agent envs in an explore stretch keep this action
+        if len(agent_envs):
+            starts = (turn == agent_burst) if agent_burst else np.full(len(agent_envs), t == 1)
+            # Called for all agent envs every step, so a recurrent agent sees a fixed batch.
+            chosen = np.asarray(agent(images[t - 1, agent_envs], starts)).reshape(-1)
+            if chosen.shape != agent_envs.shape or chosen.min() < 0 or chosen.max() >= N_ACTIONS:
+                raise ValueError(f"the agent must return {len(agent_envs)} actions in [0, {N_ACTIONS}), got {chosen!r}")
+            t_was_agent = turn > 0
+            for j, i in enumerate(agent_envs):
+                if turn[j] > 0:
+                    actions[t, i] = rngs[i].integers(N_ACTIONS) if rngs[i].random() < agent_epsilon else chosen[j]
+            if agent_burst:  # advance the turns: explore stretch -> agent's turn -> explore stretch ...
+                for j, i in enumerate(agent_envs):
+                    turn[j] -= np.sign(turn[j])
+                    if turn[j] == 0 and t_was_agent[j]:
+                        turn[j] = -int(rngs[i].integers(agent_burst, 3 * agent_burst + 1))
+                    elif turn[j] == 0:
+                        turn[j] = agent_burst
         rewards[t] = sim.step(actions[t])
         images[t] = sim.render()
         infos.append(sim.info())
