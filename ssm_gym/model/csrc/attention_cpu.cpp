@@ -129,6 +129,16 @@ inline void pack_r(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld) {
     for (int64_t c = 0; c < d; ++c) out[j * d + c] = u32(x[2 * j * ld + c]) | (u32(x[(2 * j + 1) * ld + c]) << 16);
 }
 
+// pack_r with vector moves, d a multiple of 16: two rows' 16 values widened and paired per store.
+inline void pack_r_rows(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld) {
+  for (int64_t j = 0; j < n / 2; ++j)
+    for (int64_t c = 0; c < d; c += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + 2 * j * ld + c)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + (2 * j + 1) * ld + c)));
+      _mm512_storeu_si512(out + j * d + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
 // Softmax of the n rows of S (n x L fp32 scores, unscaled) at `scale`: P (bf16, row-major) and,
 // where lse is given, each row's log-sum-exp of the scaled scores. S is overwritten.
 inline void softmax_rows(float* S, u16* P, int64_t n, int64_t L, float scale, float* lse) {
@@ -350,6 +360,13 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
 
 // One frame against the attention ring, for inference: q (b, n, h, d); ring k, v (b, slots, n, h, d);
 // visible (b, slots) bool: the slots (frames) this frame sees, its own included. -> (b, n, h, d).
+//
+// The scores are computed transposed, S^T = K Q^T (keys as rows), so that the ring's keys are read
+// in place as the product's A operand (a key's d values already are its pairs): only this frame's
+// queries are packed, not the whole ring every step (that packing, a strided transpose, took as
+// long as the products). The softmax runs down S^T's columns (16 queries per vector: no horizontal
+// reductions) and writes the unnormalised P^T with key pairs interleaved, which is the A of
+// O = P V; each row of O is divided by its sum at the end.
 torch::Tensor step_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor visible) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 5 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
               k.size(2) == q.size(1) && k.size(3) == q.size(2) && k.size(4) == q.size(3),
@@ -372,30 +389,41 @@ torch::Tensor step_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
   const bool* vis = visible.data_ptr<bool>();
   const int64_t row = h * d, frame = n * row;  // values between tokens, between slots
   at::parallel_for(0, b * h, 1, [&](int64_t a, int64_t e) {
-    std::vector<u32> kt(slots * n * d / 2), vr(slots * n * d / 2);
-    std::vector<float> S(n * slots * n), O(n * d);
-    std::vector<u16> P(S.size());
+    std::vector<u32> qt(n * d / 2), vr(slots * n * d / 2), pt(slots * n / 2 * n);
+    std::vector<float> St(slots * n * n), O(n * d), inv(n);
+    const __m512 vs = _mm512_set1_ps(scale);
     for (int64_t i = a; i < e; ++i) {
       const int64_t bi = i / h, hi = i % h;
-      int64_t m = 0;  // visible slots, packed in order
+      pack_t(qh + bi * n * row + hi * d, qt.data(), n, d, row);
+      int64_t m = 0;  // visible slots, in order
       for (int64_t sl = 0; sl < slots; ++sl) {
         if (!vis[bi * slots + sl]) continue;
-        const u16* base = kh + bi * slots * frame + sl * frame + hi * d;
-        pack_t(base, kt.data() + m * n * d / 2, n, d, row);
-        pack_r(vh + (base - kh), vr.data() + m * n * d / 2, n, d, row);
+        const int64_t at = bi * slots * frame + sl * frame + hi * d;
+        gemm(reinterpret_cast<const u32*>(kh + at), row / 2, 1, qt.data(), d / 2, St.data() + m * n * n, n, n, n, false);
+        pack_r_rows(vh + at, vr.data() + m * n * d / 2, n, d, row);
         ++m;
       }
       TORCH_CHECK(m > 0, "step attention: a frame must see at least its own slot");
       const int64_t L = m * n;
-      const u32* qw = reinterpret_cast<const u32*>(qh + bi * n * row + hi * d);
-      for (int64_t j = 0; j < m; ++j)
-        gemm(qw, row / 2, 1, kt.data() + j * n * d / 2, d / 2, S.data() + j * n, L, n, n, false);
-      softmax_rows(S.data(), P.data(), n, L, scale, nullptr);
-      for (int64_t j = 0; j < m; ++j)
-        gemm(reinterpret_cast<const u32*>(P.data()) + j * n / 2, L / 2, 1, vr.data() + j * n * d / 2, n / 2, O.data(),
-             d, n, d, j > 0);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < d; c += 16) store_bf16(oh + bi * n * row + r * row + hi * d + c, _mm512_loadu_ps(O.data() + r * d + c));
+      for (int64_t c = 0; c < n; c += 16) {  // 16 queries at a time, down their columns of S^T
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t r = 0; r < L; ++r) mx = _mm512_max_ps(mx, _mm512_loadu_ps(St.data() + r * n + c));
+        mx = _mm512_mul_ps(mx, vs);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t r = 0; r < L; r += 2) {
+          const __m512 p0 = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(St.data() + r * n + c), vs, mx));
+          const __m512 p1 = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(St.data() + (r + 1) * n + c), vs, mx));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+          store_pairs(pt.data() + (r / 2) * n + c, p0, p1);
+        }
+        _mm512_storeu_ps(inv.data() + c, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+      }
+      gemm(pt.data(), 1, n, vr.data(), L / 2, O.data(), d, n, d, false);  // A word (query r, pair kk): pt[kk n + r]
+      for (int64_t r = 0; r < n; ++r) {
+        const __m512 s = _mm512_set1_ps(inv[r]);
+        for (int64_t c = 0; c < d; c += 16)
+          store_bf16(oh + bi * n * row + r * row + hi * d + c, _mm512_mul_ps(_mm512_loadu_ps(O.data() + r * d + c), s));
+      }
     }
   });
 #else
