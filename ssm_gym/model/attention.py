@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssm_gym.model import native
+from ssm_gym.model import native, pointwise
 
 
 def tensor_bytes(*xs: Tensor) -> int:
@@ -409,7 +409,12 @@ class FrameLocalAttention(nn.Module):
 
     def _qkv(self, x: Tensor, pos: Tensor):
         b, t, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, n, 3, self.n_heads, self.head_dim).unbind(3)
+        qkv = self.qkv(x).reshape(b, t, n, 3, self.n_heads, self.head_dim)
+        if pointwise.rope_qkv_applies(qkv):  # one pass instead of torch's seven (csrc/pointwise_cpu.cpp)
+            cos, sin = (z.expand(b, t, 1, 1, -1).reshape(b, t, -1)
+                        for z in rope_tables(pos, self.head_dim, self.rope_base, torch.float32))
+            return pointwise.rope_qkv(qkv, cos, sin)
+        q, k, v = qkv.unbind(3)
         cos, sin = rope_tables(pos, self.head_dim, self.rope_base, q.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 

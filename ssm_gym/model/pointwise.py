@@ -1,5 +1,6 @@
 """The transformer block's elementwise operations: adaLN's modulation and residual gate, the
-modulated LayerNorm and the MLP's GELU (tanh form). The last two run on a compiled CPU kernel
+modulated LayerNorm, the MLP's GELU (tanh form) and attention's rotary embedding of queries and
+keys. The last three run on a compiled CPU kernel
 (``csrc/pointwise_cpu.cpp``) for fp32 and bf16 tensors, one pass over memory each way where torch
 makes several (torch 2.13's CPU GELU alone runs at about 1.7 ns per bf16 element on this
 machine). The torch expressions are the reference and the path everywhere else (other dtypes,
@@ -161,3 +162,56 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float, fused: bo
                                          scale.reshape(-1, d).contiguous(), x.shape[-2], eps, out_bf16)
         return y.reshape(x.shape)
     return modulate(F.layer_norm(x, (d,), eps=eps), shift, scale)
+
+
+# -- rotary embedding of attention's queries and keys ------------------------------------------
+@torch.library.custom_op("ssm_gym::rope_qkv_cpu", mutates_args=())
+def _rope_qkv_cpu(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(POINTWISE_KERNEL.module.rope_qkv_forward(qkv, cos, sin))
+
+
+@_rope_qkv_cpu.register_fake
+def _(qkv, cos, sin):
+    b, t, n, _, h, d = qkv.shape
+    return tuple(qkv.new_empty(b, t, n, h, d) for _ in range(3))
+
+
+@torch.library.custom_op("ssm_gym::rope_qkv_cpu_backward", mutates_args=())
+def _rope_qkv_cpu_backward(gq: Tensor, gk: Tensor, gv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return POINTWISE_KERNEL.module.rope_qkv_backward(gq, gk, gv, cos, sin)
+
+
+@_rope_qkv_cpu_backward.register_fake
+def _(gq, gk, gv, cos, sin):
+    b, t, n, h, d = gq.shape
+    return gq.new_empty(b, t, n, 3, h, d)
+
+
+def _rope_qkv_setup_context(ctx, inputs, output):
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.set_materialize_grads(True)  # (an unused q, k or v still gets a zero gradient)
+
+
+def _rope_qkv_backward(ctx, gq, gk, gv):
+    cos, sin = ctx.saved_tensors
+    dtype = gq.dtype
+    gqkv = _rope_qkv_cpu_backward(gq.contiguous(), gk.to(dtype).contiguous(), gv.to(dtype).contiguous(), cos, sin)
+    return gqkv, None, None
+
+
+torch.library.register_autograd("ssm_gym::rope_qkv_cpu", _rope_qkv_backward, setup_context=_rope_qkv_setup_context)
+
+
+def rope_qkv_applies(qkv: Tensor, fused: bool = True) -> bool:
+    """Whether :func:`rope_qkv` runs on the kernel: an fp32 or bf16 CPU tensor, ``fused`` and where it builds."""
+    return fused and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and pointwise_kernel_ready()
+
+
+def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The qkv projection's output (B, T, N, 3, heads, hd) -> q and k rotated by their frame's
+    angles, and v: each (B, T, N, heads, hd), contiguous, in qkv's dtype. cos, sin: (B, T, hd/2)
+    fp32 (``attention.rope_tables``). The compiled kernel (see :func:`rope_qkv_applies`); the
+    reference is ``attention.apply_rope`` on the split tensors."""
+    with torch.autocast("cpu", enabled=False):
+        return _rope_qkv_cpu(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous())

@@ -98,7 +98,7 @@ def _add_skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
     """y + D * x, with D per head (h,) or per (head, headdim) (h, p); None adds nothing."""
     if D is None:
         return y
-    return y + (D[:, None] if D.dim() == 1 else D) * x
+    return torch.addcmul(y, D[:, None] if D.dim() == 1 else D, x)  # one pass (x is often a strided view)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@
 // bf16 under autocast, fp32 otherwise. Backward (g = gy (1 + scale), xhat = LN(x)):
 //     gx = rstd (g - mean(g) - xhat mean(g xhat))    gscale = sum over the frame's rows of gy xhat
 //     gshift = sum over the frame's rows of gy
+//
+// Rotary embedding of attention's queries and keys, straight from the qkv projection's output
+// (B, T, N, 3, h, d): q and k rotated by their frame's angles (cos, sin per frame, fp32) and v,
+// each written contiguous (B, T, N, h, d) in one pass where torch makes a split, four products,
+// two sums, a concatenation and the copies that make them contiguous. Rotating a pair
+// (x1, x2) by theta gives (x1 c - x2 s, x1 s + x2 c); the backward rotates the gradients by -theta.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -137,6 +143,58 @@ void norm_modulate_backward_kernel(const o_t* gy, const float* x, const m_t* sca
   });
 }
 
+// One token's q, k, v (3 h d values at x) out to q, k, v (h d each), rotated by (c, s) (d/2 each);
+// sign -1 rotates by -theta (the backward, from separate q, k, v gradients into one qkv gradient).
+template <typename T>
+void rope_token(const T* q_in, const T* k_in, const T* v_in, T* q_out, T* k_out, T* v_out, const float* c,
+                const float* s, int64_t h, int64_t d, float sign, float* buf) {
+  const int64_t half = d / 2;
+  const T* ins[2] = {q_in, k_in};
+  T* outs[2] = {q_out, k_out};
+  for (int w = 0; w < 2; ++w)
+    for (int64_t j = 0; j < h; ++j) {
+      const T* x = ins[w] + j * d;
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = load(x[i]), x2 = load(x[half + i]), si = sign * s[i];
+        buf[i] = x1 * c[i] - x2 * si;
+        buf[half + i] = x1 * si + x2 * c[i];
+      }
+      vec_math::store_row(buf, outs[w] + j * d, d);
+    }
+  std::copy(v_in, v_in + h * d, v_out);
+}
+
+template <typename T>
+void rope_qkv_forward_kernel(const T* qkv, const float* cos, const float* sin, T* q, T* k, T* v, int64_t frames,
+                             int64_t N, int64_t h, int64_t d) {
+  const int64_t hd = h * d;
+  at::parallel_for(0, frames * N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(d);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t f = t / N;
+      const T* x = qkv + t * 3 * hd;
+      rope_token(x, x + hd, x + 2 * hd, q + t * hd, k + t * hd, v + t * hd, cos + f * d / 2, sin + f * d / 2, h, d,
+                 1.0f, buf.data());
+    }
+  });
+}
+
+template <typename T>
+void rope_qkv_backward_kernel(const T* gq, const T* gk, const T* gv, const float* cos, const float* sin, T* gqkv,
+                              int64_t frames, int64_t N, int64_t h, int64_t d) {
+  const int64_t hd = h * d;
+  at::parallel_for(0, frames * N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(d);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t f = t / N;
+      T* g = gqkv + t * 3 * hd;
+      rope_token(gq + t * hd, gk + t * hd, gv + t * hd, g, g + hd, g + 2 * hd, cos + f * d / 2, sin + f * d / 2, h,
+                 d, -1.0f, buf.data());
+    }
+  });
+}
+
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
                   (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
@@ -220,9 +278,53 @@ std::vector<at::Tensor> norm_modulate_backward(const at::Tensor& gy, const at::T
   return {gx, gshift, gscale};
 }
 
+void check_rope(const at::Tensor& cos, const at::Tensor& sin, int64_t frames, int64_t d) {
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu() && t->numel() == frames * d / 2,
+                "rope_qkv: cos and sin must be contiguous fp32 CPU tensors of (frames, head_dim / 2)");
+}
+
+// qkv (B, T, N, 3, h, d), cos and sin (B, T, d/2) -> (q, k, v), each (B, T, N, h, d)
+std::vector<at::Tensor> rope_qkv_forward(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin) {
+  check(qkv, "qkv");
+  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3 && qkv.size(5) % 2 == 0, "rope_qkv: qkv must be (B, T, N, 3, h, d), d even");
+  const int64_t B = qkv.size(0), T = qkv.size(1), N = qkv.size(2), h = qkv.size(4), d = qkv.size(5);
+  check_rope(cos, sin, B * T, d);
+  auto q = at::empty({B, T, N, h, d}, qkv.options()), k = at::empty_like(q), v = at::empty_like(q);
+  if (qkv.scalar_type() == at::kBFloat16)
+    rope_qkv_forward_kernel(qkv.data_ptr<c10::BFloat16>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                            q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
+                            B * T, N, h, d);
+  else
+    rope_qkv_forward_kernel(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), q.data_ptr<float>(),
+                            k.data_ptr<float>(), v.data_ptr<float>(), B * T, N, h, d);
+  return {q, k, v};
+}
+
+// gradients of q, k, v (each (B, T, N, h, d), qkv's dtype) -> the gradient of qkv (B, T, N, 3, h, d)
+at::Tensor rope_qkv_backward(const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv, const at::Tensor& cos,
+                             const at::Tensor& sin) {
+  for (const auto* g : {&gq, &gk, &gv}) check(*g, "grad of q, k or v");
+  TORCH_CHECK(gq.dim() == 5 && gq.sizes() == gk.sizes() && gq.sizes() == gv.sizes() &&
+                  gk.scalar_type() == gq.scalar_type() && gv.scalar_type() == gq.scalar_type(),
+              "rope_qkv_backward: the gradients of q, k and v must be (B, T, N, h, d) of one dtype");
+  const int64_t B = gq.size(0), T = gq.size(1), N = gq.size(2), h = gq.size(3), d = gq.size(4);
+  check_rope(cos, sin, B * T, d);
+  auto g = at::empty({B, T, N, 3, h, d}, gq.options());
+  if (gq.scalar_type() == at::kBFloat16)
+    rope_qkv_backward_kernel(gq.data_ptr<c10::BFloat16>(), gk.data_ptr<c10::BFloat16>(), gv.data_ptr<c10::BFloat16>(),
+                             cos.data_ptr<float>(), sin.data_ptr<float>(), g.data_ptr<c10::BFloat16>(), B * T, N, h, d);
+  else
+    rope_qkv_backward_kernel(gq.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(), cos.data_ptr<float>(),
+                             sin.data_ptr<float>(), g.data_ptr<float>(), B * T, N, h, d);
+  return g;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_forward", &gelu_forward, "GELU, tanh form: y like x (fp32 or bf16)");
   m.def("gelu_backward", &gelu_backward, "its backward: grad of x");
   m.def("norm_modulate_forward", &norm_modulate_forward, "LN(x) (1 + scale) + shift per frame: (y, mean, rstd)");
   m.def("norm_modulate_backward", &norm_modulate_backward, "its backward: (gx, gshift, gscale)");
+  m.def("rope_qkv_forward", &rope_qkv_forward, "rotary q and k (and v) from the qkv projection: (q, k, v)");
+  m.def("rope_qkv_backward", &rope_qkv_backward, "its backward: the gradient of qkv");
 }
