@@ -175,15 +175,16 @@ def test_transfer_scores_agents_on_real_and_imagined_frames(tiny_checkpoint, dat
     with pytest.raises(ValueError, match="horizon"):
         main(Args(checkpoint=tiny_checkpoint, context_data=dataset, horizon=0))
 
-def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_path, precision):
     import json
 
     from agents import plan
 
     out = tmp_path / "plan.json"
     res = plan.main(plan.Args(checkpoint=tiny_checkpoint, episodes=2, max_steps=3, horizon=2, population=3, elites=1,
-                              iterations=1, reward_from="denoiser", threads=1, out=out))
+                              iterations=1, reward_from="denoiser", threads=1, precision=precision, out=out))
     saved = json.loads(out.read_text())
     assert saved["planner"] == res["planner"] and res["planner"]["episodes"] == 2
     assert len(saved["planner_returns"]) == 2 and saved["args"]["horizon"] == 2
-    assert saved["args"]["reward_from"] == "denoiser"
+    assert saved["args"]["reward_from"] == "denoiser" and saved["args"]["precision"] == precision
