@@ -139,6 +139,15 @@ inline void pack_r_rows(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld
     }
 }
 
+// Prefetch n rows of d bf16 values, ld apart, of k and of v (each row a cache line or more).
+inline void prefetch_rows(const u16* k, const u16* v, int64_t n, int64_t d, int64_t ld) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < d; c += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(k + r * ld + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v + r * ld + c), _MM_HINT_T0);
+    }
+}
+
 // Softmax of the n rows of S (n x L fp32 scores, unscaled) at `scale`: P (bf16, row-major) and,
 // where lse is given, each row's log-sum-exp of the scaled scores. S is overwritten.
 inline void softmax_rows(float* S, u16* P, int64_t n, int64_t L, float scale, float* lse) {
@@ -391,19 +400,35 @@ torch::Tensor step_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
   at::parallel_for(0, b * h, 1, [&](int64_t a, int64_t e) {
     std::vector<u32> qt(n * d / 2), vr(slots * n * d / 2), pt(slots * n / 2 * n);
     std::vector<float> St(slots * n * n), O(n * d), inv(n);
+    std::vector<int64_t> seen;
+    seen.reserve(slots);
     const __m512 vs = _mm512_set1_ps(scale);
     for (int64_t i = a; i < e; ++i) {
       const int64_t bi = i / h, hi = i % h;
       pack_t(qh + bi * n * row + hi * d, qt.data(), n, d, row);
-      int64_t m = 0;  // visible slots, in order
-      for (int64_t sl = 0; sl < slots; ++sl) {
-        if (!vis[bi * slots + sl]) continue;
-        const int64_t at = bi * slots * frame + sl * frame + hi * d;
-        gemm(reinterpret_cast<const u32*>(kh + at), row / 2, 1, qt.data(), d / 2, St.data() + m * n * n, n, n, n, false);
-        pack_r_rows(vh + at, vr.data() + m * n * d / 2, n, d, row);
-        ++m;
-      }
+      seen.clear();  // visible slots, in order
+      for (int64_t sl = 0; sl < slots; ++sl)
+        if (vis[bi * slots + sl]) seen.push_back(bi * slots * frame + sl * frame + hi * d);
+      const int64_t m = static_cast<int64_t>(seen.size());
       TORCH_CHECK(m > 0, "step attention: a frame must see at least its own slot");
+      for (int64_t j = 0; j < m; ++j) {
+        // The ring is far larger than the caches (every env and layer): the next slot's rows are
+        // fetched while this one's are multiplied (without it, a third of the kernel's time went
+        // to waiting on memory).
+        if (j + 1 < m) prefetch_rows(kh + seen[j + 1], vh + seen[j + 1], n, d, row);
+        gemm(reinterpret_cast<const u32*>(kh + seen[j]), row / 2, 1, qt.data(), d / 2, St.data() + j * n * n, n, n, n,
+             false);
+        pack_r_rows(vh + seen[j], vr.data() + j * n * d / 2, n, d, row);
+      }
+      if (i + 1 < e) {  // the next item's first visible slot, during this one's softmax and products
+        const int64_t nb = (i + 1) / h, nh = (i + 1) % h;
+        for (int64_t sl = 0; sl < slots; ++sl)
+          if (vis[nb * slots + sl]) {
+            prefetch_rows(kh + nb * slots * frame + sl * frame + nh * d, vh + nb * slots * frame + sl * frame + nh * d,
+                          n, d, row);
+            break;
+          }
+      }
       const int64_t L = m * n;
       for (int64_t c = 0; c < n; c += 16) {  // 16 queries at a time, down their columns of S^T
         __m512 mx = _mm512_set1_ps(-INFINITY);
