@@ -71,7 +71,7 @@ class Args:
     """With --device cuda: step the imagined envs by replaying a CUDA graph (several times faster
     for up to a few hundred envs; see benchmarks/rollout.py)."""
     precision: str = "fp32"
-    """Imagined envs' model precision: "bf16" is 1.7x the env-steps/s on a CPU with AVX-512 BF16
+    """Imagined envs' model precision: "bf16" is 2.2x the env-steps/s at 16 envs on a CPU with AVX-512 BF16
     (see ssm_gym/rollout/engine.py)."""
     recurrent: bool = False
     """sb3-contrib RecurrentPPO with an LSTM (the maze rewards memory)."""
