@@ -203,9 +203,10 @@ def _rope_qkv_backward(ctx, gq, gk, gv):
 torch.library.register_autograd("ssm_gym::rope_qkv_cpu", _rope_qkv_backward, setup_context=_rope_qkv_setup_context)
 
 
-def rope_qkv_applies(qkv: Tensor, fused: bool = True) -> bool:
-    """Whether :func:`rope_qkv` runs on the kernel: an fp32 or bf16 CPU tensor, ``fused`` and where it builds."""
-    return fused and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and pointwise_kernel_ready()
+def rope_qkv_applies(qkv: Tensor) -> bool:
+    """Whether :func:`rope_qkv` runs on the kernel: an fp32 or bf16 CPU tensor, where it builds and
+    is not switched off (``fused_pointwise(False)``)."""
+    return qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and pointwise_kernel_ready()
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:

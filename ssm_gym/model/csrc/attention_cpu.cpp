@@ -123,14 +123,9 @@ inline void pack_t(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld) {
   for (int64_t row = 0; row < n; ++row)
     for (int64_t i = 0; i < d / 2; ++i) out[i * n + row] = w[row * (ld / 2) + i];
 }
-// R-packed: out[j * d + c] = x[2j][c] | x[2j+1][c] << 16.
+// R-packed: out[j * d + c] = x[2j][c] | x[2j+1][c] << 16; d a multiple of 16 (every caller checks
+// d in {16, 32, 64}): two rows' 16 values widened and paired per store.
 inline void pack_r(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld) {
-  for (int64_t j = 0; j < n / 2; ++j)
-    for (int64_t c = 0; c < d; ++c) out[j * d + c] = u32(x[2 * j * ld + c]) | (u32(x[(2 * j + 1) * ld + c]) << 16);
-}
-
-// pack_r with vector moves, d a multiple of 16: two rows' 16 values widened and paired per store.
-inline void pack_r_rows(const u16* x, u32* out, int64_t n, int64_t d, int64_t ld) {
   for (int64_t j = 0; j < n / 2; ++j)
     for (int64_t c = 0; c < d; c += 16) {
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + 2 * j * ld + c)));
@@ -397,6 +392,8 @@ torch::Tensor step_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
   u16* oh = reinterpret_cast<u16*>(out.data_ptr<at::BFloat16>());
   const bool* vis = visible.data_ptr<bool>();
   const int64_t row = h * d, frame = n * row;  // values between tokens, between slots
+  // where (env, head, slot) starts in the ring
+  const auto ring_at = [&](int64_t bi, int64_t hi, int64_t sl) { return bi * slots * frame + sl * frame + hi * d; };
   at::parallel_for(0, b * h, 1, [&](int64_t a, int64_t e) {
     std::vector<u32> qt(n * d / 2), vr(slots * n * d / 2), pt(slots * n / 2 * n);
     std::vector<float> St(slots * n * n), O(n * d), inv(n);
@@ -408,7 +405,7 @@ torch::Tensor step_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
       pack_t(qh + bi * n * row + hi * d, qt.data(), n, d, row);
       seen.clear();  // visible slots, in order
       for (int64_t sl = 0; sl < slots; ++sl)
-        if (vis[bi * slots + sl]) seen.push_back(bi * slots * frame + sl * frame + hi * d);
+        if (vis[bi * slots + sl]) seen.push_back(ring_at(bi, hi, sl));
       const int64_t m = static_cast<int64_t>(seen.size());
       TORCH_CHECK(m > 0, "step attention: a frame must see at least its own slot");
       for (int64_t j = 0; j < m; ++j) {
@@ -418,14 +415,13 @@ torch::Tensor step_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, to
         if (j + 1 < m) prefetch_rows(kh + seen[j + 1], vh + seen[j + 1], n, d, row);
         gemm(reinterpret_cast<const u32*>(kh + seen[j]), row / 2, 1, qt.data(), d / 2, St.data() + j * n * n, n, n, n,
              false);
-        pack_r_rows(vh + seen[j], vr.data() + j * n * d / 2, n, d, row);
+        pack_r(vh + seen[j], vr.data() + j * n * d / 2, n, d, row);
       }
       if (i + 1 < e) {  // the next item's first visible slot, during this one's softmax and products
         const int64_t nb = (i + 1) / h, nh = (i + 1) % h;
         for (int64_t sl = 0; sl < slots; ++sl)
           if (vis[nb * slots + sl]) {
-            prefetch_rows(kh + nb * slots * frame + sl * frame + nh * d, vh + nb * slots * frame + sl * frame + nh * d,
-                          n, d, row);
+            prefetch_rows(kh + ring_at(nb, nh, sl), vh + ring_at(nb, nh, sl), n, d, row);
             break;
           }
       }
