@@ -15,11 +15,14 @@ from ssm_gym.maze.dataset import (
     DatasetError,
     check_episode_file,
     episode_actions,
+    episode_effective_actions,
+    episode_prev_actions,
     list_episodes,
     load_episode,
     save_episode,
 )
 from ssm_gym.maze.record import record_episodes
+from ssm_gym.maze.sim import FORWARD_ACTIONS, TURN_ONLY
 from training.collect import Args, collect
 
 
@@ -278,3 +281,30 @@ def test_collect_with_a_saved_agent(tmp_path):
         collect(dataclasses.replace(args, policy_mix={"explore": 1.0}))
     with pytest.raises(FileNotFoundError, match="no saved agent"):
         collect(dataclasses.replace(args, agent=tmp_path / "nope.zip"))
+
+
+def test_effective_actions_take_out_cancelled_moves(tmp_path):
+    """A move a wall cancelled (position unchanged after a forward action) becomes its turn or the
+    no-op; everything else stays; the simulator agrees on recorded episodes."""
+    ep = {"action": np.eye(6, dtype=np.float32)[[0, 1, 4, 5, 2, 0, 1]], "agent_pos": np.array(
+        [[1, 1], [1, 1], [1, 1], [2, 1], [2, 1], [2, 1], [3, 1]], np.float32)}
+    ep["action"][0] = 0
+    assert episode_effective_actions(ep).tolist() == [START_ACTION, 0, 2, 5, 2, 0, 1]
+    with pytest.raises(DatasetError, match="ep_9.npz.*agent_pos"):
+        episode_effective_actions({"action": ep["action"]}, "ep_9.npz")
+
+    eps = record_episodes([3, 4], ["stumble", "random"], steps=60)
+    for i, e in enumerate(eps):
+        save_episode(tmp_path / f"ep_{i:06d}.npz", e)
+    blocked = 0
+    for e in eps:
+        prev, eff = episode_prev_actions(e), episode_effective_actions(e)
+        poses = e["agent_pose"]
+        for t in range(1, len(prev)):
+            moved = not np.array_equal(poses[t, :2], poses[t - 1, :2])
+            assert eff[t] == (prev[t] if moved or prev[t] not in FORWARD_ACTIONS else TURN_ONLY[prev[t]])
+            blocked += int(eff[t] != prev[t])
+    assert blocked > 0
+    item = next(iter(ClipDataset(tmp_path, clip_len=8, seed=0, effective_actions=True)))
+    assert item["effective_actions"].shape == item["prev_actions"].shape == (8,)
+    assert "effective_actions" not in next(iter(ClipDataset(tmp_path, clip_len=8, seed=0)))

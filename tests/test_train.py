@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ssm_gym.maze.dataset import load_episode, save_episode
 from ssm_gym.maze.record import record_episodes
+from ssm_gym.maze.sim import FORWARD_ACTIONS, TURN_ONLY
 from ssm_gym.model.checkpoint import CheckpointError, load_model
 import ssm_gym.train.trainer as trainer_mod
 from ssm_gym.train.config import PRESETS
@@ -117,7 +118,8 @@ def test_open_loop_history_steps(data, tmp_path, monkeypatch):
     open_loop_context real frames; the run trains and resumes its draws."""
     for bad, match in (({"open_loop_prob": 0.5}, "--noised-copies"),
                        ({"noised_copies": True, "open_loop_prob": -0.1}, "open_loop_prob"),
-                       ({"noised_copies": True, "open_loop_context": 0}, "open_loop_context")):
+                       ({"noised_copies": True, "open_loop_context": 0}, "open_loop_context"),
+                       ({"noised_copies": True, "open_loop_drop_blocked": True}, "--open-loop-prob")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(PRESETS["tiny"][1], **bad).validate()
     cfg = dataclasses.replace(PRESETS["tiny"][1], noised_copies=True, noised_copies_prob=0.5, open_loop_prob=0.5)
@@ -135,6 +137,28 @@ def test_open_loop_history_steps(data, tmp_path, monkeypatch):
     assert len(seen) == len(calls) and all(torch.equal(h, out) for h, (_, _, out) in zip(seen, calls))
     rows = [r.split(",") for r in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
     assert rows and all(math.isfinite(float(r[4])) for r in rows)
+
+
+def test_open_loop_history_drops_blocked_moves(data, tmp_path, monkeypatch):
+    """open_loop_drop_blocked: the imagination takes the clip's actions with every move a wall
+    cancelled taken out (the dataset's effective_actions); the copies keep the real actions."""
+    for s, ep in zip(range(4), record_episodes(list(range(4)), ["stumble"] * 4, steps=30)):
+        save_episode(tmp_path / "stumble" / f"ep_{s:06d}.npz", ep)  # walks into walls: blocked moves
+    calls = spy_on(monkeypatch, "open_loop_history", lambda args, kw, out: (args[2], kw["imagine_actions"]))
+    seen = spy_on(monkeypatch, "diffusion_forcing_loss", lambda args, kw, out: args[2])
+    run = tiny(data, tmp_path / "run", data_dir=tmp_path / "stumble", noised_copies=True, open_loop_prob=1.0,
+               open_loop_drop_blocked=True, stage_steps=(4, 4), tbptt_frames=8)
+    train(run)
+    assert len(calls) == run.total_steps
+    changed = 0
+    for real, taken in calls:
+        assert taken is not None and taken.shape == real.shape
+        diff = real != taken  # only moves (forward, forward_left, forward_right) may change, into their turn
+        assert all(int(a) in FORWARD_ACTIONS for a in real[diff])
+        assert torch.equal(taken[diff], torch.as_tensor(TURN_ONLY)[real[diff]])
+        changed += int(diff.sum())
+    assert changed > 0, "the stumble policy walks into walls: some move must be dropped"
+    assert len(seen) == len(calls) and all(torch.equal(a, real) for a, (real, _) in zip(seen, calls))
 
 
 def test_schedule_and_chunks():

@@ -219,6 +219,18 @@ def test_imagine_and_open_loop_history(spec):
     assert torch.equal(hist[:, :3], m.to_space(frames[:, :3])) and torch.equal(hist[:, 3:], seen)
     with pytest.raises(ValueError, match="context"):
         open_loop_history(m, frames, actions, context=0)
+    # imagine_actions: the imagination after the context takes them; the context keeps the real ones
+    taken = actions.clone()
+    taken[:, 3:] = 0  # e.g. every move after the context cancelled by a wall
+    c = m.init_state(2)
+    m.observe_clip(c, frames[:, :3], actions[:, :3])
+    stayed = m.imagine(c, taken[:, 3:], steps=2, generator=torch.Generator().manual_seed(5))
+    hist = open_loop_history(m, frames, actions, context=3, steps=2, generator=torch.Generator().manual_seed(5),
+                             imagine_actions=taken)
+    assert torch.equal(hist[:, :3], m.to_space(frames[:, :3])) and torch.equal(hist[:, 3:], stayed)
+    assert not torch.equal(stayed, seen)
+    with pytest.raises(ValueError, match="imagine_actions"):
+        open_loop_history(m, frames, actions, context=3, imagine_actions=taken[:, 1:])
 
 
 def test_loss_with_open_loop_history():

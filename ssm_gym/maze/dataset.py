@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssm_gym.maze.sim import N_ACTIONS
+from ssm_gym.maze.sim import N_ACTIONS, TURN_ONLY
 
 REQUIRED = ("image", "action", "reward")
 START_ACTION = N_ACTIONS  # the "no previous action" id used at the first frame of an episode
@@ -133,6 +133,24 @@ def episode_prev_actions(episode: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([[START_ACTION], episode_actions(episode)]).astype(np.int64)
 
 
+def episode_effective_actions(episode: dict[str, np.ndarray], path: str | Path = "episode") -> np.ndarray:
+    """(T+1,) int64: `episode_prev_actions` as carried out: a move that a wall cancelled (the agent's
+    position unchanged after a forward action) becomes the turn it still made, or the no-op.
+    Needs the episode's `agent_pos`."""
+    if "agent_pos" not in episode:
+        raise DatasetError(f"{path}: no 'agent_pos': the moves a wall cancelled cannot be told apart without it")
+    prev = episode_prev_actions(episode)
+    pos = episode["agent_pos"]
+    if len(pos) != len(prev):
+        raise DatasetError(f"{path}: 'agent_pos' has {len(pos)} rows, 'action' {len(prev)}")
+    stayed = np.zeros(len(prev), dtype=bool)
+    stayed[1:] = (pos[1:] == pos[:-1]).all(-1)
+    out = prev.copy()
+    moves = stayed & (prev < N_ACTIONS)
+    out[moves] = TURN_ONLY[prev[moves]]
+    return out
+
+
 def list_episodes(directory: str | Path | Sequence[str | Path]) -> list[tuple[Path, int]]:
     """All episode files of a folder (or of several, in the order given) with their lengths;
     rejects any bad file by name."""
@@ -156,17 +174,20 @@ class ClipDataset(torch.utils.data.IterableDataset):
 
     Each item is a dict of tensors: `frames` (L, 64, 64, 3) uint8, `prev_actions` (L,) int64 (the
     action that led to each frame; `START_ACTION` at an episode's first frame), `rewards` and
-    `terminals` (L,) float32 (for the transition into each frame). Clips are drawn uniformly over
+    `terminals` (L,) float32 (for the transition into each frame); with `effective_actions=True`
+    also `effective_actions` (L,) int64 (`episode_effective_actions`: the moves walls cancelled
+    taken out; needs `agent_pos` in every episode). Clips are drawn uniformly over
     all valid start positions from a seeded generator (or, a share `reward_clip_prob` of them,
     around a reward event), and the last `cache_size` episodes read are kept in memory.
     """
 
     def __init__(self, directory: str | Path, clip_len: int, seed: int = 0, cache_size: int = 256,
-                 reward_clip_prob: float = 0.0):
+                 reward_clip_prob: float = 0.0, effective_actions: bool = False):
         if not 0.0 <= reward_clip_prob <= 1.0:
             raise ValueError(f"reward_clip_prob must be in [0, 1], got {reward_clip_prob}")
         self.episodes = list_episodes(directory)
         self.seed, self.cache_size, self.reward_clip_prob = seed, cache_size, reward_clip_prob
+        self.effective_actions = effective_actions
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self.events = self._reward_events() if reward_clip_prob > 0 else np.zeros((0, 2), np.int64)
         if reward_clip_prob > 0 and not len(self.events):
@@ -215,8 +236,11 @@ class ClipDataset(torch.utils.data.IterableDataset):
         ep = load_episode(self.episodes[i][0])
         prev = episode_prev_actions(ep)
         terminals = ep.get("terminal", np.zeros(len(prev), dtype=bool)).astype(np.float32)
-        return {"frames": ep["image"], "prev_actions": prev, "rewards": ep["reward"].astype(np.float32),
+        item = {"frames": ep["image"], "prev_actions": prev, "rewards": ep["reward"].astype(np.float32),
                 "terminals": terminals}
+        if self.effective_actions:
+            item["effective_actions"] = episode_effective_actions(ep, self.episodes[i][0])
+        return item
 
     def _episode(self, i: int) -> dict[str, np.ndarray]:
         if i not in self._cache:

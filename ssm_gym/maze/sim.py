@@ -30,6 +30,8 @@ ACTION_NAMES = ("noop", "forward", "left", "right", "forward_left", "forward_rig
 _FORWARD = np.array([0, 1, 0, 0, 1, 1], dtype=np.int64)
 FORWARD_ACTIONS = tuple(int(a) for a in np.flatnonzero(_FORWARD))  # forward, forward_left, forward_right
 _TURN = np.array([0, 0, -1, 1, -1, 1], dtype=np.int64)  # +1 = clockwise on the map = to the right
+# Each action with its move taken out (what a wall leaves of it): forward -> noop, forward_left -> left, ...
+TURN_ONLY = np.array([0, 0, 2, 3, 2, 3], dtype=np.int64)
 # Forward displacement per heading, in lattice units. round() is odd-symmetric, so heading h+8
 # moves exactly back: a path can be retraced exactly.
 MOVES = np.stack(

@@ -160,13 +160,16 @@ def diffusion_forcing_loss(
 
 @torch.no_grad()
 def open_loop_history(model, frames: Tensor, actions: Tensor, context: int, steps: int = 1,
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, imagine_actions: Tensor | None = None) -> Tensor:
     """The history an agent's imagination gives a model, for training on it: the first ``context``
     frames of each clip real, the rest the model's own open-loop generation from them under the
     clip's real actions (``steps`` denoising steps), in the network's space (B, T, *space_shape).
     Why: trained only on real histories, a model meets its own slightly wrong frames first at
     inference, and the errors compound into a fog within tens of steps (exposure bias); with this
-    history and the real frames as targets it learns to pull a drifting rollout back."""
+    history and the real frames as targets it learns to pull a drifting rollout back.
+    imagine_actions (B, T): the actions the imagination takes after the context instead of
+    ``actions`` (e.g. with the moves a wall cancelled taken out, so that the imagined agent stops
+    where the real one did; the context is always observed with ``actions``)."""
     net = getattr(model, "module", model)  # (DDP)
     x0 = net.to_space(frames)
     b, t = x0.shape[:2]
@@ -174,7 +177,10 @@ def open_loop_history(model, frames: Tensor, actions: Tensor, context: int, step
         raise ValueError(f"context must be in [1, {t}] for clips of {t} frames, got {context}")
     state = net.init_state(b, x0.device)
     net.observe_clip(state, x0[:, :context], actions[:, :context])
-    imagined = net.imagine(state, actions[:, context:], steps, generator)
+    if imagine_actions is not None and tuple(imagine_actions.shape) != tuple(actions.shape):
+        raise ValueError(f"imagine_actions {tuple(imagine_actions.shape)} do not match actions {tuple(actions.shape)}")
+    taken = actions if imagine_actions is None else imagine_actions
+    imagined = net.imagine(state, taken[:, context:], steps, generator)
     return torch.cat([x0[:, :context], imagined.to(x0.dtype)], 1)
 
 

@@ -358,7 +358,8 @@ def train(cfg: TrainConfig) -> Path:
     timed = cfg.time_budget_s is not None
     data = ClipDataset((cfg.data_dir, *cfg.extra_data_dirs),
                        cfg.stage_clip_lens[cfg.stage_at_progress(cfg.progress(start, elapsed_before))],
-                       seed=cfg.seed, cache_size=10**6, reward_clip_prob=cfg.reward_clip_prob)
+                       seed=cfg.seed, cache_size=10**6, reward_clip_prob=cfg.reward_clip_prob,
+                       effective_actions=cfg.open_loop_drop_blocked)
     if timed:
         data.preload()
     val = load_validation_set(cfg) if env.main else None
@@ -413,9 +414,12 @@ def train(cfg: TrainConfig) -> Path:
             compress = clip_compression(comp_cfg, frames, cfg.model.pixels_per_token, cfg.compression_prob, noise_gen)
         history = None
         if open_loop:  # the copies read the model's own imagination after a real context
+            taken = None
+            if cfg.open_loop_drop_blocked:  # the imagined agent stops where the real one did (dropped actions kept)
+                taken = torch.where(actions == model.NULL, actions, batch["effective_actions"].to(env.device))
             with amp:
                 history = open_loop_history(net, frames, actions, min(cfg.open_loop_context, clip_len - 1),
-                                            generator=noise_gen)
+                                            generator=noise_gen, imagine_actions=taken)
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
         state = model.init_state(batch_size, env.device) if len(chunks) > 1 else None
         stats_sum: dict[str, float] = {}
