@@ -14,6 +14,7 @@ from ssm_gym.model import (
     incoming_actions,
     karras_sigmas,
     open_loop_history,
+    still_targets,
 )
 from ssm_gym.model.diffusion import drop_actions, edm_scalings, float_to_frames, long_context_prefix, sample_clip_sigmas
 
@@ -253,6 +254,33 @@ def test_loss_with_open_loop_history():
             loss(history=own[:, :5])
         with pytest.raises(ValueError, match="needs noised copies"):
             diffusion_forcing_loss(m, frames, actions, history=own)
+        # copy_targets: the clip's own frames as targets give the plain loss, other targets another
+        assert loss(history=hist, copy_targets=own).item() == pytest.approx(loss(history=hist).item(), rel=1e-6)
+        assert abs(loss(history=hist, copy_targets=hist).item() - loss(history=hist).item()) > 1e-4
+        with pytest.raises(ValueError, match="copy_targets"):
+            loss(copy_targets=own[:, :5])
+        with pytest.raises(ValueError, match="noised_copies"):
+            diffusion_forcing_loss(m, frames, actions, copy_targets=own)
+
+
+@pytest.mark.parametrize("spec", ["full", "full+latent"])
+def test_still_targets(spec):
+    """Where the real clip stood still (frame t == frame t-1) the copies' target is the history's
+    frame t-1; everywhere else the real frame."""
+    _, m = variant_model(spec)
+    frames, actions = clip(t=7)
+    frames[0, 4] = frames[0, 3]  # clip 0 stands still at frames 4 and 5 (inside the imagined part)
+    frames[0, 5] = frames[0, 3]
+    frames[1, 1] = frames[1, 0]  # clip 1 at frame 1 (inside the real context)
+    hist = open_loop_history(m, frames, actions, context=3, generator=torch.Generator().manual_seed(2))
+    targets, own = still_targets(m, frames, hist), m.to_space(frames)
+    for b in range(2):
+        for t in range(7):
+            still = (b, t) in {(0, 4), (0, 5), (1, 1)}
+            assert torch.equal(targets[b, t], hist[b, t - 1] if still else own[b, t]), (b, t)
+    assert not torch.equal(hist[0, 3], own[0, 4])  # (the imagined frame differs from the real one)
+    with pytest.raises(ValueError, match="history"):
+        still_targets(m, frames, hist[:, :6])
 
 
 def test_observe_clip_equals_observe():

@@ -9,6 +9,7 @@ from .diffusion import (
     frames_to_float,
     karras_sigmas,
     sample,
+    still_targets,
 )
 from .ssm import HAS_MAMBA_SSM, BlockwiseSSM, cpu_kernel, ssd, ssd_chunked, ssd_fused_cpu, ssd_sequential
 from .world_model import (
@@ -35,6 +36,7 @@ __all__ = [
     "cpu_kernel",
     "diffusion_forcing_loss",
     "open_loop_history",
+    "still_targets",
     "float_to_frames",
     "frames_to_float",
     "incoming_actions",

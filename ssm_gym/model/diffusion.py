@@ -85,6 +85,7 @@ def diffusion_forcing_loss(
     reward_weight: float = 1.0,
     noised_copies: bool = False,
     history: Tensor | None = None,
+    copy_targets: Tensor | None = None,
 ):
     """Training loss for a batch of clips.
 
@@ -101,6 +102,8 @@ def diffusion_forcing_loss(
     of the clip's own (e.g. the model's open-loop imagination after a real context,
     :func:`open_loop_history`); the copies still denoise towards the real frames, so the model
     learns to predict the real next frame from the history it will have in imagination.
+    copy_targets (B, T, *space_shape), with noised copies only: the frames the copies denoise
+    towards instead of the clip's own (:func:`still_targets`); the clean stream is unchanged.
     Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
     net = getattr(model, "module", model)  # (model may be wrapped in DDP)
@@ -111,8 +114,15 @@ def diffusion_forcing_loss(
     if sigma is None:
         sigma = sample_clip_sigmas(cfg, b, t, long_context, long_context_prob, generator, dev,
                                    noised_copies=noised_copies)
+    xt = x0  # what the noised frames are made from and denoised towards
+    if copy_targets is not None:
+        if not noised_copies:
+            raise ValueError("copy_targets are the noised copies' targets: set noised_copies=True")
+        if tuple(copy_targets.shape) != tuple(x0.shape):
+            raise ValueError(f"copy_targets {tuple(copy_targets.shape)} do not match the clip {tuple(x0.shape)}")
+        xt = copy_targets.to(x0.dtype)
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-    xn = x0 + sigma[:, :, None, None, None] * noise
+    xn = xt + sigma[:, :, None, None, None] * noise
     update = "copy" if state is not None else "none"
     heads = []
     if noised_copies:
@@ -137,7 +147,7 @@ def diffusion_forcing_loss(
     if valid is not None:
         noised = noised & valid
     cs, co = c_skip[:, :, None, None, None], c_out[:, :, None, None, None].clamp(min=1e-8)
-    target = (x0 - cs * xn) / co
+    target = (xt - cs * xn) / co
     per_frame = (out.raw.float() - target).pow(2).flatten(2).mean(-1)  # (B, T)
     w = noised.float()
     frame_loss = (per_frame * w).sum() / w.sum().clamp(min=1.0)
@@ -182,6 +192,23 @@ def open_loop_history(model, frames: Tensor, actions: Tensor, context: int, step
     taken = actions if imagine_actions is None else imagine_actions
     imagined = net.imagine(state, taken[:, context:], steps, generator)
     return torch.cat([x0[:, :context], imagined.to(x0.dtype)], 1)
+
+
+def still_targets(model, frames: Tensor, history: Tensor) -> Tensor:
+    """Targets for the noised copies of an open-loop step, in the network's space (B, T, ...): the
+    real frame, except where the real clip stood still (frame t equal to frame t-1: a no-op, or a
+    move a wall cancelled): there the history's frame t-1. Why: trained to predict the real frame
+    from its own drifted imagination, a model changes its frame at every step, even where the
+    world did not change (session 24: an imagined agent walks on through walls); where the world
+    stood still the right prediction from any history is that history's last frame."""
+    net = getattr(model, "module", model)  # (DDP)
+    x0 = net.to_space(frames)
+    if tuple(history.shape) != tuple(x0.shape):
+        raise ValueError(f"history {tuple(history.shape)} does not match the clip {tuple(x0.shape)}")
+    still = torch.zeros(frames.shape[:2], dtype=torch.bool, device=frames.device)
+    still[:, 1:] = (frames[:, 1:] == frames[:, :-1]).flatten(2).all(-1)
+    before = torch.cat([x0[:, :1], history[:, :-1].to(x0.dtype)], 1)
+    return torch.where(still.view(*still.shape, *(1,) * (x0.dim() - 2)), before, x0)
 
 
 def sample_clip_sigmas(cfg, batch: int, length: int, long_context: bool = True, long_context_prob: float = 0.5,

@@ -73,6 +73,11 @@ class TrainConfig:
     that the imagined agent stops where the real one did. With the real actions (the default, as
     `maze-latent-ol` was trained) the imagined history walks on through walls, and a model trained
     on it learns to as well (session 23: it stops at 1.5-11% of walls)."""
+    open_loop_still_targets: bool = False
+    """With open_loop_prob: where the real clip stood still (a no-op, a move a wall cancelled), the
+    open-loop copies denoise towards the history's previous frame instead of the real frame (see
+    `ssm_gym.model.diffusion.still_targets`): the model learns to hold its own frame where the
+    world does not change, instead of pulling it towards the real one at every step."""
     action_dropout: float = 0.0
     """Share of frames whose action is replaced by the model's null action (needs
     --model.null-action): trains the action-free prediction that action guidance
@@ -187,8 +192,9 @@ class TrainConfig:
             raise ValueError(f"open_loop_prob must be in [0, 1], got {self.open_loop_prob}")
         if self.open_loop_prob > 0 and not self.noised_copies:
             raise ValueError("open_loop_prob trains noised copies on an imagined history: set --noised-copies too")
-        if self.open_loop_drop_blocked and self.open_loop_prob == 0:
-            raise ValueError("open_loop_drop_blocked changes the open-loop history: set --open-loop-prob > 0 too")
+        for flag in ("open_loop_drop_blocked", "open_loop_still_targets"):
+            if getattr(self, flag) and self.open_loop_prob == 0:
+                raise ValueError(f"{flag} changes the open-loop steps: set --open-loop-prob > 0 too")
         if self.open_loop_context < 1:
             raise ValueError(f"open_loop_context must be >= 1, got {self.open_loop_context}")
         if self.noised_copies and self.clean_history_prob > 0:

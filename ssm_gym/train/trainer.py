@@ -45,7 +45,8 @@ from ssm_gym.model.checkpoint import (
 )
 from ssm_gym.model.compression import clip_compression, get_compression
 from ssm_gym.model.attention import attention_kernel
-from ssm_gym.model.diffusion import diffusion_forcing_loss, drop_actions, open_loop_history, sample_clip_sigmas
+from ssm_gym.model.diffusion import (diffusion_forcing_loss, drop_actions, open_loop_history, sample_clip_sigmas,
+                                     still_targets)
 from ssm_gym.model.ssm import cpu_kernel
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import TrainConfig, config_to_json
@@ -412,7 +413,7 @@ def train(cfg: TrainConfig) -> Path:
         compress = None
         if comp_cfg is not None and comp_cfg.dynamic and cfg.compression_prob > 0:
             compress = clip_compression(comp_cfg, frames, cfg.model.pixels_per_token, cfg.compression_prob, noise_gen)
-        history = None
+        history = targets = None
         if open_loop:  # the copies read the model's own imagination after a real context
             taken = None
             if cfg.open_loop_drop_blocked:  # the imagined agent stops where the real one did (dropped actions kept)
@@ -420,6 +421,7 @@ def train(cfg: TrainConfig) -> Path:
             with amp:
                 history = open_loop_history(net, frames, actions, min(cfg.open_loop_context, clip_len - 1),
                                             generator=noise_gen, imagine_actions=taken)
+                targets = still_targets(net, frames, history) if cfg.open_loop_still_targets else None
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
         state = model.init_state(batch_size, env.device) if len(chunks) > 1 else None
         stats_sum: dict[str, float] = {}
@@ -431,7 +433,8 @@ def train(cfg: TrainConfig) -> Path:
                         net, frames[:, s:e], actions[:, s:e], rewards=rewards[:, s:e], terminals=terminals[:, s:e], sigma=sigma[:, s:e],
                         state=state, generator=noise_gen, return_state=True, reward_weight=cfg.reward_loss_weight,
                         compress=None if compress is None else compress[s:e], noised_copies=copies,
-                        history=None if history is None else history[:, s:e])
+                        history=None if history is None else history[:, s:e],
+                        copy_targets=None if targets is None else targets[:, s:e])
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
             for k, v in stats.items():
