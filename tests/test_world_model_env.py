@@ -473,7 +473,13 @@ def test_wall_stops_summary_by_hand():
     r = summarise(runs, still_below=2.0)
     assert r == {"blocked_share": 0.5, "imagined_change_blocked": 4.75, "imagined_change_moving": 9.0,
                  "real_change_blocked": 0.0, "real_change_moving": 12.0, "still_share_blocked": 0.5,
-                 "still_share_moving": 0.0, "error_blocked": 10.5, "error_moving": 6.0}
+                 "still_share_moving": 0.0, "error_blocked": 10.5, "error_moving": 6.0,
+                 "still_share_blocked_by_step": {"1": 1.0, "2": 0.0}}
+    # by imagined step: rows are steps; windows 1, 2-4, 5 on (cut at the horizon)
+    long = {"blocked": np.array([[True], [True], [False], [True], [True], [True]]),
+            "imagined_change": np.array([[5.0], [1.0], [9.0], [3.0], [0.0], [0.1]])}
+    long.update(real_change=np.zeros((6, 1)), error=np.zeros((6, 1)))
+    assert summarise(long, 2.0)["still_share_blocked_by_step"] == {"1": 0.0, "2-4": 0.5, "5-6": 1.0}
     none_blocked = summarise({k: v[:, 1:] for k, v in runs.items()}, 2.0)
     assert none_blocked["blocked_share"] == 0 and none_blocked["still_share_blocked"] is None
     assert none_blocked["still_share_moving"] == 0
