@@ -103,14 +103,12 @@ def summarise(runs: dict[str, np.ndarray], still_below: float) -> dict[str, floa
     def still(m):
         return round(float((runs["imagined_change"][m] < still_below).mean()), 3) if m.any() else None
 
+    step = np.arange(1, len(b) + 1)[:, None]  # rows are imagined steps
     by_step = {}
     for lo, hi in STEP_WINDOWS:
         hi = min(hi, len(b))
         if lo <= hi:
-            rows = slice(lo - 1, hi)
-            m = b[rows]
-            by_step[f"{lo}" if lo == hi else f"{lo}-{hi}"] = (
-                round(float((runs["imagined_change"][rows][m] < still_below).mean()), 3) if m.any() else None)
+            by_step[f"{lo}" if lo == hi else f"{lo}-{hi}"] = still(b & (step >= lo) & (step <= hi))
     return {"blocked_share": round(float(b.mean()), 3),
             "imagined_change_blocked": mean(runs["imagined_change"], b),
             "imagined_change_moving": mean(runs["imagined_change"], ~b),
