@@ -308,3 +308,35 @@ def test_effective_actions_take_out_cancelled_moves(tmp_path):
     item = next(iter(ClipDataset(tmp_path, clip_len=8, seed=0, effective_actions=True)))
     assert item["effective_actions"].shape == item["prev_actions"].shape == (8,)
     assert "effective_actions" not in next(iter(ClipDataset(tmp_path, clip_len=8, seed=0)))
+
+
+def test_blocked_clips_are_oversampled(tmp_path):
+    """blocked_clip_prob=1: every clip holds a move a wall cancelled after its first frame; with
+    rewards oversampled too the two shares split the clips; their sum over 1, or no such move in
+    the data, is a clear error."""
+    eps = record_episodes([5, 6], ["stumble", "oracle"], steps=80)
+    for i, e in enumerate(eps):
+        save_episode(tmp_path / f"ep_{i:06d}.npz", e)
+    ds = ClipDataset(tmp_path, clip_len=10, blocked_clip_prob=1.0, effective_actions=True)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        c = ds.sample(rng)
+        assert (c["effective_actions"][1:] != c["prev_actions"][1:]).any()
+    uniform = ClipDataset(tmp_path, clip_len=10, effective_actions=True)
+    blocked = lambda c: bool((c["effective_actions"][1:] != c["prev_actions"][1:]).any())  # noqa: E731
+    base = np.mean([blocked(uniform.sample(rng)) for _ in range(300)])
+    assert base < 0.9
+    both = ClipDataset(tmp_path, clip_len=10, reward_clip_prob=0.5, blocked_clip_prob=0.5, effective_actions=True)
+    clips = [both.sample(rng) for _ in range(300)]
+    assert np.mean([blocked(c) for c in clips]) > 0.45 and np.mean([c["rewards"][1:].sum() > 0 for c in clips]) > 0.45
+    with pytest.raises(ValueError, match="at most 1"):
+        ClipDataset(tmp_path, clip_len=10, reward_clip_prob=0.6, blocked_clip_prob=0.6)
+    with pytest.raises(ValueError, match="blocked_clip_prob"):
+        ClipDataset(tmp_path, clip_len=10, blocked_clip_prob=-0.1)
+    free = tmp_path / "free"
+    free.mkdir()
+    e = eps[0]
+    save_episode(free / "ep_000000.npz", {**e, "agent_pos": np.arange(len(e["agent_pos"]))[:, None].repeat(2, 1)
+                                          .astype(e["agent_pos"].dtype)})
+    with pytest.raises(DatasetError, match="no episode has a move a wall cancelled"):
+        ClipDataset(free, clip_len=10, blocked_clip_prob=0.5)

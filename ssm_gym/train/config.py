@@ -85,6 +85,10 @@ class TrainConfig:
     reward_clip_prob: float = 0.0
     """Share of training clips drawn around a reward event (touching the target, under 1% of
     frames), so the model learns when touches happen and shows them (0: uniform clips)."""
+    blocked_clip_prob: float = 0.0
+    """Share of training clips drawn around a move that a wall cancelled (needs agent_pos in the
+    episodes): with the open-loop fixes above, more frames where the world stood still while
+    the imagined agent pushed on, the case the model gets wrong (0: uniform clips)."""
     reward_loss_weight: float = 1.0
     """Weight of the reward head's loss next to the frame loss."""
     compression: str = "off"

@@ -360,7 +360,7 @@ def train(cfg: TrainConfig) -> Path:
     data = ClipDataset((cfg.data_dir, *cfg.extra_data_dirs),
                        cfg.stage_clip_lens[cfg.stage_at_progress(cfg.progress(start, elapsed_before))],
                        seed=cfg.seed, cache_size=10**6, reward_clip_prob=cfg.reward_clip_prob,
-                       effective_actions=cfg.open_loop_drop_blocked)
+                       effective_actions=cfg.open_loop_drop_blocked, blocked_clip_prob=cfg.blocked_clip_prob)
     if timed:
         data.preload()
     val = load_validation_set(cfg) if env.main else None
