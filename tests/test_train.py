@@ -143,7 +143,8 @@ def test_open_loop_history_steps(data, tmp_path, monkeypatch):
 def test_open_loop_history_drops_blocked_moves(data, tmp_path, monkeypatch):
     """open_loop_drop_blocked: the imagination takes the clip's actions with every move a wall
     cancelled taken out (the dataset's effective_actions); the copies keep the real actions.
-    open_loop_still_targets: the copies' targets are still_targets of the step's history."""
+    open_loop_still_targets: the copies' targets are still_targets of the step's history.
+    blocked_clip_prob=1: every clip holds such a move after its first frame."""
     for s, ep in zip(range(4), record_episodes(list(range(4)), ["stumble"] * 4, steps=30)):
         save_episode(tmp_path / "stumble" / f"ep_{s:06d}.npz", ep)  # walks into walls: blocked moves
     calls = spy_on(monkeypatch, "open_loop_history", lambda args, kw, out: (args[2], kw["imagine_actions"]))
@@ -151,7 +152,8 @@ def test_open_loop_history_drops_blocked_moves(data, tmp_path, monkeypatch):
     targets = spy_on(monkeypatch, "still_targets", lambda args, kw, out: out)
     aimed = spy_on(monkeypatch, "diffusion_forcing_loss", lambda args, kw, out: (kw["history"], kw["copy_targets"]))
     run = tiny(data, tmp_path / "run", data_dir=tmp_path / "stumble", noised_copies=True, open_loop_prob=1.0,
-               open_loop_drop_blocked=True, open_loop_still_targets=True, stage_steps=(4, 4), tbptt_frames=8)
+               open_loop_drop_blocked=True, open_loop_still_targets=True, stage_steps=(4, 4), tbptt_frames=8,
+               blocked_clip_prob=1.0)
     train(run)
     assert len(calls) == run.total_steps
     changed = 0
@@ -161,6 +163,7 @@ def test_open_loop_history_drops_blocked_moves(data, tmp_path, monkeypatch):
         assert all(int(a) in FORWARD_ACTIONS for a in real[diff])
         assert torch.equal(taken[diff], torch.as_tensor(TURN_ONLY)[real[diff]])
         changed += int(diff.sum())
+        assert diff[:, 1:].any(1).all(), "blocked_clip_prob=1: a cancelled move in every clip"
     assert changed > 0, "the stumble policy walks into walls: some move must be dropped"
     assert len(seen) == len(calls) and all(torch.equal(a, real) for a, (real, _) in zip(seen, calls))
     assert len(targets) == len(aimed) == len(calls) and all(torch.equal(t, c) for t, (_, c) in zip(targets, aimed))
