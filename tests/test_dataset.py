@@ -317,13 +317,12 @@ def test_blocked_clips_are_oversampled(tmp_path):
     eps = record_episodes([5, 6], ["stumble", "oracle"], steps=80)
     for i, e in enumerate(eps):
         save_episode(tmp_path / f"ep_{i:06d}.npz", e)
+    blocked = lambda c: bool((c["effective_actions"][1:] != c["prev_actions"][1:]).any())  # noqa: E731
     ds = ClipDataset(tmp_path, clip_len=10, blocked_clip_prob=1.0, effective_actions=True)
     rng = np.random.default_rng(0)
     for _ in range(30):
-        c = ds.sample(rng)
-        assert (c["effective_actions"][1:] != c["prev_actions"][1:]).any()
+        assert blocked(ds.sample(rng))
     uniform = ClipDataset(tmp_path, clip_len=10, effective_actions=True)
-    blocked = lambda c: bool((c["effective_actions"][1:] != c["prev_actions"][1:]).any())  # noqa: E731
     base = np.mean([blocked(uniform.sample(rng)) for _ in range(300)])
     assert base < 0.9
     both = ClipDataset(tmp_path, clip_len=10, reward_clip_prob=0.5, blocked_clip_prob=0.5, effective_actions=True)

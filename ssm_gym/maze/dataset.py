@@ -202,28 +202,29 @@ class ClipDataset(torch.utils.data.IterableDataset):
                              f"{reward_clip_prob} + {blocked_clip_prob}")
         self.episodes = list_episodes(directory)
         self.seed, self.cache_size = seed, cache_size
-        self.reward_clip_prob, self.blocked_clip_prob = reward_clip_prob, blocked_clip_prob
         self.effective_actions = effective_actions
         self._cache: dict[int, dict[str, np.ndarray]] = {}
+        kinds = [(name, p, what, find) for name, p, what, find in (
+            ("reward_clip_prob", reward_clip_prob, "has a reward", _reward_frames),
+            ("blocked_clip_prob", blocked_clip_prob, "has a move a wall cancelled", _blocked_frames)) if p > 0]
         # (share of clips, (K, 2) (episode, frame) events those clips are drawn around), in draw order
         self.event_draws: list[tuple[float, np.ndarray]] = []
-        for name, p, what, find in (("reward_clip_prob", reward_clip_prob, "has a reward", _reward_frames),
-                                    ("blocked_clip_prob", blocked_clip_prob, "has a move a wall cancelled",
-                                     _blocked_frames)):
-            if p > 0:
-                events = self._events(find)
-                if not len(events):
-                    raise DatasetError(f"{directory}: {name} > 0 but no episode {what}")
-                self.event_draws.append((p, events))
+        for (name, p, what, _), events in zip(kinds, self._events([k[3] for k in kinds])):
+            if not len(events):
+                raise DatasetError(f"{directory}: {name} > 0 but no episode {what}")
+            self.event_draws.append((p, events))
         self.set_clip_len(clip_len)
 
-    def _events(self, find) -> np.ndarray:
-        """(K, 2) int64: (episode, frame) of every frame `find(episode, path)` marks, frame > 0 (a
-        clip can hold the frame before it)."""
-        rows = []
-        for i, (path, _) in enumerate(self.episodes):
-            rows += [(i, int(t)) for t in np.flatnonzero(find(load_episode(path), path)) if t > 0]
-        return np.array(rows, dtype=np.int64).reshape(-1, 2)
+    def _events(self, finds) -> list[np.ndarray]:
+        """Per `find` in `finds`: (K, 2) int64 (episode, frame) of every frame `find(episode, path)`
+        marks, frame > 0 (a clip can hold the frame before it). Each episode is read once for all."""
+        rows: list[list[tuple[int, int]]] = [[] for _ in finds]
+        if finds:
+            for i, (path, _) in enumerate(self.episodes):
+                ep = load_episode(path)
+                for found, find in zip(rows, finds):
+                    found += [(i, int(t)) for t in np.flatnonzero(find(ep, path)) if t > 0]
+        return [np.array(r, dtype=np.int64).reshape(-1, 2) for r in rows]
 
     def set_clip_len(self, clip_len: int) -> None:
         """Change the clip length (curriculum stages share one dataset and its episode cache)."""
