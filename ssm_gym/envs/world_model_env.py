@@ -189,7 +189,8 @@ class WorldModelEnv(gym.Env):
 
     ## Arguments
     - `checkpoint`: folder with config.json + model.safetensors, or a shipped model's name
-      (`"maze-latent-ol"`, the default; `"maze-latent"`, `"maze-cpu"`; see ssm_gym/checkpoints/).
+      (`"maze-latent-ol"`, the default; `"maze-latent-walls"`, which stops at walls more often;
+      `"maze-latent"`, `"maze-cpu"`; see ssm_gym/checkpoints/ and the README's Shipped models).
     - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
     - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
     - `reward_baseline` (None): per-action numbers subtracted from the expected reward (above).
