@@ -6,6 +6,13 @@ At every real step the planner forks the engine's state once per candidate seque
 `horizon` steps for all candidates in one batch, scores them by predicted reward, refits a
 per-step action distribution to the best ones (`iterations` times) and takes the first action
 of the best sequence in the real maze; the model is then re-synced on the real frame.
+
+Imagined rewards are paid as `SSMWorld-Maze-v0` pays them (`--reward-mode`): by default 1 where
+the head on the generated frame reads above the threshold, else 0. Scoring the head's raw value
+instead lets the planner chase its noise (0.01-0.05 on frames with no target in reach, session
+27): it steers towards what the head reads as slightly nearer a target, and scored 0.00 in the
+real maze where a random policy scores 0.25. With thresholded rewards a step where no candidate
+is paid leaves the plans tied, and the planner takes a uniformly random first action.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -24,17 +31,21 @@ from tqdm.auto import tqdm
 import ssm_gym  # noqa: F401
 from agents.evaluate import scripted_returns, summary
 from ssm_gym.checkpoints import load_world_model
+from ssm_gym.envs.world_model_env import check_reward_mode, pay
 from ssm_gym.maze.sim import N_ACTIONS
 from ssm_gym.rollout.engine import RolloutEngine
 from ssm_gym.train.config import config_to_json
 
 
 def cem_plan(engine, env: int, horizon: int, population: int, elites: int, iterations: int,
-             rng: np.random.Generator, smoothing: float = 0.2, discount: float = 0.95) -> tuple[int, float]:
+             rng: np.random.Generator, smoothing: float = 0.2, discount: float = 0.95,
+             score: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> tuple[int, float]:
     """Best first action for env `env` of `engine` (anything with `fork(idx)` and `step(actions)`
     returning (frames, rewards, terminated)), and the predicted discounted return of the best
     sequence. Discounting prefers reward sooner (a receding-horizon plan would otherwise put it
-    off); imagined episodes stop collecting reward once they terminate."""
+    off); imagined episodes stop collecting reward once they terminate. `score` maps the engine's
+    raw rewards (population,) to what a step pays (default: as they are). Ties keep the earliest
+    sequence, so with no sequence paid the first action is a draw from the uniform prior."""
     probs = np.full((horizon, N_ACTIONS), 1.0 / N_ACTIONS)
     best_seq, best_ret = None, -np.inf
     for _ in range(iterations):
@@ -45,7 +56,8 @@ def cem_plan(engine, env: int, horizon: int, population: int, elites: int, itera
         total, alive = np.zeros(population), np.ones(population, dtype=bool)
         for h in range(horizon):
             _, rewards, term = sim.step(torch.from_numpy(seqs[:, h]))
-            total += discount**h * np.asarray(torch.as_tensor(rewards).float().cpu()) * alive
+            rewards = np.asarray(torch.as_tensor(rewards).float().cpu())
+            total += discount**h * (rewards if score is None else score(rewards)) * alive
             alive &= ~np.asarray(torch.as_tensor(term).cpu(), dtype=bool)
         order = np.argsort(-total, kind="stable")
         if total[order[0]] > best_ret:
@@ -70,9 +82,12 @@ class Args:
     sampling_steps: Optional[int] = 1
     action_guidance: Optional[float] = None
     """Classifier-free guidance on the action (None = the model's default; see WorldModel.generate)."""
-    reward_from: Literal["frame", "denoiser"] = "frame"
-    """Where imagined rewards are read: the head on the generated frame, or its expected reward
-    from history and action (the first denoising pass; see WorldModel.generate)."""
+    reward_mode: Literal["threshold", "expected"] = "threshold"
+    """Imagined rewards, as SSMWorld-Maze-v0 pays them: "threshold" 1 where the head on the generated
+    frame reads above --reward-threshold, else 0; "expected" the head's expected reward from
+    history and action (the first denoising pass), clipped to [0, 1]."""
+    reward_threshold: float = 0.5
+    """With --reward-mode threshold: the head's value above which an imagined step pays 1 (the env's default)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """The model's precision while imagining: "bf16" about doubles the imagined steps per second on a
     CPU with AVX-512 BF16 (see ssm_gym/rollout/engine.py; the forks keep it)."""
@@ -86,13 +101,15 @@ class Args:
 def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> float:
     real = gym.make("SSMWorld-MazeReal-v0", max_episode_steps=args.max_steps)
     obs, _ = real.reset(seed=seed)
-    engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed, reward_from=args.reward_from,
-                           action_guidance=args.action_guidance, precision=args.precision)
+    engine = RolloutEngine(model, 1, sampling_steps=args.sampling_steps, seed=seed,
+                           reward_from=check_reward_mode(args.reward_mode), action_guidance=args.action_guidance,
+                           precision=args.precision)
     engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None])
     rng = np.random.default_rng([args.seed, seed])
     total = 0.0
     for _ in range(args.max_steps):
-        a, _ = cem_plan(engine, 0, args.horizon, args.population, args.elites, args.iterations, rng)
+        a, _ = cem_plan(engine, 0, args.horizon, args.population, args.elites, args.iterations, rng,
+                        score=lambda raw: pay(raw, args.reward_mode, args.reward_threshold))
         obs, r, _, trunc, _ = real.step(a)
         total += r
         if bar is not None:

@@ -58,6 +58,13 @@ class Args:
     own mean expected reward for that action over real states of --context-data (measured at the
     start, written to reward_baseline.json), so that no action pays by itself: the head learns that
     touches follow moves, and an agent otherwise learns to repeat the most-favoured action."""
+    ensemble: tuple[str, ...] = ()
+    """More world models (names or folders) that follow the imagined episodes and predict each
+    frame from their own state (SSMWorld-Maze-v0's ensemble); their disagreement with the frame
+    shown is logged in curve.csv."""
+    disagreement_penalty: float = 0.0
+    """Subtract this times the ensemble's disagreement (mean absolute pixel difference in [0, 1])
+    from every imagined step's reward: less pay where the models disagree (MOPO-style)."""
     baseline_episodes: int = 16
     """Episodes of --context-data (8 states each, after --context-len real frames) for the baseline."""
     context_data: Optional[Path] = None
@@ -113,9 +120,10 @@ def model_reward_baseline(args: Args, model) -> list[float]:
 def make_env(args: Args) -> SB3VecEnv:
     common = dict(num_envs=args.num_envs, max_episode_steps=args.max_episode_steps, autoreset_mode="SameStep")
     if args.env == "real":
-        if args.reward_mode != "threshold" or args.reward_baseline != "none" or args.reward_threshold is not None:
-            raise ValueError("--reward-mode, --reward-threshold and --reward-baseline choose imagined rewards; "
-                             "--env real pays the real maze's")
+        if (args.reward_mode != "threshold" or args.reward_baseline != "none" or args.reward_threshold is not None
+                or args.ensemble or args.disagreement_penalty):
+            raise ValueError("--reward-mode, --reward-threshold, --reward-baseline, --ensemble and "
+                             "--disagreement-penalty choose imagined rewards; --env real pays the real maze's")
         return SB3VecEnv(gym.make_vec("SSMWorld-MazeReal-v0", context_data=args.context_data,
                                       context_len=args.context_len, **common))
     if args.reward_threshold is not None and args.reward_mode != "threshold":
@@ -129,14 +137,16 @@ def make_env(args: Args) -> SB3VecEnv:
                                   **({} if args.reward_threshold is None else {"reward_threshold": args.reward_threshold}),
                                   context_data=args.context_data, context_len=args.context_len,
                                   cuda_graph=args.cuda_graph, action_guidance=args.action_guidance,
-                                  reward_baseline=baseline, precision=args.precision, **common))
+                                  reward_baseline=baseline, precision=args.precision, ensemble=args.ensemble,
+                                  disagreement_penalty=args.disagreement_penalty, **common))
 
 
 class RealMazeCurve(BaseCallback):
     """Evaluates the agent in the real maze every `every` env steps; writes curve.csv. Each row
     also has the mean reward paid per training step since the last row and, in imagination, what
     the real maze beside the imagined envs paid for the same actions (`info["reward_real"]`; NaN
-    where it cannot follow the start): paid far above real is an agent exploiting the model."""
+    where it cannot follow the start): paid far above real is an agent exploiting the model. With
+    an ensemble, also the mean disagreement of the models per step (`info["disagreement"]`)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -144,7 +154,7 @@ class RealMazeCurve(BaseCallback):
         self.seeds = list(range(args.eval_first_seed, args.eval_first_seed + args.eval_episodes))
         self.rows: list[dict] = []
         self.t0 = time.perf_counter()
-        self.paid, self.real = [], []  # per-step rewards since the last row
+        self.paid, self.real, self.disagreement = [], [], []  # per step since the last row
 
     def evaluate(self) -> None:
         s = summary(real_returns(sb3_act_fn(self.model), self.seeds, self.args.eval_max_steps))
@@ -153,7 +163,9 @@ class RealMazeCurve(BaseCallback):
                "wall_s": round(time.perf_counter() - self.t0, 1),
                "paid_per_step": round(float(np.mean(self.paid)), 5) if self.paid else float("nan"),
                "real_per_step": round(float(np.nanmean(real)), 5) if np.isfinite(real).any() else float("nan")}
-        self.paid, self.real = [], []
+        if self.args.ensemble:
+            row["disagreement"] = round(float(np.mean(self.disagreement)), 5) if self.disagreement else float("nan")
+        self.paid, self.real, self.disagreement = [], [], []
         self.rows.append(row)
         path = self.args.out_dir / "curve.csv"
         with path.open("w", newline="") as f:
@@ -169,6 +181,8 @@ class RealMazeCurve(BaseCallback):
         real_env = self.args.env == "real"
         self.real.extend(r if real_env else info.get("reward_real", float("nan"))
                          for r, info in zip(rewards, self.locals["infos"]))
+        if self.args.ensemble:
+            self.disagreement.extend(info["disagreement"] for info in self.locals["infos"])
         if self.num_timesteps >= self.next_eval:
             self.evaluate()
             self.next_eval += self.args.eval_every

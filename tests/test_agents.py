@@ -56,6 +56,33 @@ def test_planner_beats_random_on_a_known_toy_problem():
     assert a == 1 and ret == 1.0  # reward on the first imagined step: undiscounted
 
 
+class NoisyHeadEngine(ToyEngine):
+    """The toy with a reward head's noise: action 0 reads 0.3 on every step (never a touch), and
+    the touch at counter 3 reads 0.9. Summed raw, a step of action 0 before the touch scores more
+    than taking the touch first: the raw head's noise steers the plan."""
+
+    def fork(self, idx):
+        return NoisyHeadEngine(self.counters[np.asarray(idx)])
+
+    def step(self, actions):
+        _, touch, term = super().step(actions)
+        raw = torch.where(torch.as_tensor(np.asarray(actions)) == 0, 0.3, 0.9 * touch)
+        return None, raw, term
+
+
+def test_planner_pays_as_the_env_does_and_ignores_head_noise():
+    from agents.plan import pay
+
+    rng = np.random.default_rng(1)
+    kw = dict(horizon=4, population=256, elites=8, iterations=3, rng=rng)
+    a_raw, ret_raw = cem_plan(NoisyHeadEngine([1]), 0, **kw)
+    a_paid, ret_paid = cem_plan(NoisyHeadEngine([1]), 0, score=lambda raw: pay(raw, "threshold", 0.5), **kw)
+    assert a_raw == 0 and ret_raw > 1.2, "raw scores: the noise of action 0 comes first"
+    assert a_paid == 1 and ret_paid == pytest.approx(0.95), "paid 1/0 at 0.5: the touch two steps ahead wins"
+    a_none, ret_none = cem_plan(NoisyHeadEngine([-10]), 0, score=lambda raw: pay(raw, "threshold", 0.5), **kw)
+    assert ret_none == 0.0, "no touch within reach: nothing is paid"
+
+
 def test_scripted_references_and_summary():
     seeds = [3_000_000, 3_000_001, 3_000_002]
     oracle = scripted_returns("oracle", seeds, 150)
@@ -183,8 +210,8 @@ def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_
 
     out = tmp_path / "plan.json"
     res = plan.main(plan.Args(checkpoint=tiny_checkpoint, episodes=2, max_steps=3, horizon=2, population=3, elites=1,
-                              iterations=1, reward_from="denoiser", threads=1, precision=precision, out=out))
+                              iterations=1, reward_mode="expected", threads=1, precision=precision, out=out))
     saved = json.loads(out.read_text())
     assert saved["planner"] == res["planner"] and res["planner"]["episodes"] == 2
     assert len(saved["planner_returns"]) == 2 and saved["args"]["horizon"] == 2
-    assert saved["args"]["reward_from"] == "denoiser" and saved["args"]["precision"] == precision
+    assert saved["args"]["reward_mode"] == "expected" and saved["args"]["precision"] == precision

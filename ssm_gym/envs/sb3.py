@@ -45,9 +45,12 @@ class SB3VecEnv(VecEnv):
         obs, rewards, terminated, truncated, info = self.venv.step(self._actions)
         dones = terminated | truncated
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        if "reward_real" in info:  # the imagined env's ground truth for this step (NaN where unknown)
-            for i in range(self.num_envs):
-                infos[i]["reward_real"] = float(info["reward_real"][i])
+        # per-env numbers of the imagined env: its ground truth for this step (NaN where unknown), and
+        # an ensemble's disagreement
+        for key in ("reward_real", "disagreement"):
+            if key in info:
+                for i in range(self.num_envs):
+                    infos[i][key] = float(info[key][i])
         for i in np.flatnonzero(dones):
             infos[i]["terminal_observation"] = info["final_obs"][i]
             infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])

@@ -9,7 +9,7 @@ start from the real maze's first frame (`reset(seed=s)` shows the same first fra
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -30,12 +30,44 @@ from ssm_gym.maze.record import RecordedMoments
 from ssm_gym.maze.sim import N_ACTIONS, MazeBatch, check_actions
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.rollout.engine import RolloutEngine
+from ssm_gym.rollout.ensemble import EnsembleEngine
 
 
 def _load(checkpoint: str | Path | None, model: Optional[WorldModel], device: str) -> WorldModel:
     if model is not None:
         return model.to(device).eval()
     return load_world_model(checkpoint, device)
+
+
+def _engine(checkpoint, model, device: str, num_envs: int, ensemble: Sequence, disagreement_penalty: float,
+            **engine_kwargs) -> RolloutEngine | EnsembleEngine:
+    """The env's engine: the model alone, or driving an ensemble with the `ensemble` models (each a
+    checkpoint name or folder, or a loaded `WorldModel`) as members, all with the same settings."""
+    if not disagreement_penalty >= 0.0:
+        raise ValueError(f"disagreement_penalty must be >= 0, got {disagreement_penalty}")
+    if disagreement_penalty > 0 and not ensemble:
+        raise ValueError("disagreement_penalty needs ensemble=[...]: the models whose disagreement is penalised")
+    driver = RolloutEngine(_load(checkpoint, model, device), num_envs, device, **engine_kwargs)
+    if not ensemble:
+        return driver
+    members = []
+    for k, m in enumerate(ensemble):
+        member = _load(None, m, device) if isinstance(m, WorldModel) else _load(m, None, device)
+        if member.config.image_size != driver.model.config.image_size or member.config.channels != driver.model.config.channels:
+            raise ValueError(f"ensemble member {k} ({m if not isinstance(m, WorldModel) else 'a WorldModel'}) imagines "
+                             f"{member.config.image_size}px x {member.config.channels} frames, the driver "
+                             f"{driver.model.config.image_size}px x {driver.model.config.channels}")
+        members.append(RolloutEngine(member, num_envs, device, **engine_kwargs))
+    return EnsembleEngine(driver, members)
+
+
+def penalise(paid: np.ndarray, engine, penalty: float, info: dict) -> np.ndarray:
+    """Subtract `penalty` x the ensemble's disagreement of this step (logged in `info["disagreement"]`)."""
+    if not isinstance(engine, EnsembleEngine):
+        return paid
+    d = engine.disagreement.float().cpu().numpy()
+    info["disagreement"] = d if np.ndim(paid) else float(d[0])
+    return (paid - np.float32(penalty) * (d if np.ndim(paid) else d[0])).astype(np.float32)
 
 
 # reward_mode -> where the engine reads the head ("real" pays the ground-truth maze, the head is only logged)
@@ -208,6 +240,12 @@ class WorldModelEnv(gym.Env):
       ssm_gym/rollout/engine.py; uncompressed state and a windowed attention ring only).
     - `precision` ("fp32"): "bf16" runs the model in bf16 autocast with its attention ring in bf16,
       1.7x the env-steps/s on a CPU with AVX-512 BF16 (see ssm_gym/rollout/engine.py).
+    - `ensemble` (()): more models (names, folders or `WorldModel`s) that follow the same imagined
+      episodes and predict each next frame from their own state (ssm_gym/rollout/ensemble.py);
+      `info["disagreement"]` is the mean absolute pixel difference in [0, 1] between their
+      predictions and the frame shown. `disagreement_penalty` (0.0): subtracted from the reward
+      times that disagreement, so an agent is paid less where the models disagree (MOPO-style).
+      Each member costs about 1.2x the model's own step.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
@@ -217,14 +255,17 @@ class WorldModelEnv(gym.Env):
                  render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None,
                  reward_mode: str = "threshold", context_data: str | Path | None = None, context_len: int = 32,
                  cuda_graph: bool = False,
-                 action_guidance: Optional[float] = None, reward_baseline=None, precision: str = "fp32"):
+                 action_guidance: Optional[float] = None, reward_baseline=None, precision: str = "fp32",
+                 ensemble: Sequence = (), disagreement_penalty: float = 0.0):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         check_max_episode_steps(max_episode_steps)
         self.starts = _starts(context_data, context_len)
-        self.engine = RolloutEngine(_load(checkpoint, model, device), 1, device, sampling_steps, compression=compression,
-                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
-                                    action_guidance=action_guidance, precision=precision)
+        self.engine = _engine(checkpoint, model, device, 1, ensemble, disagreement_penalty,
+                              sampling_steps=sampling_steps, compression=compression,
+                              reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
+                              action_guidance=action_guidance, precision=precision)
+        self.disagreement_penalty = disagreement_penalty
         self.reward_mode = reward_mode
         self.reward_baseline = check_reward_baseline(reward_baseline, reward_mode)
         self.real = MazeRealEnv(maze_size, n_objects)
@@ -276,9 +317,10 @@ class WorldModelEnv(gym.Env):
         self._obs = frames[0].cpu().numpy()
         raw = float(rewards[0])
         base = None if self.reward_baseline is None else self.reward_baseline[a[0]]
-        paid = float(pay(np.float32(raw), self.reward_mode, self.reward_threshold, base, np.float32(real)))
-        return (self._obs.copy(), paid, bool(terminated[0]), self._elapsed >= self.max_episode_steps,
-                {"step": self._elapsed, "reward_raw": raw, "reward_real": real})
+        info = {"step": self._elapsed, "reward_raw": raw, "reward_real": real}
+        paid = float(penalise(pay(np.float32(raw), self.reward_mode, self.reward_threshold, base, np.float32(real)),
+                              self.engine, self.disagreement_penalty, info))
+        return self._obs.copy(), paid, bool(terminated[0]), self._elapsed >= self.max_episode_steps, info
 
     def render(self):
         return None if self.render_mode is None or self._obs is None else self._obs.copy()
@@ -305,13 +347,15 @@ class WorldModelVectorEnv(VectorEnv):
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
                  compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold",
                  context_data: str | Path | None = None, context_len: int = 32, cuda_graph: bool = False,
-                 action_guidance: Optional[float] = None, reward_baseline=None, precision: str = "fp32"):
+                 action_guidance: Optional[float] = None, reward_baseline=None, precision: str = "fp32",
+                 ensemble: Sequence = (), disagreement_penalty: float = 0.0):
         setup_vector_env(self, num_envs, render_mode, autoreset_mode, max_episode_steps)
         self.starts = _starts(context_data, context_len)
-        self.engine = RolloutEngine(_load(checkpoint, model, device), num_envs, device, sampling_steps,
-                                    compression=compression, chunk_envs=chunk_envs,
-                                    reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
-                                    action_guidance=action_guidance, precision=precision)
+        self.engine = _engine(checkpoint, model, device, num_envs, ensemble, disagreement_penalty,
+                              sampling_steps=sampling_steps, compression=compression, chunk_envs=chunk_envs,
+                              reward_from=check_reward_mode(reward_mode), cuda_graph=cuda_graph,
+                              action_guidance=action_guidance, precision=precision)
+        self.disagreement_penalty = disagreement_penalty
         self.reward_mode = reward_mode
         self.reward_baseline = check_reward_baseline(reward_baseline, reward_mode)
         self.real = MazeBatch(num_envs, maze_size, n_objects)  # first frames, and the truth beside each env
@@ -389,12 +433,17 @@ class WorldModelVectorEnv(VectorEnv):
         truncated = self._elapsed >= self.max_episode_steps
         ones = np.ones(self.num_envs, bool)
         info: dict[str, Any] = {"reward_raw": raw, "_reward_raw": ones, "reward_real": real, "_reward_real": ones.copy()}
+        rewards = penalise(rewards, self.engine, self.disagreement_penalty, info)
+        if "disagreement" in info:
+            info["_disagreement"] = ones.copy()
         mode = self.metadata["autoreset_mode"]
         if mode == AutoresetMode.NEXT_STEP:
             redo = np.flatnonzero(self._needs_reset)
             if len(redo):
                 self._start(redo)
                 rewards[redo], raw[redo], real[redo], terminated[redo], truncated[redo] = 0.0, 0.0, 0.0, False, False
+                if "disagreement" in info:
+                    info["disagreement"][redo] = 0.0
             self._needs_reset = terminated | truncated
             obs = self.engine.frames.cpu().numpy()
         else:
