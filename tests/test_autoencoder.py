@@ -242,3 +242,42 @@ def test_trainer_builds_a_latent_model_from_an_autoencoder(data, tmp_path):
     assert all(np.isfinite(float(r[4])) for r in rows)
     val = (tmp_path / "run" / "val.csv").read_text().splitlines()
     assert len(val) > 1  # validation ran through decode: PSNR of pixel frames
+
+
+def test_object_loss_weights_and_the_weighted_frame_loss():
+    """The weights cover the latent pixels over a ball's pixels; uniform weights give the plain
+    loss; a weighted loss is the weighted mean of the per-position errors (by hand)."""
+    from ssm_gym.maze.render import object_mask
+    from ssm_gym.maze.sim import MazeBatch
+    from ssm_gym.model.diffusion import object_loss_weights
+
+    sim = MazeBatch(16, n_objects=6)
+    for i in range(16):
+        sim.reset_env(i, np.random.default_rng(100 + i))
+    f = torch.from_numpy(np.stack([sim.render(), sim.render()], 1))  # (16, 2, 64, 64, 3)
+    m = latent_model().train()
+    w = object_loss_weights(m.config, f, 9.0)
+    assert w.shape == (16, 2, 16, 16) and set(w.unique().tolist()) <= {1.0, 10.0}
+    ball = torch.from_numpy(object_mask(f.numpy()))
+    assert (w > 1).any() and torch.equal(w > 1, ball.unflatten(2, (16, 4)).unflatten(4, (16, 4)).any(5).any(3))
+    pixel = object_loss_weights(PRESETS["tiny"][1].model, f, 2.0)
+    assert torch.equal(pixel, 1.0 + 2.0 * ball.float())
+    actions = torch.randint(0, 6, (16, 2), generator=torch.Generator().manual_seed(1))
+    sigma = torch.full((16, 2), 0.7)
+
+    def loss(**kw):
+        return diffusion_forcing_loss(m, f, actions, sigma=sigma, generator=torch.Generator().manual_seed(0), **kw)[0]
+
+    plain = loss()
+    for c in (1.0, 3.0):  # a weighted mean: any uniform weight is the plain loss
+        torch.testing.assert_close(loss(space_weight=torch.full((16, 2, 16, 16), c)), plain)
+    # all of frame (0, 0)'s weight on one latent pixel: that frame's loss is that position's error
+    one = torch.ones(16, 2, 16, 16)
+    one[0, 0] = 0.0
+    one[0, 0, 3, 5] = 1.0
+    assert not torch.allclose(loss(space_weight=one), plain)
+    assert torch.isfinite(loss(space_weight=w))
+    with pytest.raises(ValueError, match="space_weight"):
+        loss(space_weight=torch.ones(16, 2, 8, 8))
+    with pytest.raises(TypeError, match="uint8"):
+        object_loss_weights(m.config, f.float(), 1.0)

@@ -170,3 +170,29 @@ def test_place_at_recorded_moment_replays_the_recording():
         place_at_recorded_moment(sim, 0, other, 3)
     with pytest.raises(ValueError, match="targets_pos"):  # same walls, another number of objects
         place_at_recorded_moment(MazeBatch(1, n_objects=4), 0, ep, 3)
+
+
+def test_object_mask_finds_exactly_the_ball_pixels():
+    """The same views rendered with and without the balls differ exactly where object_mask says
+    (walls, sky, floor and fog never pass for a ball; the target-color border is excluded)."""
+    from ssm_gym.maze.render import object_mask
+    from ssm_gym.maze.sim import MazeBatch
+
+    sim = MazeBatch(64, n_objects=6)
+    for i in range(64):
+        sim.reset_env(i, np.random.default_rng(i))
+    rng = np.random.default_rng(0)
+    shown = 0
+    for _ in range(6):
+        sim.step(rng.integers(0, 6, 64))
+        with_balls = sim.render()
+        kept = sim.object_pos.copy()
+        sim.object_pos[:] = -10_000  # far behind every wall
+        without = sim.render()
+        sim.object_pos[:] = kept
+        differs = (with_balls != without).any(-1)
+        differs[:, :2], differs[:, -2:], differs[:, :, :2], differs[:, :, -2:] = False, False, False, False
+        mask = object_mask(with_balls)
+        assert np.array_equal(mask, differs)
+        shown += int(mask.any((1, 2)).sum())
+    assert shown > 20, "the test saw balls in enough views"

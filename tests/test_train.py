@@ -410,3 +410,13 @@ def test_csv_log_keeps_rows_when_its_columns_change(tmp_path):
     assert path.read_text().splitlines() == ["step,psnr,true_action_best", "10,17.5,", "20,18.0,0.4"]
     CSVLog(path, ["step", "psnr", "true_action_best"])  # same columns: untouched
     assert path.read_text().splitlines()[-1] == "20,18.0,0.4"
+
+
+def test_object_loss_weight_reaches_the_loss(data, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="object_loss_weight"):
+        dataclasses.replace(PRESETS["tiny"][1], object_loss_weight=-1.0).validate()
+    seen = spy_on(monkeypatch, "diffusion_forcing_loss",
+                  lambda args, kw, out: None if kw.get("space_weight") is None else tuple(kw["space_weight"].shape))
+    run = tiny(data, tmp_path / "run", object_loss_weight=4.0, stage_steps=(2, 2))
+    train(run)
+    assert seen and all(s is not None and s[2:] == run.model.space_shape[:2] for s in seen)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssm_gym.maze.layout import N_HEADINGS, TILE
+from ssm_gym.maze.layout import N_HEADINGS, OBJECT_COLORS, REGION_COLORS, TILE
 
 IMAGE_SIZE = 64
 BORDER = 2  # pixels of target color around the image
 FOV_DEG = 80.0
 BALL_RADIUS = 0.2  # tiles
 CAMERA_HEIGHT = 0.5  # tiles; walls are 1 tile high
+
+BALL_SHADE_MIN = 0.55  # a ball's edge is shaded to this fraction of its color (see render_first_person)
 
 HEADING_ANGLES = 2 * np.pi * np.arange(N_HEADINGS) / N_HEADINGS
 FOG_RGB = np.array([70.0, 70.0, 80.0], dtype=np.float32)
@@ -137,7 +139,7 @@ def render_first_person(
         ry = ((rows[None] - sy[:, None].astype(np.float32)) ** 2) * inv  # (M, H)
         r2 = ry[:, :, None] + cx[:, None, :]  # (M, H, W) squared radius in ball units
         m, r, c = np.nonzero((r2 < 1.0) & (d[:, None, None] < perp[sel][:, None, :]))
-        shade = 1.0 - 0.45 * r2[m, r, c]
+        shade = 1.0 - (1.0 - BALL_SHADE_MIN) * r2[m, r, c]
         rgb = object_rgb[sel[m], k[sel[m]]].astype(np.float32) * shade[:, None]
         img[sel[m], r, c] = _pack(rgb.astype(np.uint8))
 
@@ -148,6 +150,26 @@ def render_first_person(
     img[:, :, :BORDER] = t_rgb
     img[:, :, -BORDER:] = t_rgb
     return _unpack(img)
+
+
+def _chroma(rgb: np.ndarray) -> np.ndarray:
+    return rgb.max(-1).astype(np.int16) - rgb.min(-1).astype(np.int16)
+
+
+# Walls, sky and floor are muted (chroma, max - min channel, at most 70 for the walls, less with
+# shading and fog), balls saturated (at least 0.55 x 160 = 88 at their darkest edge): a pixel is a
+# ball's where its chroma is above the midpoint.
+OBJECT_CHROMA = (float(_chroma(REGION_COLORS).max()) + BALL_SHADE_MIN * float(_chroma(OBJECT_COLORS).min())) / 2
+
+
+def object_mask(frames: np.ndarray) -> np.ndarray:
+    """(..., H, W) bool: the pixels of first-person frames (..., H, W, 3) uint8 that show a ball
+    (the target-color border excluded). For weighting a model's loss towards the small objects
+    that the reward depends on."""
+    mask = _chroma(np.asarray(frames)) > OBJECT_CHROMA
+    mask[..., :BORDER, :] = mask[..., -BORDER:, :] = False
+    mask[..., :, :BORDER] = mask[..., :, -BORDER:] = False
+    return mask
 
 
 def _pack(rgb: np.ndarray) -> np.ndarray:

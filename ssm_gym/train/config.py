@@ -91,6 +91,10 @@ class TrainConfig:
     the imagined agent pushed on, the case the model gets wrong (0: uniform clips)."""
     reward_loss_weight: float = 1.0
     """Weight of the reward head's loss next to the frame loss."""
+    object_loss_weight: float = 0.0
+    """Extra weight of the positions that show a ball in each frame's denoising loss (1 + this
+    there, 1 elsewhere; a weighted mean per frame). Balls are under 1% of the pixels and the
+    models lose them within a few imagined steps (`python -m ssm_gym.eval.reward_sight`); 0: off."""
     compression: str = "off"
     """Dynamic state compression trained in (ssm_gym/model/compression.py): a setting name such as
     "strong"; its content rule masks the SSM state prefixes and the attention cache of a share of clips."""
@@ -182,6 +186,8 @@ class TrainConfig:
         if self.sample_every < 0 or min(self.stage_steps) < 1:
             raise ValueError("sample_every must be >= 0 and every stage needs >= 1 step")
         get_compression(self.compression)  # a clear error for an unknown setting
+        if not self.object_loss_weight >= 0.0:
+            raise ValueError(f"object_loss_weight must be >= 0, got {self.object_loss_weight}")
         if not 0.0 <= self.compression_prob <= 1.0:
             raise ValueError(f"compression_prob must be in [0, 1], got {self.compression_prob}")
         if not 0.0 <= self.clean_history_prob <= 1.0:

@@ -45,8 +45,8 @@ from ssm_gym.model.checkpoint import (
 )
 from ssm_gym.model.compression import clip_compression, get_compression
 from ssm_gym.model.attention import attention_kernel
-from ssm_gym.model.diffusion import (diffusion_forcing_loss, drop_actions, open_loop_history, sample_clip_sigmas,
-                                     still_targets)
+from ssm_gym.model.diffusion import (diffusion_forcing_loss, drop_actions, object_loss_weights, open_loop_history,
+                                     sample_clip_sigmas, still_targets)
 from ssm_gym.model.ssm import cpu_kernel
 from ssm_gym.model.world_model import WorldModel
 from ssm_gym.train.config import TrainConfig, config_to_json
@@ -422,6 +422,7 @@ def train(cfg: TrainConfig) -> Path:
                 history = open_loop_history(net, frames, actions, min(cfg.open_loop_context, clip_len - 1),
                                             generator=noise_gen, imagine_actions=taken)
                 targets = still_targets(net, frames, history) if cfg.open_loop_still_targets else None
+        weights = object_loss_weights(cfg.model, frames, cfg.object_loss_weight) if cfg.object_loss_weight else None
         chunks = temporal_chunks(clip_len, cfg.tbptt_frames)
         state = model.init_state(batch_size, env.device) if len(chunks) > 1 else None
         stats_sum: dict[str, float] = {}
@@ -434,7 +435,8 @@ def train(cfg: TrainConfig) -> Path:
                         state=state, generator=noise_gen, return_state=True, reward_weight=cfg.reward_loss_weight,
                         compress=None if compress is None else compress[s:e], noised_copies=copies,
                         history=None if history is None else history[:, s:e],
-                        copy_targets=None if targets is None else targets[:, s:e])
+                        copy_targets=None if targets is None else targets[:, s:e],
+                        space_weight=None if weights is None else weights[:, s:e])
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
             for k, v in stats.items():
