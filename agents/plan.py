@@ -9,10 +9,12 @@ of the best sequence in the real maze; the model is then re-synced on the real f
 
 Imagined rewards are paid as `SSMWorld-Maze-v0` pays them (`--reward-mode`): by default 1 where
 the head on the generated frame reads above the threshold, else 0. Scoring the head's raw value
-instead lets the planner chase its noise (0.01-0.05 on frames with no target in reach, session
-27): it steers towards what the head reads as slightly nearer a target, and scored 0.00 in the
-real maze where a random policy scores 0.25. With thresholded rewards a step where no candidate
-is paid leaves the plans tied, and the planner takes a uniformly random first action.
+(before session 27) let the planner chase its noise, 0.01-0.05 on frames with no target in
+reach: it steered towards what the head read as slightly nearer a target. With thresholded
+rewards a step where no candidate is paid leaves the plans tied, and the planner takes a
+uniformly random first action: it acts as a random policy except where the model shows a touch
+within the horizon, which the shipped models do one or two steps ahead
+(`python -m ssm_gym.eval.reward_sight`), so it is not yet better than random (README, Agents).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 import ssm_gym  # noqa: F401
 from agents.evaluate import scripted_returns, summary
 from ssm_gym.checkpoints import load_world_model
-from ssm_gym.envs.world_model_env import check_reward_mode, pay
+from ssm_gym.envs.world_model_env import REWARD_THRESHOLD, check_reward_mode, pay
 from ssm_gym.maze.sim import N_ACTIONS
 from ssm_gym.rollout.engine import RolloutEngine
 from ssm_gym.train.config import config_to_json
@@ -86,8 +88,9 @@ class Args:
     """Imagined rewards, as SSMWorld-Maze-v0 pays them: "threshold" 1 where the head on the generated
     frame reads above --reward-threshold, else 0; "expected" the head's expected reward from
     history and action (the first denoising pass), clipped to [0, 1]."""
-    reward_threshold: float = 0.5
-    """With --reward-mode threshold: the head's value above which an imagined step pays 1 (the env's default)."""
+    reward_threshold: Optional[float] = None
+    """With --reward-mode threshold: the head's value above which an imagined step pays 1 (default:
+    the env's, 0.5)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """The model's precision while imagining: "bf16" about doubles the imagined steps per second on a
     CPU with AVX-512 BF16 (see ssm_gym/rollout/engine.py; the forks keep it)."""
@@ -106,10 +109,11 @@ def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> flo
                            precision=args.precision)
     engine.reset(torch.ones(1, dtype=torch.bool), torch.from_numpy(obs)[None])
     rng = np.random.default_rng([args.seed, seed])
+    threshold = REWARD_THRESHOLD if args.reward_threshold is None else args.reward_threshold
     total = 0.0
     for _ in range(args.max_steps):
         a, _ = cem_plan(engine, 0, args.horizon, args.population, args.elites, args.iterations, rng,
-                        score=lambda raw: pay(raw, args.reward_mode, args.reward_threshold))
+                        score=lambda raw: pay(raw, args.reward_mode, threshold))
         obs, r, _, trunc, _ = real.step(a)
         total += r
         if bar is not None:
@@ -122,6 +126,8 @@ def run_planner(model, seed: int, args: Args, bar: Optional[tqdm] = None) -> flo
 
 
 def main(args: Args) -> dict:
+    if args.reward_threshold is not None and args.reward_mode != "threshold":
+        raise ValueError(f"--reward-threshold applies to --reward-mode threshold, not {args.reward_mode!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_world_model(args.checkpoint)

@@ -57,27 +57,41 @@ def test_planner_beats_random_on_a_known_toy_problem():
 
 
 class NoisyHeadEngine(ToyEngine):
-    """The toy with a reward head's noise: action 0 reads 0.3 on every step (never a touch), and
-    the touch at counter 3 reads 0.9. Summed raw, a step of action 0 before the touch scores more
-    than taking the touch first: the raw head's noise steers the plan."""
+    """The toy with a reward head's noise: action 0 reads 0.3 on every step (never a touch), the
+    touch at counter 3 reads 0.9 and ends the imagined episode. Summed raw, noise first and the
+    touch last scores most (brute force below); paid 1/0 at 0.5, only the touch counts."""
 
     def fork(self, idx):
         return NoisyHeadEngine(self.counters[np.asarray(idx)])
 
     def step(self, actions):
-        _, touch, term = super().step(actions)
+        _, touch, _ = super().step(actions)
         raw = torch.where(torch.as_tensor(np.asarray(actions)) == 0, 0.3, 0.9 * touch)
-        return None, raw, term
+        return None, raw, touch > 0
 
 
 def test_planner_pays_as_the_env_does_and_ignores_head_noise():
+    import itertools
+
     from agents.plan import pay
 
+    def raw_return(seq, start=1):  # cem_plan's score of one sequence, by hand
+        counter, total = start, 0.0
+        for h, a in enumerate(seq):
+            counter += a == 1
+            touch = counter == 3
+            total += 0.95**h * (0.3 if a == 0 else 0.9 * touch)
+            if touch:
+                break
+        return total
+
+    best = max(itertools.product(range(6), repeat=4), key=raw_return)
+    assert best[0] == 0 and raw_return(best) > raw_return((1, 1, 0, 0)), "the raw optimum puts the noise first"
     rng = np.random.default_rng(1)
-    kw = dict(horizon=4, population=256, elites=8, iterations=3, rng=rng)
+    kw = dict(horizon=4, population=512, elites=8, iterations=3, rng=rng)
     a_raw, ret_raw = cem_plan(NoisyHeadEngine([1]), 0, **kw)
     a_paid, ret_paid = cem_plan(NoisyHeadEngine([1]), 0, score=lambda raw: pay(raw, "threshold", 0.5), **kw)
-    assert a_raw == 0 and ret_raw > 1.2, "raw scores: the noise of action 0 comes first"
+    assert a_raw == 0 and ret_raw == pytest.approx(raw_return(best)), "raw scores: the noise of action 0 comes first"
     assert a_paid == 1 and ret_paid == pytest.approx(0.95), "paid 1/0 at 0.5: the touch two steps ahead wins"
     a_none, ret_none = cem_plan(NoisyHeadEngine([-10]), 0, score=lambda raw: pay(raw, "threshold", 0.5), **kw)
     assert ret_none == 0.0, "no touch within reach: nothing is paid"
@@ -215,3 +229,5 @@ def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_
     assert saved["planner"] == res["planner"] and res["planner"]["episodes"] == 2
     assert len(saved["planner_returns"]) == 2 and saved["args"]["horizon"] == 2
     assert saved["args"]["reward_mode"] == "expected" and saved["args"]["precision"] == precision
+    with pytest.raises(ValueError, match="--reward-threshold applies to --reward-mode threshold"):
+        plan.main(plan.Args(checkpoint=tiny_checkpoint, reward_mode="expected", reward_threshold=0.2))

@@ -271,12 +271,19 @@ def test_object_loss_weights_and_the_weighted_frame_loss():
     plain = loss()
     for c in (1.0, 3.0):  # a weighted mean: any uniform weight is the plain loss
         torch.testing.assert_close(loss(space_weight=torch.full((16, 2, 16, 16), c)), plain)
-    # all of frame (0, 0)'s weight on one latent pixel: that frame's loss is that position's error
-    one = torch.ones(16, 2, 16, 16)
-    one[0, 0] = 0.0
-    one[0, 0, 3, 5] = 1.0
-    assert not torch.allclose(loss(space_weight=one), plain)
+    # the weighted mean by hand: halves of frame (0, 0) weighted 3 : 1 give 3/4 of one half's
+    # loss plus 1/4 of the other's, the two halves alone average to the plain loss
+    left, right = torch.ones(16, 2, 16, 16), torch.ones(16, 2, 16, 16)
+    left[0, 0, :, 8:] = 0.0
+    right[0, 0, :, :8] = 0.0
+    l_left, l_right = loss(space_weight=left), loss(space_weight=right)
+    assert not torch.allclose(l_left, l_right)
+    torch.testing.assert_close((l_left + l_right) / 2, plain)
+    torch.testing.assert_close(loss(space_weight=3 * left + right), (3 * l_left + l_right) / 4)
     assert torch.isfinite(loss(space_weight=w))
+    for bad in (-torch.ones(16, 2, 16, 16), torch.zeros(16, 2, 16, 16)):
+        with pytest.raises(ValueError, match="positive sum"):
+            loss(space_weight=bad)
     with pytest.raises(ValueError, match="space_weight"):
         loss(space_weight=torch.ones(16, 2, 8, 8))
     with pytest.raises(TypeError, match="uint8"):

@@ -73,11 +73,15 @@ def test_ensemble_fork_and_reset_mask(model, member):
     ens.step(torch.tensor([1, 1]))
     twin = ens.fork(torch.tensor([1, 1]))
     assert torch.equal(twin.disagreement, ens.disagreement[[1, 1]])
-    a = torch.tensor([2, 2])
-    got = twin.step(a)
-    ref = ens.fork(torch.tensor([1, 1]))
-    want = ref.step(a)
-    assert torch.equal(got[0], want[0]) and torch.equal(twin.disagreement, ref.disagreement)
+    # by hand: forks of the driver and the member, stepped as the ensemble steps
+    driver, other = ens.driver.fork(torch.tensor([1, 1])), ens.members[0].fork(torch.tensor([1, 1]))
+    for a in (torch.tensor([2, 2]), torch.tensor([1, 4])):
+        got = twin.step(a)
+        predicted = other.predict(a)
+        want = driver.step(a)
+        other.observe(want[0], a)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(twin.disagreement, frame_disagreement(want[0], [predicted]))
     ens.reset(torch.tensor([True, False]), first_frames([7]))
     assert ens.disagreement[0] == 0 and ens.disagreement[1] > 0
     with pytest.raises(ValueError, match="does not match the driver"):
@@ -101,12 +105,23 @@ def test_env_pays_the_penalty_and_logs_disagreement(model, member):
         d = i2["disagreement"]
         assert d.shape == (3,) and (d >= 0).all() and (d <= 1).all()
         np.testing.assert_allclose(r2, r1 - 2.0 * d, atol=1e-6)
+    # NEXT_STEP autoreset: the step that restarts a finished episode pays nothing and shows no disagreement
+    nxt = gym.make_vec("SSMWorld-Maze-v0", num_envs=2, model=model, max_episode_steps=2, ensemble=[member],
+                       disagreement_penalty=1.0, reward_mode="expected")
+    nxt.reset(seed=1)
+    for t in range(3):
+        _, r, _, trunc, info = nxt.step(np.array([1, 2]))
+        if t < 2:
+            assert (info["disagreement"] > 0).all()
+    assert (info["disagreement"] == 0).all() and (r == 0).all()
     single = gym.make("SSMWorld-Maze-v0", model=model, ensemble=[member], disagreement_penalty=1.0,
                       reward_mode="expected")
     single.reset(seed=4)
     _, r, _, _, info = single.step(1)
     assert isinstance(info["disagreement"], float) and r == pytest.approx(min(max(info["reward_raw"], 0), 1)
                                                                           - info["disagreement"], abs=1e-6)
+    with pytest.raises(TypeError, match="ensemble must be a list"):
+        gym.make("SSMWorld-Maze-v0", model=model, ensemble="maze-latent")
     with pytest.raises(ValueError, match="disagreement_penalty needs ensemble"):
         gym.make("SSMWorld-Maze-v0", model=model, disagreement_penalty=1.0)
     with pytest.raises(ValueError, match="disagreement_penalty must be >= 0"):

@@ -1,6 +1,7 @@
 """Ground-truth maze: generation, dynamics, rendering."""
 
 import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -183,8 +184,8 @@ def test_object_mask_finds_exactly_the_ball_pixels():
         sim.reset_env(i, np.random.default_rng(i))
     rng = np.random.default_rng(0)
     shown = 0
-    for _ in range(6):
-        sim.step(rng.integers(0, 6, 64))
+    for t in range(14):  # random moves, then straight on until pressed to a wall (the nearest, brightest walls)
+        sim.step(rng.integers(0, 6, 64) if t < 6 else np.ones(64, dtype=np.int64))
         with_balls = sim.render()
         kept = sim.object_pos.copy()
         sim.object_pos[:] = -10_000  # far behind every wall
@@ -194,5 +195,6 @@ def test_object_mask_finds_exactly_the_ball_pixels():
         differs[:, :2], differs[:, -2:], differs[:, :, :2], differs[:, :, -2:] = False, False, False, False
         mask = object_mask(with_balls)
         assert np.array_equal(mask, differs)
+        assert np.array_equal(object_mask(torch.from_numpy(with_balls)).numpy(), mask)  # the torch path
         shown += int(mask.any((1, 2)).sum())
     assert shown > 20, "the test saw balls in enough views"

@@ -42,7 +42,10 @@ def _load(checkpoint: str | Path | None, model: Optional[WorldModel], device: st
 def _engine(checkpoint, model, device: str, num_envs: int, ensemble: Sequence, disagreement_penalty: float,
             **engine_kwargs) -> RolloutEngine | EnsembleEngine:
     """The env's engine: the model alone, or driving an ensemble with the `ensemble` models (each a
-    checkpoint name or folder, or a loaded `WorldModel`) as members, all with the same settings."""
+    checkpoint name or folder, or a loaded `WorldModel`) as members, all with the same settings
+    but their own noise streams (members never step by CUDA graph: they predict and observe)."""
+    if isinstance(ensemble, (str, Path, WorldModel)):
+        raise TypeError(f"ensemble must be a list of models (names, folders or WorldModels), got {ensemble!r}")
     if not disagreement_penalty >= 0.0:
         raise ValueError(f"disagreement_penalty must be >= 0, got {disagreement_penalty}")
     if disagreement_penalty > 0 and not ensemble:
@@ -50,14 +53,9 @@ def _engine(checkpoint, model, device: str, num_envs: int, ensemble: Sequence, d
     driver = RolloutEngine(_load(checkpoint, model, device), num_envs, device, **engine_kwargs)
     if not ensemble:
         return driver
-    members = []
-    for k, m in enumerate(ensemble):
-        member = _load(None, m, device) if isinstance(m, WorldModel) else _load(m, None, device)
-        if member.config.image_size != driver.model.config.image_size or member.config.channels != driver.model.config.channels:
-            raise ValueError(f"ensemble member {k} ({m if not isinstance(m, WorldModel) else 'a WorldModel'}) imagines "
-                             f"{member.config.image_size}px x {member.config.channels} frames, the driver "
-                             f"{driver.model.config.image_size}px x {driver.model.config.channels}")
-        members.append(RolloutEngine(member, num_envs, device, **engine_kwargs))
+    member_kwargs = {**engine_kwargs, "cuda_graph": False}
+    members = [RolloutEngine(_load(None, m, device) if isinstance(m, WorldModel) else _load(m, None, device), num_envs,
+                             device, seed=k * num_envs, **member_kwargs) for k, m in enumerate(ensemble, 1)]
     return EnsembleEngine(driver, members)
 
 
@@ -65,13 +63,14 @@ def penalise(paid: np.ndarray, engine, penalty: float, info: dict) -> np.ndarray
     """Subtract `penalty` x the ensemble's disagreement of this step (logged in `info["disagreement"]`)."""
     if not isinstance(engine, EnsembleEngine):
         return paid
-    d = engine.disagreement.float().cpu().numpy()
+    d = engine.disagreement.float().cpu().numpy().copy()  # the info's own, not a view of the engine's tensor
     info["disagreement"] = d if np.ndim(paid) else float(d[0])
     return (paid - np.float32(penalty) * (d if np.ndim(paid) else d[0])).astype(np.float32)
 
 
 # reward_mode -> where the engine reads the head ("real" pays the ground-truth maze, the head is only logged)
 REWARD_MODES = {"threshold": "frame", "expected": "denoiser", "real": "frame"}
+REWARD_THRESHOLD = 0.5  # the head's reading above which a step pays 1 ("threshold" mode)
 
 
 def check_reward_mode(mode: str) -> str:
@@ -251,7 +250,7 @@ class WorldModelEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "cpu", sampling_steps: Optional[int] = None,
-                 max_episode_steps: int = 1000, reward_threshold: float = 0.5, maze_size: int = 9, n_objects: int = 3,
+                 max_episode_steps: int = 1000, reward_threshold: float = REWARD_THRESHOLD, maze_size: int = 9, n_objects: int = 3,
                  render_mode: Optional[str] = None, model: Optional[WorldModel] = None, compression=None,
                  reward_mode: str = "threshold", context_data: str | Path | None = None, context_len: int = 32,
                  cuda_graph: bool = False,
@@ -342,7 +341,7 @@ class WorldModelVectorEnv(VectorEnv):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(self, num_envs: int = 1, checkpoint: str | Path | None = None, device: str = "cpu",
-                 sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = 0.5,
+                 sampling_steps: Optional[int] = None, max_episode_steps: int = 1000, reward_threshold: float = REWARD_THRESHOLD,
                  maze_size: int = 9, n_objects: int = 3, render_mode: Optional[str] = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, model: Optional[WorldModel] = None,
                  compression=None, chunk_envs: Optional[int] = None, reward_mode: str = "threshold",
@@ -451,7 +450,8 @@ class WorldModelVectorEnv(VectorEnv):
             obs = frames.cpu().numpy()
             if done.any():
                 info["final_obs"] = obs.copy()
-                info["final_info"] = {"reward_raw": raw.copy(), "reward_real": real.copy(), "step": self._elapsed.copy()}
+                info["final_info"] = {"reward_raw": raw.copy(), "reward_real": real.copy(), "step": self._elapsed.copy(),
+                                      **({"disagreement": info["disagreement"].copy()} if "disagreement" in info else {})}
                 info["_final_obs"] = info["_final_info"] = done.copy()
                 self._start(np.flatnonzero(done))
                 obs = self.engine.frames.cpu().numpy()

@@ -6,9 +6,10 @@ For every recorded touch of a target in held-out episodes (`--data`) and every k
 the model is warmed up on the real frames up to k steps before the touch and imagines the k
 recorded actions that led to it. The reward head is read where `SSMWorld-Maze-v0`'s
 `--reward-mode` reads it, and a step counts as paid above `--threshold`. Reported per k: the
-share of touches paid on the imagined touch step, false payouts on the imagined steps before
-it (no touch there in the recording), the mean raw reading at the touch and before it, and the
-AUC of the touch step's reading against those steps' (0.5: no signal).
+share of touches paid on the imagined touch step, the mean reading there, and the AUC of those
+readings against the readings on all imagined steps before the touches (no touch there in the
+recording; pooled over every k; 0.5: no signal). Once for those steps: false payouts per 1,000
+and their mean reading.
 
 Why it matters: a planner (`agents.plan`) can only plan for rewards the model shows within its
 horizon, and an agent trained in imagination is paid only for touches the model imagines: one
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ssm_gym.checkpoints import load_world_model
-from ssm_gym.envs.world_model_env import check_reward_mode
+from ssm_gym.envs.world_model_env import REWARD_THRESHOLD, check_reward_mode
 from ssm_gym.eval.prediction import reward_metrics
 from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
 from ssm_gym.rollout.engine import RolloutEngine
@@ -49,7 +50,7 @@ class Args:
     reward_mode: Literal["threshold", "expected"] = "threshold"
     """As SSMWorld-Maze-v0's: the head on the generated frame, or its expected reward from the
     first denoising pass (history and action alone)."""
-    threshold: float = 0.5
+    threshold: float = REWARD_THRESHOLD
     """A step pays when the reading is above this (the env's reward_threshold)."""
     sampling_steps: Optional[int] = 1
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -119,8 +120,9 @@ def main(args: Args) -> dict:
                            args.threshold)
         out["by_lookahead"][k] = {"paid": round(m["reward_recall"], 3), "mean_raw_at_touch": round(m["mean_pred_at_events"], 3),
                                   "auc": None if m["auc"] is None else round(m["auc"], 3)}
-        out["false_payouts_per_1k"] = round(m["false_payouts_per_1k"], 1) if len(quiet) else None
-        out["mean_raw_quiet"] = None if m["mean_pred_elsewhere"] is None else round(m["mean_pred_elsewhere"], 3)
+        if k == 1:  # the quiet steps' numbers, the same for every k
+            out["false_payouts_per_1k"] = round(m["false_payouts_per_1k"], 1) if len(quiet) else None
+            out["mean_raw_quiet"] = None if m["mean_pred_elsewhere"] is None else round(m["mean_pred_elsewhere"], 3)
     print(f"{out['touches']} recorded touches in {args.data}, imagined from k steps before each (reward mode "
           f"{args.reward_mode}, paid above {args.threshold}); on the {len(quiet)} imagined steps before them "
           f"(no touch): {out['false_payouts_per_1k']} payouts per 1,000 steps, mean reading {out['mean_raw_quiet']}")

@@ -117,6 +117,9 @@ def carve_walls(size: int, rng: np.random.Generator, loop_fraction: float = 0.15
     return walls
 
 
+TILE_JITTER = (0.8, 1.15)  # per-tile brightness factor of the wall colors
+
+
 def region_colors(walls: np.ndarray, rng: np.random.Generator, n_regions: int = 4) -> np.ndarray:
     """Voronoi regions over tiles, each a distinct muted color, with a per-tile jitter."""
     size = walls.shape[0]
@@ -125,7 +128,7 @@ def region_colors(walls: np.ndarray, rng: np.random.Generator, n_regions: int = 
     d = (ys[..., None] + 0.5 - seeds[:, 0]) ** 2 + (xs[..., None] + 0.5 - seeds[:, 1]) ** 2
     region = d.argmin(-1)
     palette = REGION_COLORS[rng.permutation(len(REGION_COLORS))[:n_regions]]
-    jitter = rng.uniform(0.8, 1.15, size=(size, size, 1)).astype(np.float32)
+    jitter = rng.uniform(*TILE_JITTER, size=(size, size, 1)).astype(np.float32)
     return np.clip(palette[region] * jitter, 0, 255).astype(np.float32)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ssm_gym.maze.layout import N_HEADINGS, OBJECT_COLORS, REGION_COLORS, TILE
+from ssm_gym.maze.layout import N_HEADINGS, OBJECT_COLORS, REGION_COLORS, TILE, TILE_JITTER
 
 IMAGE_SIZE = 64
 BORDER = 2  # pixels of target color around the image
@@ -152,23 +152,29 @@ def render_first_person(
     return _unpack(img)
 
 
-def _chroma(rgb: np.ndarray) -> np.ndarray:
-    return rgb.max(-1).astype(np.int16) - rgb.min(-1).astype(np.int16)
+def _chroma(rgb):
+    """max - min over the channels (numpy or torch), as a signed integer type."""
+    if isinstance(rgb, np.ndarray):
+        return rgb.max(-1).astype(np.int16) - rgb.min(-1).astype(np.int16)
+    return rgb.amax(-1).short() - rgb.amin(-1).short()
 
 
-# Walls, sky and floor are muted (chroma, max - min channel, at most 70 for the walls, less with
-# shading and fog), balls saturated (at least 0.55 x 160 = 88 at their darkest edge): a pixel is a
-# ball's where its chroma is above the midpoint.
-OBJECT_CHROMA = (float(_chroma(REGION_COLORS).max()) + BALL_SHADE_MIN * float(_chroma(OBJECT_COLORS).min())) / 2
+# Walls, sky and floor are muted (chroma at most 70 x 1.15 = 80.5 for the brightest jittered wall
+# tile, less with shading and fog), balls saturated (at least 0.55 x 160 = 88 at their darkest
+# edge): a pixel is a ball's where its chroma is above the midpoint.
+OBJECT_CHROMA = (float(_chroma(REGION_COLORS).max()) * TILE_JITTER[1]
+                 + BALL_SHADE_MIN * float(_chroma(OBJECT_COLORS).min())) / 2
 
 
-def object_mask(frames: np.ndarray) -> np.ndarray:
-    """(..., H, W) bool: the pixels of first-person frames (..., H, W, 3) uint8 that show a ball
-    (the target-color border excluded). For weighting a model's loss towards the small objects
-    that the reward depends on."""
-    mask = _chroma(np.asarray(frames)) > OBJECT_CHROMA
-    mask[..., :BORDER, :] = mask[..., -BORDER:, :] = False
-    mask[..., :, :BORDER] = mask[..., :, -BORDER:] = False
+def object_mask(frames):
+    """(..., H, W) bool: the pixels of first-person frames (..., H, W, 3) uint8 (numpy or torch,
+    on any device) that show a ball (the target-color border excluded). For weighting a model's
+    loss towards the small objects that the reward depends on."""
+    mask = _chroma(frames) > OBJECT_CHROMA
+    mask[..., :BORDER, :] = False
+    mask[..., -BORDER:, :] = False
+    mask[..., :, :BORDER] = False
+    mask[..., :, -BORDER:] = False
     return mask
 
 

@@ -159,6 +159,8 @@ def diffusion_forcing_loss(
         if tuple(space_weight.shape) != tuple(err.shape[:-1]):
             raise ValueError(f"space_weight {tuple(space_weight.shape)} does not match the clip's space {tuple(err.shape[:-1])}")
         sw = space_weight.float()
+        if bool((sw < 0).any()) or not bool((sw.flatten(2).sum(-1) > 0).all()):
+            raise ValueError("space_weight must be >= 0 with a positive sum in every frame")
         per_frame = (err * sw[..., None]).flatten(2).mean(-1) / sw.flatten(2).mean(-1)
     w = noised.float()
     frame_loss = (per_frame * w).sum() / w.sum().clamp(min=1.0)
@@ -306,14 +308,18 @@ def object_loss_weights(cfg, frames: Tensor, weight: float) -> Tensor:
     space (a pixel, or a latent pixel) that covers a ball (``ssm_gym.maze.render.object_mask``), 1
     elsewhere. Why: the balls are under 1% of the pixels, and a model trained on the plain mean
     loses them within two or three imagined steps (session 27), so an agent in imagination never
-    sees the thing it is paid for walking up to. frames (B, T, H, W, C) uint8."""
+    sees the thing it is paid for walking up to. frames (B, T, H, W, C) uint8. The weights follow
+    the clip's real frames, also where the noised copies denoise towards other targets
+    (``open_loop_still_targets``: there a still frame's ball may sit elsewhere)."""
     from ssm_gym.maze.render import object_mask
 
     if frames.dtype != torch.uint8:
         raise TypeError(f"object_loss_weights reads uint8 frames, got {frames.dtype}")
-    mask = torch.from_numpy(object_mask(frames.cpu().numpy())).to(frames.device, torch.float32)
+    mask = object_mask(frames).float()
     b, t, hh, ww = mask.shape
     h, w = cfg.space_shape[:2]
+    if hh % h or ww % w:
+        raise ValueError(f"frames of {hh}x{ww} pixels do not tile the network's {h}x{w} space")
     if (hh, ww) != (h, w):  # latent space: a latent pixel is weighted if any pixel it covers shows a ball
         mask = F.max_pool2d(mask.reshape(b * t, 1, hh, ww), (hh // h, ww // w)).reshape(b, t, h, w)
     return 1.0 + weight * mask

@@ -11,8 +11,10 @@ step, each member first predicts the next frame from its own state (`RolloutEngi
 driver then imagines the frame the env shows, and every member advances on that frame
 (`observe`), so all members follow the one imagined episode. `disagreement` (N,) is the mean
 absolute pixel difference, in [0, 1], between the driver's frame and the members' predictions
-(averaged over members). It has the engine's interface (`reset`, `step`, `fork`, `frames`), so
-`SSMWorld-Maze-v0` takes it as it is (`ensemble=[...]`, `disagreement_penalty=...`).
+(averaged over members). It has the part of the engine's interface that the envs use (`reset`,
+`step`, `fork`, `frames`, `steps`, `num_envs`, `device`, `model`, `state_nbytes`), so
+`SSMWorld-Maze-v0` takes it as it is (`ensemble=[...]`, `disagreement_penalty=...`); not
+`predict` / `observe` (no planner runs on an ensemble yet).
 
 Cost: each member adds a denoising pass, the decoder, the encoder and an observe pass per
 step, about 1.2 times the driver's step.
