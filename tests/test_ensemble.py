@@ -144,3 +144,19 @@ def test_ppo_with_an_ensemble_logs_disagreement(model, member, tmp_path):
     assert stepped and all(0 < float(r["disagreement"]) <= 1 for r in stepped)
     with pytest.raises(ValueError, match="--env real pays the real maze's"):
         make_env(dataclasses.replace(args, env="real"))
+
+
+def test_ensemble_disagreement_example(model, member, dataset, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "ensemble_disagreement.py"
+    spec = importlib.util.spec_from_file_location("ensemble_disagreement", path)
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example
+    spec.loader.exec_module(example)
+    driver, other = save_model(tmp_path / "driver", model), save_model(tmp_path / "member", member)
+    rows = example.main(example.Args(driver=str(driver), member=str(other), context_data=dataset, num_envs=4,
+                                     horizon=3, episodes=2))
+    assert 0 < rows["all"] <= 1 and set(rows) == {"all", "forward, moved", "forward, blocked by a wall", "turn", "no-op"}
