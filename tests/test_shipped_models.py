@@ -26,6 +26,7 @@ GATES = {
     "maze-latent-ol": (4.0, 0.75),
     "maze-latent": (4.0, 0.75),
     "maze-latent-walls": (4.0, 0.75),
+    "maze-latent-balls": (4.0, 0.75),
     "maze-cpu": (-3.5, 0.25),
 }
 
