@@ -221,6 +221,7 @@ class WorldModelEnv(gym.Env):
     ## Arguments
     - `checkpoint`: folder with config.json + model.safetensors, or a shipped model's name
       (`"maze-latent-ol"`, the default; `"maze-latent-walls"`, which stops at walls more often;
+      `"maze-latent-balls"`, which keeps the targets in view longer, the one to train agents in;
       `"maze-latent"`, `"maze-cpu"`; see ssm_gym/checkpoints/ and the README's Shipped models).
     - `model`: an already loaded `WorldModel` (instead of `checkpoint`).
     - `device` ("cpu"): torch device. `sampling_steps` (None = the model's default; 1 = fast mode).
