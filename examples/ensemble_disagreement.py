@@ -52,12 +52,14 @@ def main(args: Args) -> dict:
         d.append(info["disagreement"])
     step, action, moved, d = map(np.concatenate, (step, action, moved, d))
     fwd = np.isin(action, FORWARD_ACTIONS)
-    rows = {"all": d.mean(), "forward, moved": d[fwd & moved].mean(), "forward, blocked by a wall": d[fwd & ~moved].mean(),
-            "turn": d[np.isin(action, [2, 3])].mean(), "no-op": d[action == 0].mean()}
+    groups = {"all": np.ones_like(fwd), "forward, moved": fwd & moved, "forward, blocked by a wall": fwd & ~moved,
+              "turn": np.isin(action, [2, 3]), "no-op": action == 0}
+    rows = {k: float(d[m].mean()) if m.any() else float("nan") for k, m in groups.items()}
     print(f"{args.driver} driving, {args.member} following: mean disagreement (mean |pixel difference| in [0, 1])")
     for k, v in rows.items():
         print(f"  {k:>28}: {v:.4f}")
-    print("  by imagined step: " + ", ".join(f"{s}: {d[step == s].mean():.4f}" for s in (1, 2, 4, 8, args.horizon)))
+    shown = sorted({s for s in (1, 2, 4, 8, args.horizon) if s <= args.horizon})
+    print("  by imagined step: " + ", ".join(f"{s}: {d[step == s].mean():.4f}" for s in shown))
     return rows
 
 
