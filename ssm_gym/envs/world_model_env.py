@@ -64,8 +64,10 @@ def penalise(paid: np.ndarray, engine, penalty: float, info: dict) -> np.ndarray
     if not isinstance(engine, EnsembleEngine):
         return paid
     d = engine.disagreement.float().cpu().numpy().copy()  # the info's own, not a view of the engine's tensor
-    info["disagreement"] = d if np.ndim(paid) else float(d[0])
-    return (paid - np.float32(penalty) * (d if np.ndim(paid) else d[0])).astype(np.float32)
+    if np.ndim(paid) == 0:  # the single env: one number
+        d = d[0]
+    info["disagreement"] = d if np.ndim(paid) else float(d)
+    return (paid - np.float32(penalty) * d).astype(np.float32)
 
 
 # reward_mode -> where the engine reads the head ("real" pays the ground-truth maze, the head is only logged)

@@ -159,9 +159,10 @@ def diffusion_forcing_loss(
         if tuple(space_weight.shape) != tuple(err.shape[:-1]):
             raise ValueError(f"space_weight {tuple(space_weight.shape)} does not match the clip's space {tuple(err.shape[:-1])}")
         sw = space_weight.float()
-        if bool((sw < 0).any()) or not bool((sw.flatten(2).sum(-1) > 0).all()):
+        frame_weight = sw.flatten(2).mean(-1)  # (B, T)
+        if bool((sw < 0).any()) or not bool((frame_weight > 0).all()):
             raise ValueError("space_weight must be >= 0 with a positive sum in every frame")
-        per_frame = (err * sw[..., None]).flatten(2).mean(-1) / sw.flatten(2).mean(-1)
+        per_frame = (err * sw[..., None]).flatten(2).mean(-1) / frame_weight
     w = noised.float()
     frame_loss = (per_frame * w).sum() / w.sum().clamp(min=1.0)
     loss = frame_loss
