@@ -138,6 +138,13 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(agent.policy.state_dict().values(), again.policy.state_dict().values()))
     returns = real_returns(sb3_act_fn(agent), [3_000_000, 3_000_001], 20)
     assert returns.shape == (2,) and np.isfinite(returns).all()
+    # the CLI's JSON records how it evaluated, and agents.compare reads it
+    from agents import compare, evaluate
+    res = evaluate.main(evaluate.Args(agent=path, episodes=2, max_steps=20, out=tmp_path / "ppo" / "eval.json"))
+    assert res["setting"] == {"episodes": 2, "max_steps": 20, "first_seed": 3_000_000, "deterministic": False,
+                              "view": "real", "checkpoint": None}
+    assert res["agent"]["mean"] == pytest.approx(returns.mean())  # same seeds, sampled actions alike
+    assert compare.main(compare.Args(groups=[f"tiny={tmp_path}/ppo"]))["groups"]["tiny"]["returns"] == [res["agent"]["mean"]]
     # --view model: the same real maze, the agent seeing the model's prediction of each real frame
     seen, real_seen = [], []
     act = sb3_act_fn(agent)
@@ -231,3 +238,62 @@ def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_
     assert saved["args"]["reward_mode"] == "expected" and saved["args"]["precision"] == precision
     with pytest.raises(ValueError, match="--reward-threshold applies to --reward-mode threshold"):
         plan.main(plan.Args(checkpoint=tiny_checkpoint, reward_mode="expected", reward_threshold=0.2))
+
+
+def _write_eval(path, agent_mean, episodes=64, max_steps=200, setting=True):
+    path.mkdir(parents=True)
+    d = {"agent": {"mean": agent_mean, "stderr": 0.01, "episodes": episodes}}
+    if setting:
+        d["setting"] = {"episodes": episodes, "max_steps": max_steps, "first_seed": 3_000_000, "view": "real"}
+    (path / "eval.json").write_text(json.dumps(d))
+
+
+def test_compare_groups_means_ratios_and_differences_by_hand(tmp_path, capsys):
+    from agents import compare
+
+    for s, r in enumerate([0.4, 0.6, 0.5]):
+        _write_eval(tmp_path / f"real-seed{s}", r)
+    for s, r in enumerate([0.1, 0.3]):
+        _write_eval(tmp_path / f"dream-seed{s}", r, setting=False)  # older results carry no setting
+    (tmp_path / "dream-seed10").mkdir()  # natural order: seed 10 after seed 2
+    (tmp_path / "dream-seed10" / "eval.json").write_text(json.dumps({"agent": {"mean": 0.2, "episodes": 64}}))
+    _write_eval(tmp_path / "dream-seed2", 0.2)
+    out = compare.main(compare.Args(groups=[f"dream={tmp_path}/dream-seed*", f"real={tmp_path}/real-seed*"],
+                                    reference="real"))
+    dream, real = out["groups"]["dream"], out["groups"]["real"]
+    assert dream["seeds"] == ["seed 0", "seed 1", "seed 2", "seed 10"]
+    assert dream["returns"] == [0.1, 0.3, 0.2, 0.2]
+    assert dream["mean"] == pytest.approx(0.2) and real["mean"] == pytest.approx(0.5)
+    assert real["stderr"] == pytest.approx(0.1 / np.sqrt(3))          # s.d. 0.1 over 3 seeds
+    assert dream["stderr"] == pytest.approx(np.sqrt(0.02 / 3) / 2)     # s.d. sqrt(0.02/3) over 4 seeds
+    assert dream["ratio"] == pytest.approx(0.4) and real["ratio"] == 1.0
+    assert dream["ratio_stderr"] == pytest.approx(0.4 * np.hypot(dream["stderr"] / 0.2, real["stderr"] / 0.5))
+    (d,) = out["differences"]
+    assert (d["a"], d["b"]) == ("dream", "real")
+    assert d["b_minus_a"] == pytest.approx(0.3)
+    assert d["stderr"] == pytest.approx(np.hypot(dream["stderr"], real["stderr"]))
+    assert "real - dream: +0.300" in capsys.readouterr().out
+
+
+def test_compare_refuses_mixed_evaluations_and_bad_files(tmp_path):
+    from agents import compare
+
+    _write_eval(tmp_path / "a-seed0", 0.2)
+    _write_eval(tmp_path / "b-seed0", 0.3, max_steps=500)
+    with pytest.raises(SystemExit, match="different evaluations.*max_steps 200 vs 500"):
+        compare.main(compare.Args(groups=[f"a={tmp_path}/a-seed*", f"b={tmp_path}/b-seed*"]))
+    _write_eval(tmp_path / "c-seed0", 0.3, episodes=16, setting=False)
+    with pytest.raises(SystemExit, match="different evaluations.*episodes 64 vs 16"):
+        compare.main(compare.Args(groups=[f"a={tmp_path}/a-seed*", f"c={tmp_path}/c-seed*"]))
+    with pytest.raises(SystemExit, match="no agent folder or file matches"):
+        compare.main(compare.Args(groups=[f"a={tmp_path}/nothing-*"]))
+    with pytest.raises(SystemExit, match="expected NAME=PATTERN"):
+        compare.main(compare.Args(groups=[f"{tmp_path}/a-seed*"]))
+    (tmp_path / "d-seed0").mkdir()
+    with pytest.raises(SystemExit, match="does not exist.*agents.evaluate"):
+        compare.main(compare.Args(groups=[f"d={tmp_path}/d-seed*"]))
+    (tmp_path / "d-seed0" / "eval.json").write_text('{"agent": {"mean": 0.')  # truncated
+    with pytest.raises(SystemExit, match="not an agents.evaluate result"):
+        compare.main(compare.Args(groups=[f"d={tmp_path}/d-seed*"]))
+    with pytest.raises(SystemExit, match="--reference 'x' is not one of"):
+        compare.main(compare.Args(groups=[f"a={tmp_path}/a-seed*"], reference="x"))

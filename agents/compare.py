@@ -1,0 +1,165 @@
+"""Compare recipes by their agents' real-maze returns, one agent per training seed.
+
+    python -m agents.compare real='outputs/agents/ppo-real-seed*' \\
+        balls='outputs/agents/ppo-s27-s27-ball20-dream8-seed*' \\
+        control='outputs/agents/ppo-s27-s27-ctrl-dream8-seed*' --reference real
+
+Each group is NAME=PATTERN, a glob over agent folders (or the JSON files `agents.evaluate --out`
+writes; a folder means its eval.json). Per group: every seed's return, the mean over seeds and
+its standard error (the spread between training runs, not the spread over maze seeds inside one
+evaluation: PPO seeds of one recipe differ far more than one agent's evaluations do), and the
+ratio to the reference group. Then every pair of groups: the difference of means, its standard
+error (unpaired: different recipes' seed 0 share nothing but the number) and how many of those it
+is. Every file must come from the same evaluation (episodes, steps per episode, first maze seed,
+view), or the comparison stops and names the files that differ.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import tyro
+
+
+@dataclass
+class Group:
+    name: str
+    labels: list[str]
+    returns: np.ndarray  # (seeds,) mean real-maze return of each agent
+
+    @property
+    def mean(self) -> float:
+        return float(self.returns.mean())
+
+    @property
+    def stderr(self) -> float:
+        n = len(self.returns)
+        return float(self.returns.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def _natural_key(path: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def _eval_file(path: Path) -> Path:
+    return path / "eval.json" if path.is_dir() else path
+
+
+def _evaluation_setting(d: dict) -> dict:
+    """What decides whether two evaluations are comparable: the JSON's `setting` (written since
+    session 28) and the episode count every summary carries."""
+    return {**d.get("setting", {}), "episodes": d["agent"]["episodes"]}
+
+
+def load_group(spec: str) -> tuple[Group, dict[Path, dict]]:
+    """NAME=PATTERN -> the group and each file's evaluation setting."""
+    name, sep, pattern = spec.partition("=")
+    if not sep or not name or not pattern:
+        raise SystemExit(f"group {spec!r}: expected NAME=PATTERN, e.g. balls='outputs/agents/ppo-balls-seed*'")
+    files = [_eval_file(Path(p)) for p in sorted(glob.glob(pattern), key=_natural_key)]
+    if not files:
+        raise SystemExit(f"group {name!r}: no agent folder or file matches {pattern!r}")
+    labels, returns, settings = [], [], {}
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"group {name!r}: {f} does not exist (evaluate the agent with "
+                             f"`python -m agents.evaluate --agent {f.parent} --out {f}`)")
+        try:
+            d = json.loads(f.read_text())
+            returns.append(float(d["agent"]["mean"]))
+            settings[f] = _evaluation_setting(d)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SystemExit(f"group {name!r}: {f} is not an agents.evaluate result with an agent "
+                             f"({type(e).__name__}: {e})") from None
+        seed = re.search(r"seed(\d+)", str(f))
+        labels.append(f"seed {seed.group(1)}" if seed else f.parent.name)
+    return Group(name, labels, np.array(returns)), settings
+
+
+def check_same_evaluation(settings: dict[Path, dict]) -> None:
+    """Every pair of files agrees on every setting both recorded; else stop, naming two that differ."""
+    items = list(settings.items())
+    for f, s in items[1:]:
+        f0, s0 = items[0]
+        differ = {k: (s0[k], s[k]) for k in s0.keys() & s.keys() if s0[k] != s[k]}
+        if differ:
+            what = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items()))
+            raise SystemExit(f"{f0} and {f} come from different evaluations ({what}); evaluate every "
+                             f"agent the same way (agents.evaluate with the same --episodes, --max-steps, "
+                             f"--first-seed, --view)")
+
+
+def difference(a: Group, b: Group) -> tuple[float, float]:
+    """b - a and its standard error (unpaired)."""
+    return b.mean - a.mean, math.sqrt(a.stderr ** 2 + b.stderr ** 2)
+
+
+def ratio(a: Group, ref: Group) -> tuple[float, float]:
+    """a / ref and its standard error (first-order propagation of both means' errors)."""
+    if ref.mean == 0:
+        return float("nan"), float("nan")
+    r = a.mean / ref.mean
+    if a.mean == 0:
+        return r, float("nan")
+    return r, abs(r) * math.sqrt((a.stderr / a.mean) ** 2 + (ref.stderr / ref.mean) ** 2)
+
+
+@dataclass
+class Args:
+    groups: tyro.conf.Positional[list[str]]
+    """NAME=PATTERN per recipe: a glob over agent folders (each with eval.json) or eval JSON files."""
+    reference: Optional[str] = None
+    """The group the ratios are taken against (the real-maze agents); default: the first."""
+    json: Optional[Path] = None
+    """Also write the table as JSON here."""
+
+
+def main(args: Args) -> dict:
+    loaded = [load_group(spec) for spec in args.groups]
+    groups = [g for g, _ in loaded]
+    names = [g.name for g in groups]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"group names must differ: {names}")
+    check_same_evaluation({f: s for _, settings in loaded for f, s in settings.items()})
+    ref_name = args.reference or names[0]
+    if ref_name not in names:
+        raise SystemExit(f"--reference {ref_name!r} is not one of the groups {names}")
+    ref = groups[names.index(ref_name)]
+
+    def fmt(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.3f}"
+
+    def fmt_ratio(r: float, se: float) -> str:
+        return "-" if math.isnan(r) else f"{r:.0%}" + ("" if math.isnan(se) else f" +- {se:.0%}")
+
+    print(f"real-maze return per agent (one per training seed); ratios against {ref_name!r}")
+    print(f"{'group':>12} | seeds | mean +- s.e.  | {'of ' + ref_name:>14} | returns")
+    out = {"reference": ref_name, "groups": {}, "differences": []}
+    for g in groups:
+        r, r_se = (1.0, float("nan")) if g is ref else ratio(g, ref)
+        print(f"{g.name:>12} | {len(g.returns):>5} | {fmt(g.mean)} +- {fmt(g.stderr)} | {fmt_ratio(r, r_se):>14}"
+              f" | " + ", ".join(f"{x:.2f}" for x in g.returns))
+        out["groups"][g.name] = {"seeds": g.labels, "returns": g.returns.tolist(), "mean": g.mean,
+                                 "stderr": g.stderr, "ratio": r, "ratio_stderr": r_se}
+    print("differences (unpaired):")
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            d, se = difference(a, b)
+            z = d / se if se > 0 else float("nan")
+            print(f"  {b.name} - {a.name}: {d:+.3f} +- {fmt(se)}" + ("" if math.isnan(z) else f" ({z:+.1f} s.e.)"))
+            out["differences"].append({"a": a.name, "b": b.name, "b_minus_a": d, "stderr": se, "in_stderrs": z})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
