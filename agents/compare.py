@@ -11,7 +11,7 @@ evaluation: PPO seeds of one recipe differ far more than one agent's evaluations
 ratio to the reference group. Then every pair of groups: the difference of means, its standard
 error (unpaired: different recipes' seed 0 share nothing but the number) and how many of those it
 is. Every file must come from the same evaluation (episodes, steps per episode, first maze seed,
-view), or the comparison stops and names the files that differ.
+deterministic or sampled actions, view), or the comparison stops and names two files that differ.
 """
 
 from __future__ import annotations
@@ -52,10 +52,23 @@ def _eval_file(path: Path) -> Path:
     return path / "eval.json" if path.is_dir() else path
 
 
+# what makes two evaluations comparable; the checkpoint a --view model agent saw is not among
+# them (recipes may each be judged through their own model)
+COMPARABLE = ("episodes", "max_steps", "first_seed", "deterministic", "view")
+
+
 def _evaluation_setting(d: dict) -> dict:
-    """What decides whether two evaluations are comparable: the JSON's `setting` (written since
-    session 28) and the episode count every summary carries."""
-    return {**d.get("setting", {}), "episodes": d["agent"]["episodes"]}
+    """The JSON's `setting` (written since session 28) and the episode count every summary
+    carries (all an older file can be checked on)."""
+    setting = {k: v for k, v in d.get("setting", {}).items() if k in COMPARABLE}
+    return {**setting, "episodes": d["agent"]["episodes"]}
+
+
+def _seed_label(f: Path) -> str:
+    """'seed N' from the agent's own name (its folder for an eval.json, else the file's stem)."""
+    name = f.parent.name if f.name == "eval.json" else f.stem
+    seeds = re.findall(r"seed(\d+)", name)
+    return f"seed {seeds[-1]}" if seeds else name
 
 
 def load_group(spec: str) -> tuple[Group, dict[Path, dict]]:
@@ -75,25 +88,24 @@ def load_group(spec: str) -> tuple[Group, dict[Path, dict]]:
             d = json.loads(f.read_text())
             returns.append(float(d["agent"]["mean"]))
             settings[f] = _evaluation_setting(d)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise SystemExit(f"group {name!r}: {f} is not an agents.evaluate result with an agent "
                              f"({type(e).__name__}: {e})") from None
-        seed = re.search(r"seed(\d+)", str(f))
-        labels.append(f"seed {seed.group(1)}" if seed else f.parent.name)
+        labels.append(_seed_label(f))
     return Group(name, labels, np.array(returns)), settings
 
 
 def check_same_evaluation(settings: dict[Path, dict]) -> None:
-    """Every pair of files agrees on every setting both recorded; else stop, naming two that differ."""
-    items = list(settings.items())
-    for f, s in items[1:]:
-        f0, s0 = items[0]
-        differ = {k: (s0[k], s[k]) for k in s0.keys() & s.keys() if s0[k] != s[k]}
-        if differ:
-            what = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items()))
-            raise SystemExit(f"{f0} and {f} come from different evaluations ({what}); evaluate every "
-                             f"agent the same way (agents.evaluate with the same --episodes, --max-steps, "
-                             f"--first-seed, --view)")
+    """Every file agrees on every setting it recorded with the first file that recorded it (so any
+    two files that both recorded a setting agree on it); else stop, naming two that differ."""
+    first: dict[str, tuple[Path, object]] = {}
+    for f, s in settings.items():
+        for k, v in sorted(s.items()):
+            f0, v0 = first.setdefault(k, (f, v))
+            if v0 != v:
+                raise SystemExit(f"{f0} and {f} come from different evaluations ({k} {v0!r} vs {v!r}); "
+                                 f"evaluate every agent the same way (agents.evaluate with the same --episodes, "
+                                 f"--max-steps, --first-seed, --deterministic and --view)")
 
 
 def difference(a: Group, b: Group) -> tuple[float, float]:
@@ -106,9 +118,15 @@ def ratio(a: Group, ref: Group) -> tuple[float, float]:
     if ref.mean == 0:
         return float("nan"), float("nan")
     r = a.mean / ref.mean
-    if a.mean == 0:
-        return r, float("nan")
-    return r, abs(r) * math.sqrt((a.stderr / a.mean) ** 2 + (ref.stderr / ref.mean) ** 2)
+    return r, math.sqrt(a.stderr ** 2 + (r * ref.stderr) ** 2) / abs(ref.mean)
+
+
+def _nan_to_none(x):
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 @dataclass
@@ -134,7 +152,7 @@ def main(args: Args) -> dict:
     ref = groups[names.index(ref_name)]
 
     def fmt(x: float) -> str:
-        return "-" if math.isnan(x) else f"{x:.3f}"
+        return f"{'-':>5}" if math.isnan(x) else f"{x:.3f}"
 
     def fmt_ratio(r: float, se: float) -> str:
         return "-" if math.isnan(r) else f"{r:.0%}" + ("" if math.isnan(se) else f" +- {se:.0%}")
@@ -157,7 +175,7 @@ def main(args: Args) -> dict:
             out["differences"].append({"a": a.name, "b": b.name, "b_minus_a": d, "stderr": se, "in_stderrs": z})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        args.json.write_text(json.dumps(_nan_to_none(out), indent=2) + "\n")  # strict JSON: null, not NaN
     return out
 
 

@@ -190,7 +190,8 @@ def main(args: Args) -> dict:
         print(f"  {name:>7}: return {s['mean']:.2f} +- {s['stderr']:.2f}{moves}")
     # what makes two results comparable (agents.compare checks it)
     res["setting"] = {"episodes": args.episodes, "max_steps": args.max_steps, "first_seed": args.first_seed,
-                      "deterministic": args.deterministic, "view": args.view, "checkpoint": args.checkpoint}
+                      "deterministic": args.deterministic, "view": args.view, "checkpoint": args.checkpoint,
+                      "precision": args.precision}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -142,8 +142,9 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     from agents import compare, evaluate
     res = evaluate.main(evaluate.Args(agent=path, episodes=2, max_steps=20, out=tmp_path / "ppo" / "eval.json"))
     assert res["setting"] == {"episodes": 2, "max_steps": 20, "first_seed": 3_000_000, "deterministic": False,
-                              "view": "real", "checkpoint": None}
-    assert res["agent"]["mean"] == pytest.approx(returns.mean())  # same seeds, sampled actions alike
+                              "view": "real", "checkpoint": None, "precision": "bf16"}
+    # same seeds, and the same sampled actions: SB3's load reseeds torch, both times after a load
+    assert res["agent"]["mean"] == pytest.approx(returns.mean())
     assert compare.main(compare.Args(groups=[f"tiny={tmp_path}/ppo"]))["groups"]["tiny"]["returns"] == [res["agent"]["mean"]]
     # --view model: the same real maze, the agent seeing the model's prediction of each real frame
     seen, real_seen = [], []
@@ -256,23 +257,36 @@ def test_compare_groups_means_ratios_and_differences_by_hand(tmp_path, capsys):
     for s, r in enumerate([0.1, 0.3]):
         _write_eval(tmp_path / f"dream-seed{s}", r, setting=False)  # older results carry no setting
     (tmp_path / "dream-seed10").mkdir()  # natural order: seed 10 after seed 2
-    (tmp_path / "dream-seed10" / "eval.json").write_text(json.dumps({"agent": {"mean": 0.2, "episodes": 64}}))
+    (tmp_path / "dream-seed10" / "eval.json").write_text(json.dumps({"agent": {"mean": 0.4, "episodes": 64}}))
     _write_eval(tmp_path / "dream-seed2", 0.2)
     out = compare.main(compare.Args(groups=[f"dream={tmp_path}/dream-seed*", f"real={tmp_path}/real-seed*"],
                                     reference="real"))
     dream, real = out["groups"]["dream"], out["groups"]["real"]
     assert dream["seeds"] == ["seed 0", "seed 1", "seed 2", "seed 10"]
-    assert dream["returns"] == [0.1, 0.3, 0.2, 0.2]
-    assert dream["mean"] == pytest.approx(0.2) and real["mean"] == pytest.approx(0.5)
+    assert dream["returns"] == [0.1, 0.3, 0.2, 0.4]
+    assert dream["mean"] == pytest.approx(0.25) and real["mean"] == pytest.approx(0.5)
     assert real["stderr"] == pytest.approx(0.1 / np.sqrt(3))          # s.d. 0.1 over 3 seeds
-    assert dream["stderr"] == pytest.approx(np.sqrt(0.02 / 3) / 2)     # s.d. sqrt(0.02/3) over 4 seeds
-    assert dream["ratio"] == pytest.approx(0.4) and real["ratio"] == 1.0
-    assert dream["ratio_stderr"] == pytest.approx(0.4 * np.hypot(dream["stderr"] / 0.2, real["stderr"] / 0.5))
+    assert dream["stderr"] == pytest.approx(np.sqrt(0.05 / 3) / 2)     # squares 0.05 over 3 d.o.f., 4 seeds
+    assert dream["ratio"] == pytest.approx(0.5) and real["ratio"] == 1.0
+    assert dream["ratio_stderr"] == pytest.approx(0.5 * np.hypot(dream["stderr"] / 0.25, real["stderr"] / 0.5))
     (d,) = out["differences"]
     assert (d["a"], d["b"]) == ("dream", "real")
-    assert d["b_minus_a"] == pytest.approx(0.3)
+    assert d["b_minus_a"] == pytest.approx(0.25)
     assert d["stderr"] == pytest.approx(np.hypot(dream["stderr"], real["stderr"]))
-    assert "real - dream: +0.300" in capsys.readouterr().out
+    assert "real - dream: +0.250" in capsys.readouterr().out
+    # one seed: no standard error, written as null (strict JSON), not NaN; a zero mean keeps its ratio's error
+    _write_eval(tmp_path / "zero-seed0", 0.0)
+    _write_eval(tmp_path / "zero-seed1", 0.2)
+    (tmp_path / "one.json").write_text(json.dumps({"agent": {"mean": 0.3, "episodes": 64}}))
+    out = compare.main(compare.Args(groups=[f"real={tmp_path}/real-seed*", f"one={tmp_path}/one.json",
+                                            f"zero={tmp_path}/zero-seed0"], json=tmp_path / "t.json"))
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert written["groups"]["one"]["seeds"] == ["one"] and written["groups"]["one"]["stderr"] is None
+    assert written["groups"]["real"]["ratio_stderr"] is None  # the reference against itself
+    assert out["groups"]["zero"]["ratio"] == 0.0 and np.isnan(out["groups"]["zero"]["ratio_stderr"])  # one seed
+    two = compare.main(compare.Args(groups=[f"real={tmp_path}/real-seed*", f"zero={tmp_path}/zero-seed*"]))
+    zero = two["groups"]["zero"]
+    assert zero["ratio_stderr"] == pytest.approx(np.hypot(zero["stderr"], zero["ratio"] * real["stderr"]) / 0.5)
 
 
 def test_compare_refuses_mixed_evaluations_and_bad_files(tmp_path):
@@ -285,6 +299,12 @@ def test_compare_refuses_mixed_evaluations_and_bad_files(tmp_path):
     _write_eval(tmp_path / "c-seed0", 0.3, episodes=16, setting=False)
     with pytest.raises(SystemExit, match="different evaluations.*episodes 64 vs 16"):
         compare.main(compare.Args(groups=[f"a={tmp_path}/a-seed*", f"c={tmp_path}/c-seed*"]))
+    # an older file (no setting) first must not hide that two later ones differ
+    _write_eval(tmp_path / "old-seed0", 0.2, setting=False)
+    with pytest.raises(SystemExit, match="a-seed0.*b-seed0.*max_steps 200 vs 500"):
+        compare.main(compare.Args(groups=[f"old={tmp_path}/old-seed*", f"a={tmp_path}/a-seed*", f"b={tmp_path}/b-seed*"]))
+    with pytest.raises(SystemExit, match="group names must differ"):
+        compare.main(compare.Args(groups=[f"a={tmp_path}/a-seed*", f"a={tmp_path}/old-seed*"]))
     with pytest.raises(SystemExit, match="no agent folder or file matches"):
         compare.main(compare.Args(groups=[f"a={tmp_path}/nothing-*"]))
     with pytest.raises(SystemExit, match="expected NAME=PATTERN"):
