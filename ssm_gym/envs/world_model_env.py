@@ -66,7 +66,9 @@ def penalise(paid: np.ndarray, engine, penalty: float, info: dict) -> np.ndarray
     d = engine.disagreement.float().cpu().numpy().copy()  # the info's own, not a view of the engine's tensor
     if np.ndim(paid) == 0:  # the single env: one number
         d = d[0]
-    info["disagreement"] = d if np.ndim(paid) else float(d)
+        info["disagreement"] = float(d)
+    else:
+        info["disagreement"] = d
     return (paid - np.float32(penalty) * d).astype(np.float32)
 
 
