@@ -8,9 +8,11 @@ Each group is NAME=PATTERN, a glob over agent folders (or the JSON files `agents
 writes; a folder means its eval.json). Per group: every seed's return, the mean over seeds and
 its standard error (the spread between training runs, not the spread over maze seeds inside one
 evaluation: PPO seeds of one recipe differ far more than one agent's evaluations do), and the
-ratio to the reference group. Then every pair of groups: the difference of means, its standard
-error (unpaired: different recipes' seed 0 share nothing but the number) and how many of those it
-is. Every file must come from the same evaluation (episodes, steps per episode, first maze seed,
+ratio to the reference group, and the mean share of forward moves that walked into a wall (the
+behaviour that most separates imagination agents from real ones; `agents.evaluate` records it).
+Then every pair of groups: the difference of means, its
+standard error (unpaired: different recipes' seed 0 share nothing but the number) and how many of
+those it is. Every file must come from the same evaluation (episodes, steps per episode, first maze seed,
 deterministic or sampled actions, view), or the comparison stops and names two files that differ.
 """
 
@@ -33,6 +35,7 @@ class Group:
     name: str
     labels: list[str]
     returns: np.ndarray  # (seeds,) mean real-maze return of each agent
+    blocked: np.ndarray  # (seeds,) share of each agent's forward moves a wall stopped; NaN where not recorded
 
     @property
     def mean(self) -> float:
@@ -42,6 +45,12 @@ class Group:
     def stderr(self) -> float:
         n = len(self.returns)
         return float(self.returns.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+    @property
+    def mean_blocked(self) -> float:
+        """Mean over the seeds that recorded it (NaN if none did)."""
+        known = self.blocked[~np.isnan(self.blocked)]
+        return float(known.mean()) if len(known) else float("nan")
 
 
 def _natural_key(path: str):
@@ -79,7 +88,7 @@ def load_group(spec: str) -> tuple[Group, dict[Path, dict]]:
     files = [_eval_file(Path(p)) for p in sorted(glob.glob(pattern), key=_natural_key)]
     if not files:
         raise SystemExit(f"group {name!r}: no agent folder or file matches {pattern!r}")
-    labels, returns, settings = [], [], {}
+    labels, returns, blocked, settings = [], [], [], {}
     for f in files:
         if not f.is_file():
             raise SystemExit(f"group {name!r}: {f} does not exist (evaluate the agent with "
@@ -87,12 +96,13 @@ def load_group(spec: str) -> tuple[Group, dict[Path, dict]]:
         try:
             d = json.loads(f.read_text())
             returns.append(float(d["agent"]["mean"]))
+            blocked.append(float(d["agent"].get("behaviour", {}).get("forward_blocked_share", float("nan"))))
             settings[f] = _evaluation_setting(d)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise SystemExit(f"group {name!r}: {f} is not an agents.evaluate result with an agent "
                              f"({type(e).__name__}: {e})") from None
         labels.append(_seed_label(f))
-    return Group(name, labels, np.array(returns)), settings
+    return Group(name, labels, np.array(returns), np.array(blocked)), settings
 
 
 def check_same_evaluation(settings: dict[Path, dict]) -> None:
@@ -158,14 +168,16 @@ def main(args: Args) -> dict:
         return "-" if math.isnan(r) else f"{r:.0%}" + ("" if math.isnan(se) else f" +- {se:.0%}")
 
     print(f"real-maze return per agent (one per training seed); ratios against {ref_name!r}")
-    print(f"{'group':>12} | seeds | mean +- s.e.  | {'of ' + ref_name:>14} | returns")
+    print(f"{'group':>12} | seeds | mean +- s.e.  | {'of ' + ref_name:>14} | into walls | returns")
     out = {"reference": ref_name, "groups": {}, "differences": []}
     for g in groups:
         r, r_se = (1.0, float("nan")) if g is ref else ratio(g, ref)
+        walls = "-" if math.isnan(g.mean_blocked) else f"{g.mean_blocked:.0%}"
         print(f"{g.name:>12} | {len(g.returns):>5} | {fmt(g.mean)} +- {fmt(g.stderr)} | {fmt_ratio(r, r_se):>14}"
-              f" | " + ", ".join(f"{x:.2f}" for x in g.returns))
+              f" | {walls:>10} | " + ", ".join(f"{x:.2f}" for x in g.returns))
         out["groups"][g.name] = {"seeds": g.labels, "returns": g.returns.tolist(), "mean": g.mean,
-                                 "stderr": g.stderr, "ratio": r, "ratio_stderr": r_se}
+                                 "stderr": g.stderr, "ratio": r, "ratio_stderr": r_se,
+                                 "forward_blocked_share": g.blocked.tolist(), "mean_forward_blocked_share": g.mean_blocked}
     print("differences (unpaired):")
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:

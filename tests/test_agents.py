@@ -241,9 +241,11 @@ def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_
         plan.main(plan.Args(checkpoint=tiny_checkpoint, reward_mode="expected", reward_threshold=0.2))
 
 
-def _write_eval(path, agent_mean, episodes=64, max_steps=200, setting=True):
+def _write_eval(path, agent_mean, episodes=64, max_steps=200, setting=True, blocked=None):
     path.mkdir(parents=True)
     d = {"agent": {"mean": agent_mean, "stderr": 0.01, "episodes": episodes}}
+    if blocked is not None:
+        d["agent"]["behaviour"] = {"forward_blocked_share": blocked}
     if setting:
         d["setting"] = {"episodes": episodes, "max_steps": max_steps, "first_seed": 3_000_000, "view": "real"}
     (path / "eval.json").write_text(json.dumps(d))
@@ -252,8 +254,8 @@ def _write_eval(path, agent_mean, episodes=64, max_steps=200, setting=True):
 def test_compare_groups_means_ratios_and_differences_by_hand(tmp_path, capsys):
     from agents import compare
 
-    for s, r in enumerate([0.4, 0.6, 0.5]):
-        _write_eval(tmp_path / f"real-seed{s}", r)
+    for s, (r, b) in enumerate([(0.4, 0.5), (0.6, 0.4), (0.5, None)]):
+        _write_eval(tmp_path / f"real-seed{s}", r, blocked=b)
     for s, r in enumerate([0.1, 0.3]):
         _write_eval(tmp_path / f"dream-seed{s}", r, setting=False)  # older results carry no setting
     (tmp_path / "dream-seed10").mkdir()  # natural order: seed 10 after seed 2
@@ -273,7 +275,11 @@ def test_compare_groups_means_ratios_and_differences_by_hand(tmp_path, capsys):
     assert (d["a"], d["b"]) == ("dream", "real")
     assert d["b_minus_a"] == pytest.approx(0.25)
     assert d["stderr"] == pytest.approx(np.hypot(dream["stderr"], real["stderr"]))
-    assert "real - dream: +0.250" in capsys.readouterr().out
+    # the wall share: mean over the seeds that recorded it; none recorded: NaN, printed as '-'
+    assert real["mean_forward_blocked_share"] == pytest.approx(0.45) and np.isnan(real["forward_blocked_share"][2])
+    assert np.isnan(dream["mean_forward_blocked_share"])
+    printed = capsys.readouterr().out
+    assert "real - dream: +0.250" in printed and "45%" in printed
     # one seed: no standard error, written as null (strict JSON), not NaN; a zero mean keeps its ratio's error
     _write_eval(tmp_path / "zero-seed0", 0.0)
     _write_eval(tmp_path / "zero-seed1", 0.2)
@@ -283,6 +289,8 @@ def test_compare_groups_means_ratios_and_differences_by_hand(tmp_path, capsys):
     written = json.loads((tmp_path / "t.json").read_text())
     assert written["groups"]["one"]["seeds"] == ["one"] and written["groups"]["one"]["stderr"] is None
     assert written["groups"]["real"]["ratio_stderr"] is None  # the reference against itself
+    assert written["groups"]["real"]["forward_blocked_share"] == [0.5, 0.4, None]
+    assert written["groups"]["one"]["mean_forward_blocked_share"] is None
     assert out["groups"]["zero"]["ratio"] == 0.0 and np.isnan(out["groups"]["zero"]["ratio_stderr"])  # one seed
     two = compare.main(compare.Args(groups=[f"real={tmp_path}/real-seed*", f"zero={tmp_path}/zero-seed*"]))
     zero = two["groups"]["zero"]
