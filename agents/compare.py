@@ -9,7 +9,8 @@ writes; a folder means its eval.json). Per group: every seed's return, the mean 
 its standard error (the spread between training runs, not the spread over maze seeds inside one
 evaluation: PPO seeds of one recipe differ far more than one agent's evaluations do), and the
 ratio to the reference group, and the mean share of forward moves that walked into a wall (the
-behaviour that most separates imagination agents from real ones; `agents.evaluate` records it).
+behaviour that most separates imagination agents from real ones; `agents.evaluate` records it
+for real-maze views; '-' where no seed recorded it).
 Then every pair of groups: the difference of means, its
 standard error (unpaired: different recipes' seed 0 share nothing but the number) and how many of
 those it is. Every file must come from the same evaluation (episodes, steps per episode, first maze seed,
@@ -96,7 +97,8 @@ def load_group(spec: str) -> tuple[Group, dict[Path, dict]]:
         try:
             d = json.loads(f.read_text())
             returns.append(float(d["agent"]["mean"]))
-            blocked.append(float(d["agent"].get("behaviour", {}).get("forward_blocked_share", float("nan"))))
+            share = (d["agent"].get("behaviour") or {}).get("forward_blocked_share")  # absent or null: not recorded
+            blocked.append(float("nan") if share is None else float(share))
             settings[f] = _evaluation_setting(d)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise SystemExit(f"group {name!r}: {f} is not an agents.evaluate result with an agent "

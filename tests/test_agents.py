@@ -279,7 +279,16 @@ def test_compare_groups_means_ratios_and_differences_by_hand(tmp_path, capsys):
     assert real["mean_forward_blocked_share"] == pytest.approx(0.45) and np.isnan(real["forward_blocked_share"][2])
     assert np.isnan(dream["mean_forward_blocked_share"])
     printed = capsys.readouterr().out
-    assert "real - dream: +0.250" in printed and "45%" in printed
+    assert "real - dream: +0.250" in printed and "45%" in printed and "nan" not in printed
+    dream_row = next(line for line in printed.splitlines() if line.strip().startswith("dream |"))
+    assert dream_row.split("|")[4].strip() == "-"
+    # a behaviour of null, or a share of null, is 'not recorded', not a broken file
+    for name, behaviour in [("nullb", None), ("nulls", {"forward_blocked_share": None}), ("noshare", {"action_share": {}})]:
+        (tmp_path / f"{name}-seed0").mkdir()
+        (tmp_path / f"{name}-seed0" / "eval.json").write_text(
+            json.dumps({"agent": {"mean": 0.2, "episodes": 64, "behaviour": behaviour}}))
+        g = compare.main(compare.Args(groups=[f"{name}={tmp_path}/{name}-seed*"]))["groups"][name]
+        assert g["returns"] == [0.2] and np.isnan(g["mean_forward_blocked_share"])
     # one seed: no standard error, written as null (strict JSON), not NaN; a zero mean keeps its ratio's error
     _write_eval(tmp_path / "zero-seed0", 0.0)
     _write_eval(tmp_path / "zero-seed1", 0.2)
