@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from ssm_gym.model import VARIANTS, diffusion_forcing_loss
+from ssm_gym.model import HAS_MAMBA_SSM, VARIANTS, diffusion_forcing_loss
 from ssm_gym.rollout.engine import RolloutEngine
 from tests.test_world_model import clip, max_err, randomized, tiny_config, variant_model
 
@@ -34,6 +34,28 @@ def test_gpu_forward_and_step_equal_cpu(variant):
         steps = [g.observe(state, frames[:, i].cuda(), actions[:, i].cuda()) for i in range(frames.shape[1])]
     assert max_err(gpu.raw.cpu(), cpu.raw) < 1e-4
     assert max_err(torch.cat([s.raw for s in steps], 1).cpu(), cpu.raw) < 1e-4
+
+
+@pytest.mark.skipif(not HAS_MAMBA_SSM, reason="needs mamba-ssm")
+def test_mamba_backend_model_equals_torch_backend():
+    """The whole model on mamba-ssm's SSD kernels (what backend="auto" picks on a GPU for chunks of
+    16 or more, as in every shipped model): outputs and parameter gradients equal the pure-PyTorch
+    scan's on the same GPU. (The tiny models above use chunk 8, so they run the torch path.)"""
+    cfg = tiny_config("full", ssm_chunk_size=16, d_state=16)
+    frames, actions = clip(t=12)  # scans of 48, 24 and 192 tokens per block: whole and partial chunks
+    frames, actions, sigma = frames.cuda(), actions.cuda(), torch.full((2, 12), 0.5, device="cuda")
+    outs, grads = {}, {}
+    for backend in ("torch", "mamba"):
+        m = randomized(dataclasses.replace(cfg, backend=backend)).cuda()
+        out = m(frames, sigma, actions).raw
+        out.square().mean().backward()
+        outs[backend] = out.detach()
+        grads[backend] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    # Triton's tl.dot may use TF32 whatever torch's flags say: tolerances for ~1e-3 relative products
+    out_err = max_err(outs["mamba"], outs["torch"]) / outs["torch"].abs().max().item()
+    grad_err = ((grads["mamba"] - grads["torch"]).norm() / grads["torch"].norm()).item()
+    print(f"mamba vs torch backend: output max rel err {out_err:.2e}, gradient rel err {grad_err:.2e}")
+    assert out_err < 1e-2 and grad_err < 2e-2
 
 
 @pytest.mark.parametrize("variant", ["full", "attn_full"])
