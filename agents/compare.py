@@ -10,7 +10,7 @@ its standard error (the spread between training runs, not the spread over maze s
 evaluation: PPO seeds of one recipe differ far more than one agent's evaluations do), and the
 ratio to the reference group, and the mean share of forward moves that walked into a wall (the
 behaviour that most separates imagination agents from real ones; `agents.evaluate` records it
-for real-maze views; '-' where no seed recorded it). Then every pair of groups: the difference of
+for either view since session 30; '-' where no seed recorded it). Then every pair of groups: the difference of
 means, its standard error (unpaired: different recipes' seed 0 share nothing but the number) and
 how many of those it is. Every file must come from the same evaluation (episodes, steps per
 episode, first maze seed, deterministic or sampled actions, view), or the comparison stops and

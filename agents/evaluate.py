@@ -65,10 +65,10 @@ def real_returns(act: ActFn, seeds: list[int], max_steps: int, record: Optional[
 
 
 def model_view_returns(act: ActFn, seeds: list[int], max_steps: int, checkpoint, precision: str = "fp32",
-                       sampling_steps: Optional[int] = None) -> np.ndarray:
+                       sampling_steps: Optional[int] = None, record: Optional[dict] = None) -> np.ndarray:
     """``real_returns`` with the agent seeing the world model's prediction of each real frame
     (after the first, which it sees as it is): predict from the real history and the action,
-    step the real maze, observe its frame."""
+    step the real maze, observe its frame. `record`: see `_step` (the moves in the real maze)."""
     import torch
 
     from ssm_gym.checkpoints import load_world_model
@@ -85,7 +85,7 @@ def model_view_returns(act: ActFn, seeds: list[int], max_steps: int, checkpoint,
     for _ in range(max_steps):
         actions = np.asarray(act(view, starts)).reshape(n)
         predicted = engine.predict(torch.from_numpy(actions)).cpu().numpy()
-        obs, rewards, _, _, _ = venv.step(actions)
+        obs, rewards, _, _, _ = _step(venv, actions, record)
         engine.observe(torch.from_numpy(obs), torch.from_numpy(actions))
         view = predicted
         total += rewards
@@ -173,11 +173,12 @@ def main(args: Args) -> dict:
     res = {name: summary(scripted_returns(name, seeds, args.max_steps, records[name])) for name in records}
     if args.agent is not None:
         act = sb3_act_fn(load_agent(args.agent), args.deterministic)
+        records["agent"] = {}
         if args.view == "real":
-            records["agent"] = {}
             res["agent"] = summary(real_returns(act, seeds, args.max_steps, records["agent"]))
         else:
-            res["agent"] = summary(model_view_returns(act, seeds, args.max_steps, args.checkpoint, args.precision))
+            res["agent"] = summary(model_view_returns(act, seeds, args.max_steps, args.checkpoint, args.precision,
+                                                      record=records["agent"]))
     for name, record in records.items():
         res[name]["behaviour"] = behaviour(record)
     view = "" if args.view == "real" else f", the agent seeing {args.checkpoint}'s view of it"

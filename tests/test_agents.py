@@ -147,10 +147,11 @@ def test_ppo_in_imagination_end_to_end_and_evaluate(tmp_path):
     assert res["agent"]["mean"] == pytest.approx(returns.mean())
     assert compare.main(compare.Args(groups=[f"tiny={tmp_path}/ppo"]))["groups"]["tiny"]["returns"] == [res["agent"]["mean"]]
     # --view model: the same real maze, the agent seeing the model's prediction of each real frame
-    seen, real_seen = [], []
+    seen, real_seen, moves = [], [], {}
     act = sb3_act_fn(agent)
     model_view_returns(lambda obs, starts: (seen.append(obs.copy()), act(obs, starts))[1], [3_000_000, 3_000_001], 4,
-                       ckpt, precision="fp32")
+                       ckpt, precision="fp32", record=moves)
+    assert np.stack(moves["actions"]).shape == (4, 2)  # the agent's moves in the real maze are recorded too
     real_returns(lambda obs, starts: (real_seen.append(obs.copy()), np.ones(2, dtype=np.int64))[1],
                  [3_000_000, 3_000_001], 1)
     assert len(seen) == 4 and np.array_equal(seen[0], real_seen[0]), "the first frame is the real one"
