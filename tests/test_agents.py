@@ -221,9 +221,34 @@ def test_transfer_scores_agents_on_real_and_imagined_frames(tiny_checkpoint, dat
         for frames in ("real frames", "imagined frames"):
             assert 0 <= r[frames]["mean"] <= 5 and sum(r[frames]["action_share"].values()) == pytest.approx(1, abs=0.01)
     assert out["policies"]["random"]["real frames"] == out["policies"]["random"]["imagined frames"]
+    for r in out["policies"].values():  # the head's report counts the touches the imagined episodes made
+        h = r["head"]
+        assert len(h["by_step"]) == 5 and sum(t for t, _ in h["by_step"]) == h["touches"]
+        assert h["touches"] == round(r["imagined frames"]["mean"] * out["episodes"])
+        assert all(0 <= p <= t for t, p in h["by_step"]) and h["false_payouts_per_1k"] >= 0
     assert json.loads((tmp_path / "t.json").read_text())["policies"] == out["policies"]
     with pytest.raises(ValueError, match="horizon"):
         main(Args(checkpoint=tiny_checkpoint, context_data=dataset, horizon=0))
+
+def test_head_recall_counts_touches_paid_on_and_near_their_step():
+    from agents.transfer import head_recall
+
+    real = np.zeros((2, 4))
+    real[0, 1] = real[0, 3] = real[1, 0] = 1  # three touches
+    raw = np.full((2, 4), 0.1)
+    raw[0, 1] = 0.9  # paid on its step
+    raw[0, 2] = 0.6  # a step early for the touch at step 4: within one
+    raw[1, 3] = 0.7  # no touch near: false
+    h = head_recall(raw, real, 0.5)
+    assert h["touches"] == 3 and h["steps"] == 8
+    assert h["paid_on_step"] == pytest.approx(1 / 3) and h["paid_within_one"] == pytest.approx(2 / 3)
+    assert h["false_payouts_per_1k"] == pytest.approx(1000 / 8)
+    assert h["by_step"] == [[1, 0], [1, 1], [0, 0], [1, 0]]
+    assert head_recall(raw, real, 0.95)["paid_within_one"] == 0  # nothing paid above 0.95
+    raw[1, 1] = 0.8  # one step after the touch at step 1 of episode 2, in the same episode: within one
+    assert head_recall(raw, real, 0.5)["paid_within_one"] == pytest.approx(1.0)
+    assert head_recall(raw, np.zeros((2, 4)), 0.5)["paid_on_step"] is None
+
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_plan_cli_acts_in_the_real_maze_and_writes_results(tiny_checkpoint, tmp_path, precision):
