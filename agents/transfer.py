@@ -68,24 +68,25 @@ class Args:
     """Also write the results here."""
 
 
-def run(env, act: ActFn, args: Args) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]:
+def run(env, act: ActFn, args: Args) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray]:
     """Real reward of every episode (batches x num_envs) and the action counts. `env` is either
     vector env; the reward read is the real maze's in both (for the imagined one, the truth that
     follows its actions, since it is reset from context_data starts and paid with reward_mode "real").
     Also, per episode and step (episodes, horizon): the world model's head reading (None for the
-    real maze) and the real reward."""
-    returns, counts, raws, reals = [], np.zeros(N_ACTIONS, dtype=np.int64), [], []
+    real maze), the real reward, and whether the step is still in the row's first episode."""
+    returns, counts, raws, reals, ends = [], np.zeros(N_ACTIONS, dtype=np.int64), [], [], []
     for b in range(args.batches):
         obs, _ = env.reset(seed=args.seed + b * args.num_envs)
         total = np.zeros(args.num_envs)
         starts = np.ones(args.num_envs, dtype=bool)
         for _ in range(args.horizon):
             a = np.asarray(act(obs, starts)).reshape(args.num_envs)
-            obs, rewards, _, _, info = env.step(a)
+            obs, rewards, terminated, truncated, info = env.step(a)
             total += rewards
             counts += np.bincount(a, minlength=N_ACTIONS)
             starts[:] = False
             reals.append(np.asarray(rewards, dtype=float))
+            ends.append(np.asarray(terminated) | np.asarray(truncated))
             if "reward_raw" in info:
                 raws.append(np.asarray(info["reward_raw"], dtype=float))
         returns.append(total)
@@ -94,15 +95,22 @@ def run(env, act: ActFn, args: Args) -> tuple[np.ndarray, np.ndarray, Optional[n
         x = np.stack(steps).reshape(args.batches, args.horizon, args.num_envs)
         return x.transpose(0, 2, 1).reshape(-1, args.horizon)
 
-    return np.concatenate(returns), counts, per_episode(raws) if raws else None, per_episode(reals)
+    # a step belongs to the row's first episode until that episode ends (an imagined one can end
+    # early, when the termination head fires; the next episode then starts in the same row)
+    ended = per_episode(ends).astype(bool)
+    first = np.concatenate([np.ones((ended.shape[0], 1), bool), ~np.cumsum(ended, 1)[:, :-1].astype(bool)], 1)
+    return np.concatenate(returns), counts, per_episode(raws) if raws else None, per_episode(reals), first
 
 
-def head_recall(raw: np.ndarray, real: np.ndarray, threshold: float) -> dict:
+def head_recall(raw: np.ndarray, real: np.ndarray, threshold: float, valid: Optional[np.ndarray] = None) -> dict:
     """How a reward head's readings raw (episodes, steps) line up with the real rewards (same
     shape; a touch is > 0.5): touches; the share paid (raw above threshold) on their step and
     within one step of it in the same episode; payouts with no touch within one step, per 1,000
-    steps; the AUC of the reading (``reward_metrics``); and [touches, paid on the step] by step."""
-    touch, paid = real > 0.5, raw > threshold
+    steps (all steps: touches are rare); the AUC of the reading (``reward_metrics``); and
+    [touches, paid on the step] by step. valid (same shape, bool): the steps to count (the rest of
+    a row after its episode ended early)."""
+    valid = np.ones(real.shape, bool) if valid is None else valid
+    touch, paid = (real > 0.5) & valid, (raw > threshold) & valid
 
     def near(x: np.ndarray) -> np.ndarray:  # x or its neighbour step inside the episode
         out = x.copy()
@@ -111,11 +119,11 @@ def head_recall(raw: np.ndarray, real: np.ndarray, threshold: float) -> dict:
         return out
 
     n = int(touch.sum())
-    return {"touches": n, "steps": int(touch.size),
+    return {"touches": n, "steps": int(valid.sum()),
             "paid_on_step": float((paid & touch).sum() / n) if n else None,
             "paid_within_one": float((near(paid) & touch).sum() / n) if n else None,
-            "false_payouts_per_1k": 1000.0 * float((paid & ~near(touch)).sum()) / touch.size,
-            "auc": reward_metrics(raw.ravel(), real.ravel(), threshold)["auc"],
+            "unmatched_payouts_per_1k_steps": 1000.0 * float((paid & ~near(touch)).sum()) / max(int(valid.sum()), 1),
+            "auc": reward_metrics(raw[valid], real[valid], threshold)["auc"],
             "by_step": [[int(touch[:, k].sum()), int((paid & touch)[:, k].sum())] for k in range(raw.shape[1])]}
 
 
@@ -142,13 +150,13 @@ def main(args: Args) -> dict:
                 act: ActFn = lambda obs, starts: rng.integers(0, N_ACTIONS, len(obs))  # noqa: E731, B023
             else:
                 act = sb3_act_fn(agent, args.deterministic)
-            returns, counts, raw, real = run(env, act, args)
+            returns, counts, raw, real, first = run(env, act, args)
             out["policies"][name][frames] = {
                 "mean": round(float(returns.mean()), 4),
                 "stderr": round(float(returns.std(ddof=1) / np.sqrt(len(returns))), 4) if len(returns) > 1 else 0.0,
                 "action_share": {ACTION_NAMES[k]: round(float(c / counts.sum()), 3) for k, c in enumerate(counts)}}
             if raw is not None:
-                out["policies"][name]["head"] = head_recall(raw, real, args.reward_threshold)
+                out["policies"][name]["head"] = head_recall(raw, real, args.reward_threshold, first)
     for env in envs.values():
         env.close()
 
@@ -168,7 +176,7 @@ def main(args: Args) -> dict:
         h = r["head"]
         share = "-" if not h["touches"] else f"{h['paid_on_step']:.0%} / {h['paid_within_one']:.0%}"
         steps = ", ".join(f"{k + 1}: {p}/{t}" for k, (t, p) in enumerate(h["by_step"]))
-        print(f"{name[-40:]:>40} | {h['touches']} touches, {share}, {h['false_payouts_per_1k']:.1f} | {steps}")
+        print(f"{name[-40:]:>40} | {h['touches']} touches, {share}, {h['unmatched_payouts_per_1k_steps']:.1f} | {steps}")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -225,7 +225,7 @@ def test_transfer_scores_agents_on_real_and_imagined_frames(tiny_checkpoint, dat
         h = r["head"]
         assert len(h["by_step"]) == 5 and sum(t for t, _ in h["by_step"]) == h["touches"]
         assert h["touches"] == round(r["imagined frames"]["mean"] * out["episodes"])
-        assert all(0 <= p <= t for t, p in h["by_step"]) and h["false_payouts_per_1k"] >= 0
+        assert all(0 <= p <= t for t, p in h["by_step"]) and h["unmatched_payouts_per_1k_steps"] >= 0
     assert json.loads((tmp_path / "t.json").read_text())["policies"] == out["policies"]
     with pytest.raises(ValueError, match="horizon"):
         main(Args(checkpoint=tiny_checkpoint, context_data=dataset, horizon=0))
@@ -242,12 +242,20 @@ def test_head_recall_counts_touches_paid_on_and_near_their_step():
     h = head_recall(raw, real, 0.5)
     assert h["touches"] == 3 and h["steps"] == 8
     assert h["paid_on_step"] == pytest.approx(1 / 3) and h["paid_within_one"] == pytest.approx(2 / 3)
-    assert h["false_payouts_per_1k"] == pytest.approx(1000 / 8)
+    assert h["unmatched_payouts_per_1k_steps"] == pytest.approx(1000 / 8)
     assert h["by_step"] == [[1, 0], [1, 1], [0, 0], [1, 0]]
     assert head_recall(raw, real, 0.95)["paid_within_one"] == 0  # nothing paid above 0.95
     raw[1, 1] = 0.8  # one step after the touch at step 1 of episode 2, in the same episode: within one
     assert head_recall(raw, real, 0.5)["paid_within_one"] == pytest.approx(1.0)
     assert head_recall(raw, np.zeros((2, 4)), 0.5)["paid_on_step"] is None
+    # episodes are kept apart: a payout at the last step of one is not near a touch at the first of the next
+    real2, raw2 = np.zeros((2, 4)), np.zeros((2, 4))
+    real2[1, 0], raw2[0, 3] = 1, 0.9
+    assert head_recall(raw2, real2, 0.5)["paid_within_one"] == 0
+    # steps after a row's episode ended early are not counted
+    valid = np.array([[True] * 4, [True, True, False, False]])
+    v = head_recall(raw, real, 0.5, valid)
+    assert v["steps"] == 6 and v["touches"] == 3 and v["unmatched_payouts_per_1k_steps"] == 0
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
