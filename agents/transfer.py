@@ -98,7 +98,8 @@ def run(env, act: ActFn, args: Args) -> tuple[np.ndarray, np.ndarray, Optional[n
     # a step belongs to the row's first episode until that episode ends (an imagined one can end
     # early, when the termination head fires; the next episode then starts in the same row)
     ended = per_episode(ends).astype(bool)
-    first = np.concatenate([np.ones((ended.shape[0], 1), bool), ~np.cumsum(ended, 1)[:, :-1].astype(bool)], 1)
+    first = np.ones_like(ended)
+    first[:, 1:] = ~np.logical_or.accumulate(ended, axis=1)[:, :-1]
     return np.concatenate(returns), counts, per_episode(raws) if raws else None, per_episode(reals), first
 
 
@@ -118,12 +119,12 @@ def head_recall(raw: np.ndarray, real: np.ndarray, threshold: float, valid: Opti
         out[:, :-1] |= x[:, 1:]
         return out
 
-    n = int(touch.sum())
+    n, on_step = int(touch.sum()), reward_metrics(raw[valid], real[valid], threshold)  # recall and AUC on the step
     return {"touches": n, "steps": int(valid.sum()),
-            "paid_on_step": float((paid & touch).sum() / n) if n else None,
+            "paid_on_step": on_step["reward_recall"],
             "paid_within_one": float((near(paid) & touch).sum() / n) if n else None,
             "unmatched_payouts_per_1k_steps": 1000.0 * float((paid & ~near(touch)).sum()) / max(int(valid.sum()), 1),
-            "auc": reward_metrics(raw[valid], real[valid], threshold)["auc"],
+            "auc": on_step["auc"],
             "by_step": [[int(touch[:, k].sum()), int((paid & touch)[:, k].sum())] for k in range(raw.shape[1])]}
 
 

@@ -230,6 +230,7 @@ def test_transfer_scores_agents_on_real_and_imagined_frames(tiny_checkpoint, dat
     with pytest.raises(ValueError, match="horizon"):
         main(Args(checkpoint=tiny_checkpoint, context_data=dataset, horizon=0))
 
+
 def test_head_recall_counts_touches_paid_on_and_near_their_step():
     from agents.transfer import head_recall
 
