@@ -84,9 +84,9 @@ class Args:
     sampling_steps: Optional[int] = 1
     action_guidance: Optional[float] = None
     """Classifier-free guidance on the action (None = the model's default; see WorldModel.generate)."""
-    reward_mode: Literal["threshold", "expected"] = "threshold"
+    reward_mode: Literal["threshold", "soft", "expected"] = "threshold"
     """Imagined rewards, as SSMWorld-Maze-v0 pays them: "threshold" 1 where the head on the generated
-    frame reads above --reward-threshold, else 0; "expected" the head's expected reward from
+    frame reads above --reward-threshold, else 0; "soft" that reading clipped to [0, 1]; "expected" the head's expected reward from
     history and action (the first denoising pass), clipped to [0, 1]."""
     reward_threshold: Optional[float] = None
     """With --reward-mode threshold: the head's value above which an imagined step pays 1 (default:

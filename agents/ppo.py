@@ -44,8 +44,9 @@ class Args:
     action_guidance: Optional[float] = None
     """Classifier-free guidance on the action (None = the model's default; needs a model trained
     with the null action; see SSMWorld-Maze-v0's action_guidance)."""
-    reward_mode: Literal["threshold", "expected", "real"] = "threshold"
-    """Imagined rewards: the head on the generated frame, thresholded (default), or the expected
+    reward_mode: Literal["threshold", "soft", "expected", "real"] = "threshold"
+    """Imagined rewards: the head on the generated frame, thresholded (default) or paid as read
+    ("soft", clipped to [0, 1]), or the expected
     reward from history and action (see SSMWorld-Maze-v0's reward_mode); "real" pays what the
     ground-truth maze stepped beside the imagined one pays (a control: imagined observations,
     true rewards; not training in imagination alone)."""

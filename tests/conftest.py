@@ -83,3 +83,15 @@ def dataset(tmp_path_factory):
     for i, ep in enumerate(record_episodes([21, 22, 23], ["explore", "oracle", "random"], steps=30)):
         save_episode(folder / f"ep_{i:06d}.npz", ep)
     return folder
+
+
+@pytest.fixture(scope="session")
+def touches_data(tmp_path_factory):
+    """Two recorded episodes of the oracle policy, which touches targets often (reward tests)."""
+    from ssm_gym.maze.dataset import save_episode
+    from ssm_gym.maze.record import record_episodes
+
+    folder = tmp_path_factory.mktemp("touches")
+    for i, ep in enumerate(record_episodes([5, 6], ["oracle", "oracle"], steps=120)):
+        save_episode(folder / f"ep_{i:06d}.npz", ep)
+    return folder

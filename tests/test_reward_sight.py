@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from ssm_gym.eval import reward_sight
-from ssm_gym.maze.dataset import episode_prev_actions, load_episode, save_episode
-from ssm_gym.maze.record import record_episodes
+from ssm_gym.maze.dataset import episode_prev_actions, load_episode
 from ssm_gym.rollout.engine import RolloutEngine
-
-
-@pytest.fixture(scope="module")
-def touches_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("touches")
-    for i, ep in enumerate(record_episodes([5, 6], ["oracle", "oracle"], steps=120)):
-        save_episode(folder / f"ep_{i:06d}.npz", ep)
-    return folder
 
 
 def test_imagined_touches_are_the_recorded_ones(model, touches_data):

@@ -368,6 +368,15 @@ def test_expected_reward_mode_pays_the_head_on_the_first_denoising_pass(model, c
     venv.reset(seed=1)
     _, r, *_, info = venv.step(np.array([0, 1]))
     np.testing.assert_allclose(r, np.clip(info["reward_raw"], 0, 1))
+    # "soft" pays the reading on the generated frame (the threshold mode's) as is, clipped
+    soft, hard = (WorldModelEnv(checkpoint=checkpoint, reward_mode=m) for m in ("soft", "threshold"))
+    soft.reset(seed=1), hard.reset(seed=1)
+    for a in (0, 2, 1):
+        _, r_soft, *_, info_soft = soft.step(a)
+        _, r_hard, *_, info_hard = hard.step(a)
+        assert info_soft["reward_raw"] == info_hard["reward_raw"]
+        assert r_soft == pytest.approx(min(max(info_soft["reward_raw"], 0.0), 1.0))
+        assert r_hard == float(info_hard["reward_raw"] > 0.5)
     with pytest.raises(ValueError, match="reward_mode"):
         WorldModelEnv(checkpoint=checkpoint, reward_mode="sometimes")
     with pytest.raises(ValueError, match="reward_from"):

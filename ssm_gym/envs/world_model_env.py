@@ -73,7 +73,7 @@ def penalise(paid: np.ndarray, engine, penalty: float, info: dict) -> np.ndarray
 
 
 # reward_mode -> where the engine reads the head ("real" pays the ground-truth maze, the head is only logged)
-REWARD_MODES = {"threshold": "frame", "expected": "denoiser", "real": "frame"}
+REWARD_MODES = {"threshold": "frame", "soft": "frame", "expected": "denoiser", "real": "frame"}
 REWARD_THRESHOLD = 0.5  # the head's reading above which a step pays 1 ("threshold" mode)
 
 
@@ -85,13 +85,13 @@ def check_reward_mode(mode: str) -> str:
 
 def pay(raw: np.ndarray, mode: str, threshold: float, baseline: Optional[np.ndarray] = None,
         real: Optional[np.ndarray] = None) -> np.ndarray:
-    """Reward paid for raw head outputs: 1/0 at ``threshold`` ("threshold") or the expected reward
-    clipped to [0, 1] ("expected"); with a per-action ``baseline`` (the baseline of each env's
+    """Reward paid for raw head outputs: 1/0 at ``threshold`` ("threshold"), or the reading itself
+    clipped to [0, 1] ("soft": read on the generated frame; "expected": on the first denoising pass); with a per-action ``baseline`` (the baseline of each env's
     action, "expected" only), the expected reward minus it, clipped to [-1, 1]. "real": the
     ground-truth maze's reward ``real`` for the same actions from the same start."""
     if mode == "real":
         return np.asarray(real, dtype=np.float32)
-    if mode == "expected":
+    if mode in ("expected", "soft"):
         if baseline is not None:
             return np.clip(raw - baseline, -1.0, 1.0).astype(np.float32)
         return np.clip(raw, 0.0, 1.0).astype(np.float32)
@@ -201,7 +201,10 @@ class WorldModelEnv(gym.Env):
     ## Rewards
     The model's reward head (the real maze pays +1 for touching the target). `reward_mode`
     "threshold" (default): the head read on the generated frame, 1.0 when it exceeds
-    `reward_threshold`, else 0.0. "expected": the head read on the first denoising pass, i.e. from
+    `reward_threshold`, else 0.0. "soft": the same reading paid as is, clipped to [0, 1] (the
+    head is trained with a squared loss, so this is the expected reward given the imagined frame
+    and history: no touch the head is unsure of is rounded away, nor a doubtful one paid in full).
+    "expected": the head read on the first denoising pass, i.e. from
     the history and the action alone (the expected reward), paid as is, clipped to [0, 1]; use it
     when the generated frames do not show the reward events (see README, Agents). The raw
     prediction is in `info["reward_raw"]`. `reward_baseline` (expected mode): one number per
@@ -233,7 +236,7 @@ class WorldModelEnv(gym.Env):
     - `action_guidance` (None = the model's default, 1 = off): classifier-free guidance on the action,
       for models trained with the null action (see WorldModel.generate); costs one more model pass
       per denoising step.
-    - `max_episode_steps` (1000), `reward_mode` ("threshold", "expected" or "real"), `reward_threshold` (0.5).
+    - `max_episode_steps` (1000), `reward_mode` ("threshold", "soft", "expected" or "real"), `reward_threshold` (0.5).
     - `maze_size` (9), `n_objects` (3): the real maze that provides first frames.
     - `render_mode`: `"rgb_array"` returns the imagined frame.
     - `context_data` (None): a dataset folder to start episodes from (above); `context_len` (32).
