@@ -120,7 +120,10 @@ def test_open_loop_history_steps(data, tmp_path, monkeypatch):
                        ({"noised_copies": True, "open_loop_prob": -0.1}, "open_loop_prob"),
                        ({"noised_copies": True, "open_loop_context": 0}, "open_loop_context"),
                        ({"noised_copies": True, "open_loop_drop_blocked": True}, "--open-loop-prob"),
-                       ({"noised_copies": True, "open_loop_still_targets": True}, "--open-loop-prob")):
+                       ({"noised_copies": True, "open_loop_still_targets": True}, "--open-loop-prob"),
+                       ({"noised_copies": True, "open_loop_reward_weight": 5.0}, "--open-loop-prob"),
+                       ({"noised_copies": True, "open_loop_prob": 0.5, "open_loop_reward_weight": -1.0},
+                        "open_loop_reward_weight")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(PRESETS["tiny"][1], **bad).validate()
     cfg = dataclasses.replace(PRESETS["tiny"][1], noised_copies=True, noised_copies_prob=0.5, open_loop_prob=0.5)
@@ -130,9 +133,11 @@ def test_open_loop_history_steps(data, tmp_path, monkeypatch):
 
     calls = spy_on(monkeypatch, "open_loop_history", lambda args, kw, out: (args[1].shape[1], args[3], out))
     seen = spy_on(monkeypatch, "diffusion_forcing_loss", lambda args, kw, out: kw.get("history"))
+    weights = spy_on(monkeypatch, "diffusion_forcing_loss", lambda args, kw, out: kw.get("history_reward_weight"))
     run = tiny(data, tmp_path / "run", noised_copies=True, open_loop_prob=1.0, open_loop_context=6,
-               stage_steps=(3, 3), tbptt_frames=8)
+               stage_steps=(3, 3), tbptt_frames=8, open_loop_reward_weight=4.0)
     train(run)
+    assert weights and set(weights) == {4.0}
     # every step open loop; the context is capped at clip length - 1 (clips of 4, then 8 frames)
     assert [(t, c) for t, c, _ in calls] == [(4, 3)] * 3 + [(8, 6)] * 3
     assert len(seen) == len(calls) and all(torch.equal(h, out) for h, (_, _, out) in zip(seen, calls))

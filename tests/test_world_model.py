@@ -263,6 +263,30 @@ def test_loss_with_open_loop_history():
             diffusion_forcing_loss(m, frames, actions, copy_targets=own)
 
 
+def test_history_reward_weight_scales_the_history_head_alone():
+    """history_reward_weight w scales the reward loss of the head read on the history: the loss is
+    linear in w with a positive slope, the reported reward loss does not change, and without a
+    history it does nothing."""
+    _, m = variant_model("full")
+    frames, actions = clip(t=6)
+    sigma = torch.rand(2, 6, generator=torch.Generator().manual_seed(4)) + 0.05
+    rewards = torch.zeros(2, 6)
+    rewards[0, 4] = 1.0
+
+    def loss(w, **kw):
+        return diffusion_forcing_loss(m, frames, actions, rewards=rewards, sigma=sigma, noised_copies=True,
+                                      generator=torch.Generator().manual_seed(1), history_reward_weight=w, **kw)
+
+    with torch.no_grad():
+        hist = open_loop_history(m, frames, actions, context=2, generator=torch.Generator().manual_seed(2))
+        (l1, s1), (l2, s2), (l3, s3) = (loss(w, history=hist) for w in (1.0, 2.0, 3.0))
+        assert l2.item() > l1.item() and (l3 - l1).item() == pytest.approx(2 * (l2 - l1).item(), rel=1e-4)
+        assert s1["reward_loss"] == s2["reward_loss"] == s3["reward_loss"]
+        assert loss(5.0)[0].item() == loss(1.0)[0].item()
+        with pytest.raises(ValueError, match="history_reward_weight"):
+            loss(-1.0, history=hist)
+
+
 @pytest.mark.parametrize("spec", ["full", "full+latent"])
 def test_still_targets(spec):
     """Where the real clip stood still (frame t == frame t-1) the copies' target is the history's

@@ -87,6 +87,7 @@ def diffusion_forcing_loss(
     history: Tensor | None = None,
     copy_targets: Tensor | None = None,
     space_weight: Tensor | None = None,
+    history_reward_weight: float = 1.0,
 ):
     """Training loss for a batch of clips.
 
@@ -108,6 +109,10 @@ def diffusion_forcing_loss(
     space_weight (B, T, h, w): weights of the positions of the network's space in each frame's
     denoising loss (a weighted mean, so a frame's loss keeps its scale), e.g.
     :func:`object_loss_weights`.
+    history_reward_weight, with ``history`` only: weight of the reward loss of the head read on
+    the history's frames (as the env reads it on imagined frames) next to 1 for the copies': more
+    of it teaches the network to carry a coming touch into its imagined features (the head alone,
+    refitted on them, recalls few touches past the fourth imagined step; session 31).
     Returns ``(loss, stats)``; ``stats`` holds detached floats.
     """
     net = getattr(model, "module", model)  # (model may be wrapped in DDP)
@@ -134,6 +139,8 @@ def diffusion_forcing_loss(
             raise ValueError("noised copies do not support state compression masks")
         if not bool((sigma > 0).all()):
             raise ValueError("with noised copies every frame needs a noise level > 0 (its clean self is the history)")
+        if history_reward_weight < 0:
+            raise ValueError(f"history_reward_weight must be >= 0, got {history_reward_weight}")
         if history is not None and tuple(history.shape) != tuple(x0.shape):
             raise ValueError(f"history {tuple(history.shape)} does not match the clip {tuple(x0.shape)}")
         out, clean_out = model(xn, sigma, actions, state=state, update=update,
@@ -169,9 +176,13 @@ def diffusion_forcing_loss(
     stats = {"frame_loss": frame_loss.detach().item(), "noised_frac": w.mean().item()}
     m = torch.ones(b, t, device=dev) if valid is None else valid.float()
     if rewards is not None:
-        r_loss = sum(((o.reward.float() - rewards.float()).pow(2) * m).sum() for o in heads) / (
-            len(heads) * m.sum().clamp(min=1.0))
-        loss = loss + reward_weight * r_loss
+        per_head = [((o.reward.float() - rewards.float()).pow(2) * m).sum() / m.sum().clamp(min=1.0) for o in heads]
+        r_loss = sum(per_head) / len(heads)
+        if history is not None and history_reward_weight != 1.0:  # heads[0] read the history
+            weighted = (history_reward_weight * per_head[0] + sum(per_head[1:])) / len(heads)
+        else:
+            weighted = r_loss
+        loss = loss + reward_weight * weighted
         stats["reward_loss"] = r_loss.detach().item()
     if terminals is not None:
         t_loss = sum((F.binary_cross_entropy_with_logits(o.term_logit.float(), terminals.float(), reduction="none")

@@ -67,6 +67,10 @@ class TrainConfig:
     predict from the history it has in imagination, against the fog of compounding errors."""
     open_loop_context: int = 8
     """Real frames before the open-loop history starts (at most the clip length - 1)."""
+    open_loop_reward_weight: float = 1.0
+    """With open_loop_prob: weight of the reward loss of the head read on the open-loop history
+    (as the env reads it on imagined frames), next to 1 for the copies' (see
+    diffusion_forcing_loss's history_reward_weight)."""
     open_loop_drop_blocked: bool = False
     """With open_loop_prob: imagine the history with every move that a wall cancelled in the real
     clip taken out (forward -> no-op, forward_left -> left, ...; from the episodes' agent_pos), so
@@ -205,6 +209,10 @@ class TrainConfig:
         for flag in ("open_loop_drop_blocked", "open_loop_still_targets"):
             if getattr(self, flag) and self.open_loop_prob == 0:
                 raise ValueError(f"{flag} changes the open-loop steps: set --open-loop-prob > 0 too")
+        if self.open_loop_reward_weight < 0:
+            raise ValueError(f"open_loop_reward_weight must be >= 0, got {self.open_loop_reward_weight}")
+        if self.open_loop_reward_weight != 1.0 and self.open_loop_prob == 0:
+            raise ValueError("open_loop_reward_weight weights the open-loop steps' reward loss: set --open-loop-prob > 0 too")
         if self.open_loop_context < 1:
             raise ValueError(f"open_loop_context must be >= 1, got {self.open_loop_context}")
         if self.noised_copies and self.clean_history_prob > 0:

@@ -436,7 +436,8 @@ def train(cfg: TrainConfig) -> Path:
                         compress=None if compress is None else compress[s:e], noised_copies=copies,
                         history=None if history is None else history[:, s:e],
                         copy_targets=None if targets is None else targets[:, s:e],
-                        space_weight=None if weights is None else weights[:, s:e])
+                        space_weight=None if weights is None else weights[:, s:e],
+                        history_reward_weight=cfg.open_loop_reward_weight)
                 (loss * (e - s) / clip_len).backward()
             state = state.detach() if state is not None else None
             for k, v in stats.items():
