@@ -33,33 +33,42 @@ def test_windows_place_each_touch_at_a_distinct_imagined_step():
         head_windows(rewards, 8, 0, rng)
 
 
-def test_inputs_are_what_the_env_head_reads(model, touches_data):
+@pytest.mark.parametrize("which, precision, guidance", [("model", "fp32", None), ("model", "bf16", None),
+                                                        ("null_action_model", "fp32", 2.0)])
+def test_inputs_are_what_the_env_head_reads(which, precision, guidance, touches_data, request):
+    """The tapped inputs, read by the head, give the rewards the engine pays (in bf16 within its
+    rounding; with action guidance, whose extra passes also call the head, exactly)."""
+    model = request.getfixturevalue(which)
     ep = load_episode(sorted(touches_data.glob("*.npz"))[0])
     ends = [10, 20, 33]
-    data = imagine_head_inputs(model, [(ep, s) for s in ends], context=6, horizon=3, batch=2, seed=5)
+    data = imagine_head_inputs(model, [(ep, s) for s in ends], context=6, horizon=3, batch=2, seed=5,
+                               precision=precision, action_guidance=guidance)
     assert data.imagined.shape == (3, 3, model.config.d_model) and data.real.shape == (3, 6, model.config.d_model)
     prev = episode_prev_actions(ep)
     for i, s in enumerate(ends):
         assert torch.equal(data.rewards[i], torch.from_numpy(ep["reward"][s + 1:s + 4]).float())
         assert torch.equal(data.real_rewards[i], torch.from_numpy(ep["reward"][s - 5:s + 1]).float())
+    tol = 2e-2 if precision == "bf16" else 1e-5
     # the same windows through a plain engine (batches of 2: seeds 5 and 5 + 2, as the collection numbers them)
     with torch.no_grad():
         for b0, rows in ((0, [0, 1]), (2, [2])):
-            eng = RolloutEngine(model, len(rows), sampling_steps=None, seed=5 + b0)
+            eng = RolloutEngine(model, len(rows), sampling_steps=None, seed=5 + b0, precision=precision,
+                                action_guidance=guidance)
             eng.reset(torch.ones(len(rows), dtype=torch.bool),
                       torch.from_numpy(np.stack([ep["image"][ends[r] - 5:ends[r] + 1] for r in rows])),
                       torch.from_numpy(np.stack([prev[ends[r] - 4:ends[r] + 1] for r in rows])))
             for j in range(3):
                 _, reward, term = eng.step(torch.tensor([prev[ends[r] + 1 + j] for r in rows]))
                 out = model.head(data.imagined[rows, j])
-                assert out[:, 0] == pytest.approx(reward, abs=1e-5)
-                assert torch.equal(out[:, 1] > 0, term)
-        # the real context: the model's own reading of the clean recorded frames
-        s = ends[0]
-        frames = torch.from_numpy(ep["image"][s - 5:s + 1])[None]
-        acts = torch.cat([torch.tensor([model.START]), torch.from_numpy(prev[s - 4:s + 1])])[None]
-        out = model.observe_clip(model.init_state(1), frames, acts)
-        assert model.head(data.real[0])[:, 0] == pytest.approx(out.reward[0], abs=1e-5)
+                assert out[:, 0] == pytest.approx(reward.float(), abs=tol)
+                if precision == "fp32":
+                    assert torch.equal(out[:, 1] > 0, term)
+        if precision == "fp32" and guidance is None:  # the real context: the model's own reading of the recorded frames
+            s = ends[0]
+            frames = torch.from_numpy(ep["image"][s - 5:s + 1])[None]
+            acts = torch.cat([torch.tensor([model.START]), torch.from_numpy(prev[s - 4:s + 1])])[None]
+            out = model.observe_clip(model.init_state(1), frames, acts)
+            assert model.head(data.real[0])[:, 0] == pytest.approx(out.reward[0], abs=1e-5)
 
 
 def test_fit_learns_a_known_rule():
@@ -79,7 +88,7 @@ def test_fit_learns_a_known_rule():
     assert set(after["by_step"]) == {"1", "2", "3", "4"} and after["steps_3_on"]["touches"] == int(rewards[:, 2:].sum())
 
 
-def test_cli_writes_a_checkpoint_that_differs_only_in_the_head(tiny_checkpoint, touches_data, tmp_path):
+def test_cli_writes_a_checkpoint_that_differs_only_in_the_head(tiny_checkpoint, touches_data, tmp_path, capsys):
     args = tune_reward_head.Args(out=tmp_path / "tuned", checkpoint=str(tiny_checkpoint), data=touches_data,
                                  val_data=touches_data, context=6, horizon=3, per_touch=1, random_per_episode=2,
                                  val_per_touch=3, val_random_per_episode=2, batch=8, precision="fp32", steps=30,
@@ -92,10 +101,13 @@ def test_cli_writes_a_checkpoint_that_differs_only_in_the_head(tiny_checkpoint, 
     assert meta["reward_head_tuned"]["held_out"]["new"] == report["new"]["val"]
     assert json.loads((tmp_path / "report.json").read_text())["new"]["val"]["imagined"] == report["new"]["val"]["imagined"]
     # the cache is read back (same inputs, same fit), and refused for other settings or when corrupt
+    capsys.readouterr()
     again = tune_reward_head.main(args)
-    assert again["new"]["val"] == report["new"]["val"]
+    assert again["new"]["val"] == report["new"]["val"] and "head inputs from" in capsys.readouterr().out
     with pytest.raises(ValueError, match="other settings.*horizon"):
         tune_reward_head.main(tune_reward_head.Args(**{**vars(args), "horizon": 2}))
+    with pytest.raises(ValueError, match="source checkpoint"):
+        tune_reward_head.main(tune_reward_head.Args(**{**vars(args), "out": tiny_checkpoint}))
     (tmp_path / "inputs.pt").write_bytes(b"not a cache")
     with pytest.raises(ValueError, match="not a readable head-input cache"):
         tune_reward_head.main(args)

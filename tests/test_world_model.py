@@ -282,6 +282,10 @@ def test_history_reward_weight_scales_the_history_head_alone():
         (l1, s1), (l2, s2), (l3, s3) = (loss(w, history=hist) for w in (1.0, 2.0, 3.0))
         assert l2.item() > l1.item() and (l3 - l1).item() == pytest.approx(2 * (l2 - l1).item(), rel=1e-4)
         assert s1["reward_loss"] == s2["reward_loss"] == s3["reward_loss"]
+        # the slope is half the reward loss of the head read on the history (the clean stream:
+        # the history's frames at noise 0), not the copies' (2 heads)
+        clean = m(hist, torch.zeros(2, 6), actions).reward
+        assert (l2 - l1).item() == pytest.approx(((clean - rewards) ** 2).mean().item() / 2, rel=1e-3)
         assert loss(5.0)[0].item() == loss(1.0)[0].item()
         with pytest.raises(ValueError, match="history_reward_weight"):
             loss(-1.0, history=hist)

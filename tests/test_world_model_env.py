@@ -16,7 +16,7 @@ from gymnasium.utils.env_checker import check_env
 import ssm_gym  # noqa: F401
 from ssm_gym.envs.maze_real import MazeRealEnv
 from ssm_gym.envs.sb3 import SB3VecEnv
-from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv
+from ssm_gym.envs.world_model_env import WorldModelEnv, WorldModelVectorEnv, pay
 from ssm_gym.maze.dataset import DatasetError, load_episode, save_episode
 from ssm_gym.maze.record import record_episodes
 from ssm_gym.model.checkpoint import CheckpointError, save_model
@@ -377,6 +377,7 @@ def test_expected_reward_mode_pays_the_head_on_the_first_denoising_pass(model, c
         assert info_soft["reward_raw"] == info_hard["reward_raw"]
         assert r_soft == pytest.approx(min(max(info_soft["reward_raw"], 0.0), 1.0))
         assert r_hard == float(info_hard["reward_raw"] > 0.5)
+    np.testing.assert_allclose(pay(np.array([-0.2, 0.3, 1.4]), "soft", 0.5), [0.0, 0.3, 1.0])
     with pytest.raises(ValueError, match="reward_mode"):
         WorldModelEnv(checkpoint=checkpoint, reward_mode="sometimes")
     with pytest.raises(ValueError, match="reward_from"):

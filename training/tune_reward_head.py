@@ -26,7 +26,7 @@ import tyro
 from ssm_gym.checkpoints import load_world_model, resolve_checkpoint
 from ssm_gym.envs.world_model_env import REWARD_THRESHOLD
 from ssm_gym.maze.dataset import list_episodes
-from ssm_gym.model.checkpoint import read_config, save_model
+from ssm_gym.model.checkpoint import WEIGHTS_FILE, read_config, save_model
 from ssm_gym.train.reward_head import HeadInputs, episode_windows, fit_head, head_report, imagine_head_inputs
 
 
@@ -43,21 +43,26 @@ class Args:
     episodes: Optional[int] = None
     """Use only the first N episodes of --data (default: all)."""
     context: int = 16
-    """Real frames before each imagined window (as the agents' --context-len)."""
+    """Real frames before each imagined window (the agents' --context-len; 16 in the 8-step protocol
+    of the README's Agents)."""
     horizon: int = 8
-    """Imagined steps per window (as the agents' --max-episode-steps)."""
+    """Imagined steps per window (the agents' --max-episode-steps; 8 in that protocol)."""
     per_touch: int = 2
-    """Windows per recorded touch in --data, the touch at a different random imagined step each."""
+    """Windows per recorded touch in --data, the touch at a different random imagined step each
+    (at most --horizon)."""
     random_per_episode: int = 8
     """Windows at random places per episode of --data."""
     val_per_touch: int = 8
     val_random_per_episode: int = 16
     batch: int = 64
     """Windows imagined in one batch."""
-    sampling_steps: Optional[int] = None
-    """Denoising steps (default: the model's)."""
+    sampling_steps: Optional[int] = 1
+    """Denoising steps, as the agents' --sampling-steps (default 1; None: the model's own)."""
     precision: Literal["fp32", "bf16"] = "bf16"
-    """As the envs run (bf16 autocast is several times faster on this CPU)."""
+    """The model's precision while imagining, as the agents' --precision (bf16, the 8-step
+    protocol's, is about twice as fast on a CPU with AVX-512 BF16)."""
+    action_guidance: Optional[float] = None
+    """As the agents' --action-guidance (None: the model's default)."""
     steps: int = 3000
     lr: float = 1e-3
     real_weight: float = 0.5
@@ -72,9 +77,14 @@ class Args:
 
 
 def _inputs_settings(args: Args, ckpt: Path) -> dict:
-    keys = ("data", "val_data", "episodes", "context", "horizon", "per_touch", "random_per_episode", "val_per_touch",
-            "val_random_per_episode", "sampling_steps", "precision", "seed")
-    return {"checkpoint": str(ckpt.resolve()), **{k: str(getattr(args, k)) for k in keys}}
+    keys = ("episodes", "context", "horizon", "per_touch", "random_per_episode", "val_per_touch",
+            "val_random_per_episode", "sampling_steps", "precision", "action_guidance", "seed")
+    weights = ckpt / WEIGHTS_FILE
+    stat = weights.stat() if weights.is_file() else None
+    return {"checkpoint": str(ckpt.resolve()),  # and its weights as they are now (a re-trained folder differs)
+            "weights": None if stat is None else f"{stat.st_size} bytes, modified {stat.st_mtime_ns}",
+            "data": str(args.data.resolve()), "val_data": str(args.val_data.resolve()),
+            **{k: str(getattr(args, k)) for k in keys}}
 
 
 def _imagine(model, args: Args, ckpt: Path) -> tuple[HeadInputs, HeadInputs]:
@@ -94,7 +104,8 @@ def _imagine(model, args: Args, ckpt: Path) -> tuple[HeadInputs, HeadInputs]:
         return fit, val
     fit_paths = [p for p, _ in list_episodes(args.data)][:args.episodes]
     val_paths = [p for p, _ in list_episodes(args.val_data)]
-    kw = dict(batch=args.batch, sampling_steps=args.sampling_steps, precision=args.precision)
+    kw = dict(batch=args.batch, sampling_steps=args.sampling_steps, precision=args.precision,
+              action_guidance=args.action_guidance)
     t0 = time.time()
     fit = imagine_head_inputs(model, episode_windows(fit_paths, args.context, args.horizon, args.per_touch,
                                                      args.random_per_episode, args.seed),
@@ -113,11 +124,10 @@ def _imagine(model, args: Args, ckpt: Path) -> tuple[HeadInputs, HeadInputs]:
     return fit, val
 
 
-def _fmt(r: Optional[dict]) -> str:
-    if r is None or r["touches"] == 0:
-        return "-"
-    auc = "-" if r["auc"] is None else f"{r['auc']:.3f}"
-    return f"{r['paid']:4.0%} {auc} {r['false_per_1k']:5.1f}"
+def _fmt(r: dict) -> str:
+    paid = "   -" if r["paid"] is None else f"{r['paid']:4.0%}"
+    auc = "    -" if r["auc"] is None else f"{r['auc']:.3f}"
+    return f"{paid} {auc} {r['false_per_1k']:5.1f}"
 
 
 def print_reports(old: dict, new: dict) -> None:
@@ -135,6 +145,8 @@ def main(args: Args) -> dict:
     if args.context < 1 or args.horizon < 1 or args.batch < 1:
         raise ValueError("context, horizon and batch must be >= 1")
     ckpt = resolve_checkpoint(args.checkpoint)
+    if args.out.resolve() == Path(ckpt).resolve():
+        raise ValueError(f"--out {args.out} is the source checkpoint: write the tuned head to another folder")
     model = load_world_model(ckpt)
     fit, val = _imagine(model, args, ckpt)
     old_head = copy.deepcopy(model.head)

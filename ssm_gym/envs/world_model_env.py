@@ -86,13 +86,14 @@ def check_reward_mode(mode: str) -> str:
 def pay(raw: np.ndarray, mode: str, threshold: float, baseline: Optional[np.ndarray] = None,
         real: Optional[np.ndarray] = None) -> np.ndarray:
     """Reward paid for raw head outputs: 1/0 at ``threshold`` ("threshold"), or the reading itself
-    clipped to [0, 1] ("soft": read on the generated frame; "expected": on the first denoising pass); with a per-action ``baseline`` (the baseline of each env's
-    action, "expected" only), the expected reward minus it, clipped to [-1, 1]. "real": the
+    clipped to [0, 1] ("soft": read on the generated frame; "expected": on the first denoising
+    pass); with a per-action ``baseline`` (the baseline of each env's action, "expected" only),
+    the expected reward minus it, clipped to [-1, 1]. "real": the
     ground-truth maze's reward ``real`` for the same actions from the same start."""
     if mode == "real":
         return np.asarray(real, dtype=np.float32)
     if mode in ("expected", "soft"):
-        if baseline is not None:
+        if baseline is not None and mode == "expected":
             return np.clip(raw - baseline, -1.0, 1.0).astype(np.float32)
         return np.clip(raw, 0.0, 1.0).astype(np.float32)
     return (raw > threshold).astype(np.float32)

@@ -30,7 +30,7 @@ import torch
 from ssm_gym.checkpoints import load_world_model
 from ssm_gym.envs.world_model_env import REWARD_THRESHOLD, check_reward_mode
 from ssm_gym.eval.prediction import reward_metrics
-from ssm_gym.maze.dataset import episode_prev_actions, list_episodes, load_episode
+from ssm_gym.maze.dataset import context_window, episode_prev_actions, list_episodes, load_episode
 from ssm_gym.rollout.engine import RolloutEngine
 
 
@@ -77,8 +77,8 @@ def imagine_touches(model, episode: dict, touches: list[int], args: Args) -> tup
     rows = lambda k: torch.arange(n) * k_max + (k - 1)  # noqa: E731  (env of touch i, lookahead k)
     for k in range(1, k_max + 1):
         last = [t - k for t in touches]  # the last real frame
-        frames = np.stack([episode["image"][s - args.context + 1:s + 1] for s in last])
-        acts = np.stack([prev[s - args.context + 2:s + 1] for s in last])
+        windows = [context_window(episode, s, args.context, prev) for s in last]
+        frames, acts = np.stack([w[0] for w in windows]), np.stack([w[1] for w in windows])
         mask = torch.zeros(n * k_max, dtype=torch.bool)
         mask[rows(k)] = True
         eng.reset(mask, torch.from_numpy(frames), torch.from_numpy(acts), seeds=[args.seed + s for s in last])

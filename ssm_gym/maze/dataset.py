@@ -133,6 +133,18 @@ def episode_prev_actions(episode: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([[START_ACTION], episode_actions(episode)]).astype(np.int64)
 
 
+def context_window(episode: dict[str, np.ndarray], last: int, context: int,
+                   prev: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The real history that ends at frame ``last``, as `RolloutEngine.reset` and the env's
+    ``context_obs`` take it: ``(frames (context, H, W, C), actions (context - 1,))``, where
+    ``actions[i]`` was taken after ``frames[i]``. ``prev``: the episode's `episode_prev_actions`,
+    if already made."""
+    if not 1 <= context <= last + 1:
+        raise ValueError(f"a context of {context} frames cannot end at frame {last}")
+    prev = episode_prev_actions(episode) if prev is None else prev
+    return episode["image"][last - context + 1:last + 1], prev[last - context + 2:last + 1]
+
+
 def episode_effective_actions(episode: dict[str, np.ndarray], path: str | Path = "episode") -> np.ndarray:
     """(T+1,) int64: `episode_prev_actions` as carried out: a move that a wall cancelled (the agent's
     position unchanged after a forward action) becomes the turn it still made, or the no-op.

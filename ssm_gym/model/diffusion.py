@@ -110,7 +110,8 @@ def diffusion_forcing_loss(
     denoising loss (a weighted mean, so a frame's loss keeps its scale), e.g.
     :func:`object_loss_weights`.
     history_reward_weight, with ``history`` only: weight of the reward loss of the head read on
-    the history's frames (as the env reads it on imagined frames) next to 1 for the copies': more
+    the history's frames (its real context and the imagined frames after it, where the env reads
+    the head in imagination) next to 1 for the copies': more
     of it teaches the network to carry a coming touch into its imagined features (the head alone,
     refitted on them, recalls few touches past the fourth imagined step; session 31).
     Returns ``(loss, stats)``; ``stats`` holds detached floats.

@@ -69,7 +69,8 @@ class TrainConfig:
     """Real frames before the open-loop history starts (at most the clip length - 1)."""
     open_loop_reward_weight: float = 1.0
     """With open_loop_prob: weight of the reward loss of the head read on the open-loop history
-    (as the env reads it on imagined frames), next to 1 for the copies' (see
+    (its open_loop_context real frames and the imagined ones after them, where the env reads the
+    head in imagination), next to 1 for the copies' (see
     diffusion_forcing_loss's history_reward_weight)."""
     open_loop_drop_blocked: bool = False
     """With open_loop_prob: imagine the history with every move that a wall cancelled in the real

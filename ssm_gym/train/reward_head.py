@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ssm_gym.eval.prediction import reward_metrics
-from ssm_gym.maze.dataset import episode_prev_actions, load_episode
+from ssm_gym.maze.dataset import context_window, episode_prev_actions, load_episode
 from ssm_gym.rollout.engine import RolloutEngine
 
 
@@ -61,7 +61,8 @@ def head_windows(rewards: np.ndarray, context: int, horizon: int, rng: np.random
     """Where windows end their real context (index of the last real frame) in an episode with
     ``rewards`` (T,): ``per_touch`` per recorded touch, each placing the touch at a different
     random imagined step 1..horizon, and ``random_windows`` anywhere. Only windows with
-    ``context`` real frames and ``horizon`` recorded steps after them."""
+    ``context`` real frames and ``horizon`` recorded steps after them; a touch too near the
+    episode's start or end gets fewer. ``per_touch`` above ``horizon`` gives ``horizon``."""
     if context < 1 or horizon < 1 or per_touch < 0 or random_windows < 0:
         raise ValueError(f"need context, horizon >= 1 and counts >= 0, got {context}, {horizon}, {per_touch}, {random_windows}")
     lo, hi = context - 1, len(rewards) - 1 - horizon  # last real frame s: s - context + 1 >= 0, s + horizon <= T - 1
@@ -89,12 +90,15 @@ class _HeadInputTap:
 @torch.no_grad()
 def imagine_head_inputs(model, windows: Iterable[tuple[dict, int]], context: int, horizon: int,
                         batch: int = 64, sampling_steps: int | None = None, precision: str = "fp32",
-                        seed: int = 0, progress: str | None = None) -> HeadInputs:
+                        action_guidance: float | None = None, seed: int = 0,
+                        progress: str | None = None) -> HeadInputs:
     """Run the model over ``windows`` ((episode, index of the last real frame) pairs): warm up on
     ``context`` real frames, imagine ``horizon`` steps with the recorded actions, and collect the
     head's inputs (see :class:`HeadInputs`). Runs as `SSMWorld-Maze-v0` does (a RolloutEngine,
-    its sampling steps and precision); the head is read on each generated frame. progress: a
-    label for a progress bar of windows (None: quiet)."""
+    its sampling steps, precision and action guidance); the head is read on each generated
+    frame. Under bf16 the env reads the head in bf16 and these inputs are kept in fp32, so a head
+    applied to them reads within bf16 rounding of what the env pays. progress: a label for a
+    progress bar of windows (None: quiet)."""
     tap = _HeadInputTap(model.head)
     parts, b0 = [], 0
     bar = tqdm(desc=progress, unit="windows", disable=progress is None)
@@ -107,26 +111,28 @@ def imagine_head_inputs(model, windows: Iterable[tuple[dict, int]], context: int
                 if s - context + 1 < 0 or s + horizon >= len(prev):
                     raise ValueError(f"window ending at frame {s} needs {context} frames before and {horizon} after "
                                      f"(episode of {len(prev)} frames)")
-                frames.append(ep["image"][s - context + 1:s + 1])
-                ctx_acts.append(prev[s - context + 2:s + 1])
+                f, a = context_window(ep, s, context, prev)
+                frames.append(f), ctx_acts.append(a)
                 acts.append(prev[s + 1:s + horizon + 1])
-                rew.append(ep["reward"][s + 1:s + horizon + 1]), term.append(ep["terminal"][s + 1:s + horizon + 1])
-                rr.append(ep["reward"][s - context + 1:s + 1]), rt.append(ep["terminal"][s - context + 1:s + 1])
-            eng = RolloutEngine(model, n, sampling_steps=sampling_steps, seed=seed + b0, precision=precision)
+                terminal = ep.get("terminal", np.zeros(len(prev), dtype=bool))  # optional in a dataset
+                rew.append(ep["reward"][s + 1:s + horizon + 1]), term.append(terminal[s + 1:s + horizon + 1])
+                rr.append(ep["reward"][s - context + 1:s + 1]), rt.append(terminal[s - context + 1:s + 1])
+            eng = RolloutEngine(model, n, sampling_steps=sampling_steps, seed=seed + b0, precision=precision,
+                                action_guidance=action_guidance)
             b0 += n
             tap.calls.clear()
             eng.reset(torch.ones(n, dtype=torch.bool), torch.from_numpy(np.stack(frames)),
                       torch.from_numpy(np.stack(ctx_acts)))
-            real = tap.calls[-1].float()  # (n, context, D): the warm-up on the real frames
+            real = tap.calls[-1].float().cpu()  # (n, context, D): the warm-up on the real frames
             acts = torch.from_numpy(np.stack(acts))
             imagined = []
             for j in range(horizon):
                 tap.calls.clear()
                 eng.step(acts[:, j])
                 # the last head call of a step is the read on the generated frame (the env's reward)
-                if tap.calls[-1].shape[0] != n:
-                    raise RuntimeError("the engine stepped its envs in chunks: build it with chunk_envs=None")
-                imagined.append(tap.calls[-1][:, 0].float())
+                # (generate always ends by observing the generated frame, whatever the guidance,
+                # the denoising steps or a compressed state; the engine here steps all rows at once)
+                imagined.append(tap.calls[-1][:, 0].float().cpu())
             f32 = lambda xs: torch.from_numpy(np.stack(xs).astype(np.float32))  # noqa: E731
             parts.append(HeadInputs(torch.stack(imagined, 1), f32(rew), f32(term), real, f32(rr), f32(rt)))
             bar.update(n)
