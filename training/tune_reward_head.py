@@ -145,7 +145,7 @@ def main(args: Args) -> dict:
     if args.context < 1 or args.horizon < 1 or args.batch < 1:
         raise ValueError("context, horizon and batch must be >= 1")
     ckpt = resolve_checkpoint(args.checkpoint)
-    if args.out.resolve() == Path(ckpt).resolve():
+    if args.out.resolve() == ckpt.resolve():
         raise ValueError(f"--out {args.out} is the source checkpoint: write the tuned head to another folder")
     model = load_world_model(ckpt)
     fit, val = _imagine(model, args, ckpt)

@@ -48,9 +48,6 @@ class HeadInputs:
     def __len__(self) -> int:
         return self.imagined.shape[0]
 
-    def select(self, idx) -> "HeadInputs":
-        return HeadInputs(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
-
     @staticmethod
     def cat(parts: Sequence["HeadInputs"]) -> "HeadInputs":
         return HeadInputs(*(torch.cat([getattr(p, f) for p in parts]) for f in HeadInputs.__dataclass_fields__))
